@@ -1,0 +1,222 @@
+"""GLM model configuration: a dataclass that reads and writes the THUDM hub ``config.json`` format.
+
+Internal names follow nanoGPT/litgpt (``n_layer``, ``n_embd``, ``n_head``); the hub names appear only in
+``_HUB_TO_FIELD`` below, so a hub ``config.json`` round-trips unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+
+class ConfigError(ValueError):
+    """A config field is unknown, has the wrong type or an impossible value; the message names the field."""
+
+
+@dataclass(frozen=True)
+class SpecialTokens:
+    """Ids of the GLM special tokens for one tokenizer (glm-reference.md §4.1). ``None`` = not in this vocabulary."""
+
+    eos: int
+    pad: int
+    cls: int
+    mask: int
+    sop: int
+    eop: int
+    smask: int | None = None
+    gmask: int | None = None
+    sep: int | None = None
+    unk: int | None = None
+
+    def mask_ids(self) -> tuple[int, ...]:
+        """Every blank token id this vocabulary has: [MASK], [sMASK], [gMASK]."""
+        return tuple(i for i in (self.mask, self.smask, self.gmask) if i is not None)
+
+    def to_dict(self) -> dict[str, int | None]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SpecialTokens:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ConfigError(f"special_tokens: unknown token name(s) {unknown}; known: {sorted(names)}")
+        missing = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING and f.name not in d]
+        if missing:
+            raise ConfigError(f"special_tokens: missing required id(s) {missing}")
+        for k, v in d.items():
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 0):
+                raise ConfigError(f"special_tokens.{k}: expected a non-negative int id, got {v!r}")
+        return cls(**d)
+
+
+# The GPT-2-vocabulary layout of glm-2b / glm-10b (TV10), the default for a config that names no tokens.
+GPT2_SPECIAL_TOKENS = SpecialTokens(
+    eos=50256, pad=50256, sop=50257, eop=50258, cls=50259, mask=50260, sep=50261, unk=50262, gmask=50263, smask=50264
+)
+
+
+@dataclass
+class GLMConfig:
+    """Shape and numerics of an original GLM (BlockLM) model.
+
+    Attributes:
+        n_layer: transformer blocks (hub ``num_layers``).
+        n_embd: hidden size (hub ``hidden_size``); the MLP is always 4 * n_embd wide.
+        n_head: attention heads (hub ``num_attention_heads``); must divide ``n_embd``.
+        vocab_size: rows of the (padded) word-embedding table, which is also the tied LM head.
+        max_sequence_length: largest position id; both position tables have ``max_sequence_length + 1`` rows.
+        layernorm_eps: LayerNorm epsilon (hard-coded 1e-5 in the released code; no hub key).
+        embedding_dropout / attention_dropout / output_dropout: training-time dropout probabilities.
+        gelu: ``"tanh"`` (the original THUDM/GLM training code) or ``"erf"`` (what the hub modeling_glm.py runs).
+        block_position_encoding: add the block-position table (the 2D positional encoding); True for every release.
+        initializer_range: std of the normal init of embeddings and input-side linear weights.
+        special_tokens: ids of [CLS], [MASK], [sMASK], [gMASK], sop, eop, eos, pad for this vocabulary; ``None``
+            when the checkpoint does not say (hub configs do not; the tokenizer then supplies them).
+    """
+
+    n_layer: int = 2
+    n_embd: int = 64
+    n_head: int = 4
+    vocab_size: int = 640
+    max_sequence_length: int = 64
+    layernorm_eps: float = 1e-5
+    embedding_dropout: float = 0.1
+    attention_dropout: float = 0.1
+    output_dropout: float = 0.1
+    gelu: Literal["tanh", "erf"] = "tanh"
+    block_position_encoding: bool = True
+    initializer_range: float = 0.02
+    special_tokens: SpecialTokens | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.special_tokens, dict):
+            self.special_tokens = SpecialTokens.from_dict(self.special_tokens)
+        for name in ("n_layer", "n_embd", "n_head", "vocab_size", "max_sequence_length"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise ConfigError(f"{name}: expected a positive int, got {v!r}")
+        if self.n_embd % self.n_head:
+            raise ConfigError(f"n_head: {self.n_head} heads do not divide n_embd={self.n_embd}")
+        for name in ("embedding_dropout", "attention_dropout", "output_dropout"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or not 0.0 <= v < 1.0:
+                raise ConfigError(f"{name}: expected a probability in [0, 1), got {v!r}")
+        if not isinstance(self.layernorm_eps, (int, float)) or not 0 < self.layernorm_eps < 1:
+            raise ConfigError(f"layernorm_eps: expected a small positive float, got {self.layernorm_eps!r}")
+        if self.gelu not in ("tanh", "erf"):
+            raise ConfigError(f"gelu: expected 'tanh' or 'erf', got {self.gelu!r}")
+        if not isinstance(self.block_position_encoding, bool):
+            raise ConfigError(f"block_position_encoding: expected a bool, got {self.block_position_encoding!r}")
+        for k, v in (self.special_tokens.to_dict() if self.special_tokens else {}).items():
+            if v is not None and v >= self.vocab_size:
+                raise ConfigError(f"special_tokens.{k}: id {v} is outside the vocabulary (vocab_size={self.vocab_size})")
+
+    @property
+    def head_size(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def n_positions(self) -> int:
+        """Rows of each position table (GPT2ParallelTransformer allocates max_sequence_length + 1)."""
+        return self.max_sequence_length + 1
+
+    def num_parameters(self) -> int:
+        h, v, p, n = self.n_embd, self.vocab_size, self.n_positions, self.n_layer
+        per_layer = 4 * h + (3 * h * h + 3 * h) + (h * h + h) + (4 * h * h + 4 * h) + (4 * h * h + h)
+        return v * h + p * h * (2 if self.block_position_encoding else 1) + n * per_layer + 2 * h
+
+    # ---- hub config.json ---------------------------------------------------------------------------------
+
+    def to_hub_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {
+            "model_type": "glm",
+            "architectures": ["GLMModel"],
+            **{hub: getattr(self, f) for hub, f in _HUB_TO_FIELD.items()},
+            "relative_encoding": False,
+            "attention_scale": 1.0,
+            "output_predict": True,
+            "parallel_output": True,
+            "pool_token": "cls",
+            "checkpoint_activations": False,
+            "checkpoint_num_layers": 1,
+            "max_memory_length": 0,
+            "glmkit_gelu": self.gelu,
+        }
+        if self.special_tokens is not None:
+            d["glmkit_special_tokens"] = self.special_tokens.to_dict()
+        return d
+
+    @classmethod
+    def from_hub_dict(cls, d: dict[str, Any], **overrides: Any) -> GLMConfig:
+        """Build from a hub ``config.json`` dict. Unknown keys and unsupported variants raise ``ConfigError``."""
+        unknown = sorted(set(d) - set(_HUB_TO_FIELD) - _HUB_IGNORED - _GLMKIT_KEYS)
+        if unknown:
+            raise ConfigError(f"config.json: unknown field(s) {unknown}")
+        if d.get("model_type", "glm") != "glm":
+            raise ConfigError(f"model_type: expected 'glm', got {d['model_type']!r}")
+        if d.get("relative_encoding", False):
+            raise ConfigError("relative_encoding: Transformer-XL relative encoding is not used by any released GLM")
+        if float(d.get("attention_scale", 1.0)) != 1.0:
+            raise ConfigError(f"attention_scale: only 1.0 is supported, got {d['attention_scale']!r}")
+        for key in ("num_layers", "hidden_size", "num_attention_heads", "vocab_size", "max_sequence_length"):
+            if key not in d:
+                raise ConfigError(f"config.json: missing required field {key!r}")
+        kwargs = {f: d[hub] for hub, f in _HUB_TO_FIELD.items() if hub in d}
+        if "glmkit_gelu" in d:
+            kwargs["gelu"] = d["glmkit_gelu"]
+        elif "hidden_act" in d:
+            acts = {"gelu": "erf", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh"}
+            if d["hidden_act"] not in acts:
+                raise ConfigError(f"hidden_act: expected one of {sorted(acts)}, got {d['hidden_act']!r}")
+            kwargs["gelu"] = acts[d["hidden_act"]]
+        if "glmkit_special_tokens" in d:
+            kwargs["special_tokens"] = SpecialTokens.from_dict(d["glmkit_special_tokens"])
+        bad = sorted(set(overrides) - {f.name for f in dataclasses.fields(cls)})
+        if bad:
+            raise ConfigError(f"unknown config field(s) {bad}")
+        return cls(**{**kwargs, **overrides})
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_hub_dict(), indent=2) + "\n")
+
+    @classmethod
+    def from_file(cls, path: str | Path, **overrides: Any) -> GLMConfig:
+        path = Path(path)
+        if path.is_dir():
+            path = path / "config.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"no config.json in {path.parent}")
+        try:
+            d = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}: not valid JSON ({e})") from e
+        return cls.from_hub_dict(d, **overrides)
+
+
+_HUB_TO_FIELD = {
+    "num_layers": "n_layer",
+    "hidden_size": "n_embd",
+    "num_attention_heads": "n_head",
+    "vocab_size": "vocab_size",
+    "max_sequence_length": "max_sequence_length",
+    "layernorm_epsilon": "layernorm_eps",
+    "embedding_dropout_prob": "embedding_dropout",
+    "attention_dropout_prob": "attention_dropout",
+    "output_dropout_prob": "output_dropout",
+    "block_position_encoding": "block_position_encoding",
+    "initializer_range": "initializer_range",
+}
+# Keys the hub configs carry that do not change the base model's math (heads, HF plumbing, P-tuning settings).
+_HUB_IGNORED = {
+    "model_type", "architectures", "auto_map", "torch_dtype", "transformers_version", "relative_encoding",
+    "attention_scale", "checkpoint_activations", "checkpoint_num_layers", "max_memory_length", "parallel_output",
+    "output_predict", "pool_token", "spell_length", "spell_func", "hidden_act", "num_hidden_layers",
+    "bos_token_id", "eos_token_id", "pad_token_id", "mask_token_id", "gmask_token_id", "smask_token_id",
+    "tokenizer_class", "_name_or_path", "use_cache",
+}  # fmt: skip
+_GLMKIT_KEYS = {"glmkit_gelu", "glmkit_special_tokens", "glmkit_quantization"}
