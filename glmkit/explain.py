@@ -1,0 +1,165 @@
+"""``glmkit explain``: the picture from the GLM paper (Figure 2) for any text with blanks.
+
+Blanks are written ``[MASK]``, ``[sMASK]`` or ``[gMASK]``; a blank may be followed by ``{span text}`` to say what
+fills it (as in pretraining), otherwise ``--span-length`` placeholder tokens stand for what generation will
+produce. Everything shown comes from masks.py, the same code that data, generation and serving use.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .masks import BlankSample, make_block_data, prefix_lm_mask, sample_mask
+
+_BLANK = re.compile(r"\[(MASK|sMASK|gMASK)\](?:\{([^}]*)\})?")
+PLACEHOLDER = "▢"
+
+
+@dataclass
+class Explanation:
+    sample: BlankSample
+    labels: list[str]  # a display string per token (placeholders shown as ▢)
+
+    @property
+    def part_a(self) -> range:
+        return range(self.sample.sep)
+
+    @property
+    def part_b(self) -> range:
+        return range(self.sample.sep, len(self.sample))
+
+
+def explain(text: str, tokenizer: str | Path | None = None, span_length: int = 2) -> Explanation:
+    """Lay out ``text`` as GLM Part A + Part B (blanks filled left to right, the order generation uses)."""
+    from .tokenizer import load_tokenizer
+
+    if span_length < 1:
+        raise ValueError(f"span_length: must be at least 1, got {span_length}")
+    tok = load_tokenizer(tokenizer)
+    sp = tok.special
+    blank_ids = {"MASK": sp.mask, "sMASK": sp.smask, "gMASK": sp.gmask}
+    ids: list[int] = [sp.cls]
+    spans: list[tuple[int, int]] = []
+    mask_ids: list[int] = []
+    placeholder_at: set[int] = set()
+    cursor = 0
+    for m in _BLANK.finditer(text):
+        ids += tok.encode(text[cursor : m.start()])
+        kind = m.group(1)
+        if blank_ids[kind] is None:
+            raise ValueError(f"text: this tokenizer has no [{kind}] token")
+        fill = tok.encode(m.group(2)) if m.group(2) is not None else []
+        if not fill:
+            filler = sp.unk if sp.unk is not None else sp.pad
+            fill = [filler] * span_length
+            placeholder_at.update(range(len(ids), len(ids) + span_length))
+        spans.append((len(ids), len(ids) + len(fill)))
+        mask_ids.append(blank_ids[kind])
+        ids += fill
+        cursor = m.end()
+    if not spans:
+        raise ValueError("text: no blank found; write [MASK], [sMASK] or [gMASK] where the model should fill in")
+    ids += tok.encode(text[cursor:])
+    if not re.search(r"\[gMASK\](\{[^}]*\})?\s*$", text):
+        ids.append(sp.eos)  # the original generate_samples.py ends the context with eos unless it ends in [gMASK]
+    sample = make_block_data(ids, spans, mask_id=mask_ids, sop_id=sp.sop, eop_id=sp.eop)
+
+    # labels: map every output token back to its source token to show placeholders as ▢
+    origin: list[int | None] = []
+    starts = {s: k for k, (s, _) in enumerate(spans)}
+    i = 0
+    while i < len(ids):
+        if i in starts:
+            origin.append(None)  # the blank token
+            i = spans[starts[i]][1]
+        else:
+            origin.append(i)
+            i += 1
+    for s, e in spans:
+        origin += [None] + list(range(s, e))
+    labels = []
+    for t, o in zip(sample.tokens, origin, strict=True):
+        labels.append(PLACEHOLDER if o in placeholder_at else tok.convert_ids_to_tokens([t])[0])
+    return Explanation(sample, labels)
+
+
+def render_terminal(ex: Explanation, max_grid: int = 64) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    s = ex.sample
+    parts = (("Part A (corrupted text, bidirectional)", ex.part_a), ("Part B (spans, in generation order)", ex.part_b))
+    for title, rows in parts:
+        table = Table(title=title, title_justify="left")
+        table.add_column("index", justify="right")
+        table.add_column("token")
+        table.add_column("position", justify="right")
+        table.add_column("block position", justify="right")
+        for i in rows:
+            table.add_row(str(i), ex.labels[i], str(s.position_ids[i]), str(s.block_position_ids[i]))
+        console.print(table)
+    n = len(s)
+    if n > max_grid:
+        console.print(f"[yellow]attention mask not drawn: {n} tokens > {max_grid} (use --png)[/yellow]")
+        return
+    mask = sample_mask(s)
+    console.print(f"Attention mask (row attends to column; ■ = visible; Part A = first {s.sep} tokens):")
+    width = max(len(x) for x in ex.labels[:n])
+    for i in range(n):
+        cells = "".join(("■" if mask[i, j] else "·") + ("│" if j == s.sep - 1 else "") for j in range(n))
+        console.print(f"{ex.labels[i]:>{width}} {cells}", markup=False, highlight=False)
+        if i == s.sep - 1:
+            console.print(" " * (width + 1) + "─" * (n + 1), highlight=False)
+
+
+def render_png(ex: Explanation, path: str | Path) -> None:
+    """GLM's mask beside GPT's (causal) and BERT's (bidirectional) for the same tokens, 2D positions on the axes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    s = ex.sample
+    n = len(s)
+    masks = {
+        "GLM (Part A bidirectional, Part B autoregressive)": sample_mask(s),
+        "GPT (causal)": prefix_lm_mask(0, n)[0, 0],
+        "BERT (bidirectional)": torch.ones(n, n, dtype=torch.bool),
+    }
+    ticks = [f"{lab} ({p},{b})" for lab, p, b in zip(ex.labels, s.position_ids, s.block_position_ids, strict=True)]
+    size = max(4.0, 0.32 * n)
+    fig, axes = plt.subplots(1, 3, figsize=(3 * size + 2, size + 1.5))
+    for ax, (title, m) in zip(axes, masks.items(), strict=True):
+        ax.imshow(m.float().numpy(), cmap="Blues", vmin=0, vmax=1.25)
+        ax.set_title(title, fontsize=10)
+        ax.set_xticks(range(n), ticks, rotation=90, fontsize=7)
+        ax.set_yticks(range(n), ticks, fontsize=7)
+        if "GLM" in title:
+            ax.axhline(s.sep - 0.5, color="crimson", lw=1)
+            ax.axvline(s.sep - 0.5, color="crimson", lw=1)
+    fig.suptitle("token (position, block position); rows attend to columns", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def configure(p: argparse.ArgumentParser) -> None:
+    p.add_argument("text", help='text with blanks, e.g. "Paris is the [MASK] of France"; [MASK]{span} fixes a span')
+    p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: a whitespace tokenizer)")
+    p.add_argument("--png", default=None, help="also draw GLM vs GPT vs BERT masks into this PNG file")
+    p.add_argument("--span-length", type=int, default=2, help="placeholder tokens per blank with no {span}")
+
+
+def run(args: argparse.Namespace) -> int:
+    ex = explain(args.text, tokenizer=args.tokenizer, span_length=args.span_length)
+    render_terminal(ex)
+    if args.png:
+        render_png(ex, args.png)
+        print(f"wrote {args.png}")
+    return 0

@@ -1,0 +1,1 @@
+"""The one training loop of glmkit (pretraining now, fine-tuning later) and its pieces."""
