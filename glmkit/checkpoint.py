@@ -85,6 +85,7 @@ def from_hub_state_dict(state: dict[str, torch.Tensor], config: GLMConfig) -> di
 
 
 def to_hub_state_dict(model: GLM, prefix: str = "glm.") -> dict[str, torch.Tensor]:
+    """The model's tensors under hub key names (``glm.word_embeddings.weight``, ...)."""
     inv = {ours: hub for hub, ours in hub_key_map(model.config).items()}
     return {prefix + inv[name]: t for name, t in model.state_dict().items()}
 
@@ -182,12 +183,20 @@ def load_pretrained(
 def save_pretrained(model: GLM, path: str | Path, metadata: dict[str, str] | None = None) -> None:
     """Write ``config.json`` + ``model.safetensors`` (hub key names) atomically: the folder appears complete
     or not at all, and an existing checkpoint is replaced only once the new one is fully written."""
+    save_state_pretrained(model.config, model.state_dict(), path, metadata)
+
+
+def save_state_pretrained(
+    config: GLMConfig, state: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None
+) -> None:
+    """``save_pretrained`` for a glmkit-named state dict (e.g. gathered from a sharded model)."""
     dest = Path(path)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
     try:
-        model.config.save(tmp / "config.json")
-        state = {k: v.detach().contiguous().cpu() for k, v in to_hub_state_dict(model).items()}
+        config.save(tmp / "config.json")
+        inv = {ours: hub for hub, ours in hub_key_map(config).items()}
+        state = {"glm." + inv[k]: v.detach().contiguous().cpu() for k, v in state.items()}
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt", **(metadata or {})})
         if dest.exists():
             for f in dest.iterdir():  # keep what else lives there (tokenizer files, README)

@@ -114,7 +114,9 @@ class GLMConfig:
             raise ConfigError(f"block_position_encoding: expected a bool, got {self.block_position_encoding!r}")
         for k, v in (self.special_tokens.to_dict() if self.special_tokens else {}).items():
             if v is not None and v >= self.vocab_size:
-                raise ConfigError(f"special_tokens.{k}: id {v} is outside the vocabulary (vocab_size={self.vocab_size})")
+                raise ConfigError(
+                    f"special_tokens.{k}: id {v} is outside the vocabulary (vocab_size={self.vocab_size})"
+                )
 
     @property
     def head_size(self) -> int:

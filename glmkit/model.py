@@ -101,8 +101,14 @@ class GLM(nn.Module):
                 nn.init.normal_(p, 0.0, std)
 
     @classmethod
-    def from_pretrained(cls, path, config: GLMConfig | None = None, dtype: torch.dtype | None = None,
-                        device: torch.device | str = "cpu", **config_overrides) -> GLM:
+    def from_pretrained(
+        cls,
+        path,
+        config: GLMConfig | None = None,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str = "cpu",
+        **config_overrides,
+    ) -> GLM:
         """Load a checkpoint folder in the THUDM hub or Megatron layout (``checkpoint.load_pretrained``).
 
         ``config_overrides`` replace config fields, e.g. ``gelu="erf"`` to run exactly what the hub code runs.

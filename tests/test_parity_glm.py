@@ -44,7 +44,9 @@ def test_checkpoint_loads_unchanged():
     raw = load_state_dict(FX)
     ours = model.state_dict()
     assert torch.equal(ours["wte.weight"], raw["glm.word_embeddings.weight"])
-    assert torch.equal(ours["blocks.1.attn.qkv.weight"], raw["glm.transformer.layers.1.attention.query_key_value.weight"])
+    assert torch.equal(
+        ours["blocks.1.attn.qkv.weight"], raw["glm.transformer.layers.1.attention.query_key_value.weight"]
+    )
     assert model.config.max_sequence_length == 64 and model.wpe.weight.shape == (65, 64)
 
 

@@ -1,0 +1,223 @@
+"""The one training loop: pretraining now, fine-tuning later (they differ only in data and which params train).
+
+Data comes from a ``BatchSource``: a function from a global micro-batch index to a collated batch. The index of
+micro-batch ``m`` of step ``s`` on rank ``r`` of ``w`` is ``(s * grad_accum + m) * w + r``, so a run is a pure
+function of (seed, step): resuming needs only the step number, and 2 ranks with ``grad_accum=1`` see exactly
+the batches one process with ``grad_accum=2`` sees.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from . import distributed as dist_utils
+from .optim import AnnealingLR, param_groups
+from .state import load_latest, save_training_checkpoint
+
+BatchSource = Callable[[int], dict]
+
+
+@dataclass
+class TrainArgs:
+    """Optimisation and bookkeeping of one run (defaults: GLM-Large's recipe where it has one)."""
+
+    out_dir: str = "runs/glm"
+    max_steps: int = 1000
+    micro_batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 2e-4
+    decay_iters: int | None = None
+    """Steps over which the lr anneals (default ``max_steps``)."""
+    warmup: float = 0.05
+    """Warmup length as a fraction of ``decay_iters`` (AnnealingLR)."""
+    decay_style: Literal["cosine", "linear", "constant"] = "cosine"
+    decay_ratio: float = 0.05
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-6
+    grad_clip: float = 1.0
+    precision: Literal["bf16", "fp32"] = "bf16"
+    activation_checkpointing: bool = False
+    eval_every: int = 200
+    eval_batches: int = 4
+    save_every: int = 500
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    seed: int = 1234
+    parallel: Literal["ddp", "fsdp"] = "ddp"
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        self.betas = tuple(self.betas)
+        for name in ("max_steps", "micro_batch_size", "grad_accum", "eval_every", "save_every", "log_every"):
+            if int(getattr(self, name)) <= 0:
+                raise ValueError(f"{name}: must be a positive integer, got {getattr(self, name)!r}")
+        if self.lr <= 0 or self.grad_clip < 0 or self.weight_decay < 0:
+            raise ValueError(
+                f"lr/grad_clip/weight_decay: must be positive, got {self.lr}/{self.grad_clip}/{self.weight_decay}"
+            )
+        if self.precision not in ("bf16", "fp32"):
+            raise ValueError(f"precision: expected bf16 or fp32, got {self.precision!r}")
+        if self.parallel not in ("ddp", "fsdp"):
+            raise ValueError(f"parallel: expected ddp or fsdp, got {self.parallel!r}")
+
+
+@dataclass
+class History:
+    losses: list[float] = field(default_factory=list)
+    evals: list[dict] = field(default_factory=list)
+    tokens: int = 0
+
+
+def blank_infill_loss(logits: torch.Tensor, targets: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    """Σ CE · loss_mask / Σ loss_mask over the micro-batch, in fp32 (pretrain_glm.py ``forward_step``)."""
+    ce = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")
+    mask = loss_mask.flatten().float()
+    return (ce * mask).sum() / mask.sum().clamp_min(1.0)
+
+
+def _autocast(args: TrainArgs, device: torch.device):
+    if args.precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _to(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def evaluate(model: torch.nn.Module, sources: dict[str, BatchSource], args: TrainArgs, device: torch.device) -> dict:
+    """Held-out blank-infilling loss per objective (token-weighted mean over ``eval_batches`` fixed batches)."""
+    was_training = model.training
+    model.eval()
+    out = {}
+    rank, world = dist_utils.rank_world()
+    with torch.no_grad():
+        for name, source in sources.items():
+            total = torch.zeros(2, device=device)
+            for i in range(rank, args.eval_batches, world):
+                b = _to(source(i), device)
+                with _autocast(args, device):
+                    logits = model(b["input_ids"], b["position_ids"], b["attention_mask"])
+                n = b["loss_mask"].sum()
+                total += torch.stack([blank_infill_loss(logits, b["targets"], b["loss_mask"]) * n, n])
+            dist_utils.all_reduce_sum(total)
+            out[name] = (total[0] / total[1].clamp_min(1)).item()
+    model.train(was_training)
+    return out
+
+
+def fit(
+    model: torch.nn.Module,
+    args: TrainArgs,
+    train_source: BatchSource,
+    eval_sources: dict[str, BatchSource] | None = None,
+    resume: bool = True,
+    on_step: Callable[[int, float], None] | None = None,
+) -> History:
+    """Train ``model`` for ``args.max_steps`` optimizer steps; resumes from ``out_dir`` when a checkpoint exists."""
+    from .logging import MetricsLogger, ProgressBar
+
+    out = Path(args.out_dir)
+    rank, world = dist_utils.rank_world()
+    device = dist_utils.device_for_rank()
+    torch.manual_seed(args.seed + rank)
+    model.to(device).train()
+    base = model
+    base.gradient_checkpointing = args.activation_checkpointing
+    model = dist_utils.wrap(model, args.parallel, device)
+    optimizer = torch.optim.AdamW(
+        param_groups(model, args.weight_decay),
+        lr=args.lr,
+        betas=args.betas,
+        eps=args.eps,
+        fused=device.type == "cpu" or None,
+    )
+    scheduler = AnnealingLR(
+        optimizer, args.lr, args.decay_iters or args.max_steps, args.warmup, args.decay_style, args.decay_ratio
+    )
+    history = History()
+    start = 0
+    if resume:
+        state = load_latest(out, model, optimizer, base_model=base)
+        if state is not None:
+            start = state["step"]
+            scheduler.load_state_dict(state["scheduler"])
+            history.tokens = state.get("tokens", 0)
+    logger = MetricsLogger(out, enabled=rank == 0)
+    bar = ProgressBar(args.max_steps, start, enabled=rank == 0 and args.progress)
+    t_last, tok_last = time.perf_counter(), history.tokens
+    for step in range(start, args.max_steps):
+        loss_sum = torch.zeros(1, device=device)
+        objectives = []
+        for micro in range(args.grad_accum):
+            b = _to(train_source((step * args.grad_accum + micro) * world + rank), device)
+            objectives.append(b.get("objective", "blank"))
+            sync = micro == args.grad_accum - 1
+            with dist_utils.maybe_no_sync(model, sync), _autocast(args, device):
+                logits = model(b["input_ids"], b["position_ids"], b["attention_mask"])
+                loss = blank_infill_loss(logits, b["targets"], b["loss_mask"])
+            (loss / args.grad_accum).backward()
+            loss_sum += loss.detach()
+            history.tokens += int(b["input_ids"].numel()) * world
+        if args.grad_clip > 0:
+            grad_norm = dist_utils.clip_grad_norm(model, args.grad_clip)
+        else:
+            grad_norm = torch.zeros(())
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        dist_utils.all_reduce_sum(loss_sum)
+        loss_value = loss_sum.item() / (args.grad_accum * world)
+        if not math.isfinite(loss_value):
+            raise FloatingPointError(f"loss became {loss_value} at step {step + 1}; lower lr or check the data")
+        history.losses.append(loss_value)
+        if on_step is not None:
+            on_step(step + 1, loss_value)
+        done = step + 1
+        now = time.perf_counter()
+        tok_s = (history.tokens - tok_last) / max(now - t_last, 1e-9)
+        bar.update(done, loss_value, tok_s)
+        if done % args.log_every == 0 or done == args.max_steps:
+            logger.log(
+                {
+                    "step": done,
+                    "loss": loss_value,
+                    "lr": scheduler.lr_at(done - 1),
+                    "grad_norm": float(grad_norm),
+                    "tokens": history.tokens,
+                    "tok_per_s": tok_s,
+                    "objective": objectives[-1],
+                }
+            )
+            t_last, tok_last = now, history.tokens
+        if eval_sources and (done % args.eval_every == 0 or done == args.max_steps):
+            ev = evaluate(model, eval_sources, args, device)
+            history.evals.append({"step": done, **ev})
+            logger.log({"step": done, **{f"eval/{k}": v for k, v in ev.items()}})
+            logger.plot()
+        if done % args.save_every == 0 or done == args.max_steps:
+            save_training_checkpoint(
+                out,
+                done,
+                model,
+                optimizer,
+                scheduler,
+                history.tokens,
+                asdict(args),
+                keep=args.keep_checkpoints,
+                base_model=base,
+            )
+    bar.close()
+    logger.plot()
+    logger.close()
+    return history
