@@ -281,3 +281,18 @@ def mask_with_cache(new_mask: torch.Tensor, cached: Sequence[int], batch: int) -
     in_new = (rel >= 0) & (rel < S)
     gathered = new_mask.gather(-1, rel.clamp(0, S - 1)[:, None, None, :].expand(batch, 1, S, hi + S))
     return (rel < 0)[:, None, None, :] | (in_new[:, None, None, :] & gathered)
+
+
+# ---- generation ----------------------------------------------------------------------------------------------
+
+
+def part_a_positions(lengths: Sequence[int], seq_len: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """2D positions ``[B, 2, S]`` of right-padded Part-A rows: ``(0..L_b-1, 0)``, padding ``(0, 0)`` (rule 4)."""
+    i = torch.arange(seq_len, device=device)
+    valid = i[None, :] < torch.as_tensor(list(lengths), device=device)[:, None]
+    return torch.stack([torch.where(valid, i[None, :], 0), torch.zeros_like(valid, dtype=torch.long)], dim=1)
+
+
+def part_b_step_positions(blank_positions: torch.Tensor, block: int) -> torch.Tensor:
+    """2D positions ``[N, 2, 1]`` of one Part-B token per row: ``(blank position of the row, block)``."""
+    return torch.stack([blank_positions, torch.full_like(blank_positions, block)], dim=1)[:, :, None]
