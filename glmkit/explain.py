@@ -90,6 +90,7 @@ def explain(text: str, tokenizer: str | Path | None = None, span_length: int = 2
 
 def render_terminal(ex: Explanation, max_grid: int = 64) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     console = Console()
@@ -102,7 +103,7 @@ def render_terminal(ex: Explanation, max_grid: int = 64) -> None:
         table.add_column("position", justify="right")
         table.add_column("block position", justify="right")
         for i in rows:
-            table.add_row(str(i), ex.labels[i], str(s.position_ids[i]), str(s.block_position_ids[i]))
+            table.add_row(str(i), escape(ex.labels[i]), str(s.position_ids[i]), str(s.block_position_ids[i]))
         console.print(table)
     n = len(s)
     if n > max_grid:
