@@ -4,7 +4,18 @@
 original GLM ``generate_samples.py``. Decoding knobs are transformers' (``GenerationConfig``).
 """
 
+from .blanks import BlankFill, FillResult, complete, fill_blank_ids, fill_blanks
 from .config import GenerationConfig
 from .engine import GenerationOutput, generate, stream
 
-__all__ = ["GenerationConfig", "GenerationOutput", "generate", "stream"]
+__all__ = [
+    "BlankFill",
+    "FillResult",
+    "GenerationConfig",
+    "GenerationOutput",
+    "complete",
+    "fill_blank_ids",
+    "fill_blanks",
+    "generate",
+    "stream",
+]

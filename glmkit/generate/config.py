@@ -20,6 +20,7 @@ class GenerationConfig:
     Attributes:
         max_new_tokens: generated tokens at most (the Part-B span length, ``<sop>`` not counted).
         min_new_tokens: stop ids are banned until this many tokens were generated.
+        min_length: stop ids are banned while the whole sequence (prompt, ``<sop>``, generated) is shorter.
         do_sample: sample from the processed distribution instead of taking the argmax.
         num_beams: beam width; 1 = greedy or sampling.
         temperature / top_k / top_p / min_p / typical_p: sampling warpers (only used when ``do_sample``);
@@ -38,6 +39,7 @@ class GenerationConfig:
 
     max_new_tokens: int = 20
     min_new_tokens: int = 0
+    min_length: int = 0
     do_sample: bool = False
     num_beams: int = 1
     temperature: float = 1.0
@@ -59,7 +61,7 @@ class GenerationConfig:
     def __post_init__(self) -> None:
         for name in ("max_new_tokens", "num_beams", "num_return_sequences"):
             _check_int(name, getattr(self, name), low=1)
-        for name in ("min_new_tokens", "no_repeat_ngram_size"):
+        for name in ("min_new_tokens", "min_length", "no_repeat_ngram_size"):
             _check_int(name, getattr(self, name), low=0)
         if self.top_k is not None:
             _check_int("top_k", self.top_k, low=0)

@@ -25,7 +25,7 @@ from ..masks import find_blanks, part_a_positions, part_b_step_positions, prefix
 from .beam import beam_search
 from .config import GenerationConfig
 from .processors import build_processors
-from .sampling import SampleRun
+from .sampling import SampleRun, Stepper
 from .stopping import Decoder, FinishReason, StopCriteria, StopStrings
 
 TokenIds = torch.Tensor | Sequence[int] | Sequence[Sequence[int]]
@@ -85,6 +85,15 @@ class GLMStepper:
         self.blank_positions = self.blank_positions[index]
 
 
+def seeded_generator(
+    config: GenerationConfig, device: torch.device, generator: torch.Generator | None = None
+) -> torch.Generator | None:
+    """``generator`` if given, else one seeded with ``config.seed``, else ``None`` (the global RNG)."""
+    if generator is None and config.seed is not None:
+        generator = torch.Generator(device=device).manual_seed(config.seed)
+    return generator
+
+
 def resolve_special_tokens(
     model: torch.nn.Module, special_tokens: SpecialTokens | None, tokenizer: Any = None
 ) -> SpecialTokens:
@@ -139,7 +148,9 @@ def prefill(model: torch.nn.Module, rows: list[list[int]], cache: KVCache) -> No
 
 
 class Decoding:
-    """One span decode over a ``GLMStepper``: builds processors and stop rules, runs greedy/sampling or beams.
+    """One span decode over a ``Stepper`` (a ``GLMStepper``, or a table model in the tests).
+
+    Builds the processors and stop rules and runs greedy/sampling or beam search.
 
     ``ids [N, P]`` is what transformers would hold per row (left-padded prompt + ``<sop>``), ``left_padding [N]``
     its pad counts; rows are already expanded to ``num_beams`` (beams) or ``num_return_sequences`` (sampling).
@@ -147,7 +158,7 @@ class Decoding:
 
     def __init__(
         self,
-        stepper: GLMStepper,
+        stepper: Stepper,
         ids: torch.Tensor,
         left_padding: torch.Tensor,
         config: GenerationConfig,
@@ -161,7 +172,8 @@ class Decoding:
         if config.stop_strings and tokenizer is None:
             raise ValueError("stop_strings: a tokenizer is needed to match stop strings; pass tokenizer=")
         self.stepper, self.ids, self.config = stepper, ids, config
-        self.eos_ids, self.pad_id, self.generator = eos_ids, pad_id, generator
+        self.eos_ids, self.pad_id = eos_ids, pad_id
+        self.generator = seeded_generator(config, ids.device, generator)
         stops = StopStrings(config.stop_strings, tokenizer) if config.stop_strings else None
         max_new = min(config.max_new_tokens, position_limit)
         self.stop = StopCriteria(ids.shape[1], max_new, eos_ids, stops, max_new < config.max_new_tokens)
@@ -237,8 +249,6 @@ def _start(
     left_padding = torch.tensor([P - len(r) for r in rows], device=device)[expand]
     eos_ids = config.eos_ids() or list(dict.fromkeys([special.eop, special.eos]))
     pad_id = config.pad_token_id if config.pad_token_id is not None else special.pad
-    if generator is None and config.seed is not None:
-        generator = torch.Generator(device=device).manual_seed(config.seed)
     decoding = Decoding(
         stepper,
         ids,

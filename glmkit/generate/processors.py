@@ -59,14 +59,18 @@ class NoRepeatNGram:
         return scores.masked_fill(banned[:, :V], -float("inf"))
 
 
-class MinNewTokens:
-    """Stop ids get ``-inf`` while fewer than ``min_new`` tokens follow the ``prompt_length`` prompt tokens."""
+class MinLength:
+    """Stop ids get ``-inf`` while ``ids`` minus its first ``skip`` tokens is shorter than ``min_length``.
 
-    def __init__(self, prompt_length: int, min_new: int, eos_ids: Sequence[int]) -> None:
-        self.prompt_length, self.min_new, self.eos = prompt_length, min_new, torch.tensor(list(eos_ids))
+    ``skip = 0`` is transformers' ``MinLengthLogitsProcessor`` (the prompt counts), ``skip = prompt length`` its
+    ``MinNewTokensLengthLogitsProcessor``.
+    """
+
+    def __init__(self, min_length: int, eos_ids: Sequence[int], skip: int = 0) -> None:
+        self.min_length, self.skip, self.eos = min_length, skip, torch.tensor(list(eos_ids))
 
     def __call__(self, ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        if ids.shape[-1] - self.prompt_length >= self.min_new:
+        if ids.shape[-1] - self.skip >= self.min_length:
             return scores
         is_eos = torch.isin(torch.arange(scores.shape[-1], device=scores.device), self.eos.to(scores.device))
         return torch.where(is_eos, -math.inf, scores)
@@ -152,8 +156,10 @@ def build_processors(
         procs.append(RepetitionPenalty(config.repetition_penalty, left_padding))
     if config.no_repeat_ngram_size > 0:
         procs.append(NoRepeatNGram(config.no_repeat_ngram_size))
+    if config.min_length > 0 and eos_ids:
+        procs.append(MinLength(config.min_length, eos_ids))
     if config.min_new_tokens > 0 and eos_ids:
-        procs.append(MinNewTokens(prompt_length, config.min_new_tokens, eos_ids))
+        procs.append(MinLength(config.min_new_tokens, eos_ids, skip=prompt_length))
     if config.do_sample:
         # beams keep one token more than there are stop ids, so a non-stop continuation always exists
         keep = (len(eos_ids) + 1 if eos_ids else 2) if config.num_beams > 1 else 1

@@ -1,0 +1,156 @@
+"""Fill every blank of a GLM input, one span after another, as the original ``generate_samples.py`` does.
+
+glm-reference.md §6.1 / TV7: the context (with all its [MASK]/[sMASK]/[gMASK] blanks) is encoded once,
+bidirectionally; then for each blank at position p, left to right, ``<sop>`` is fed at (p, 1) and the k-th token at
+(p, k+1). A span ends at ``<eop>`` (or ``<eos>``), which is not fed back. Earlier spans stay in the cache, so later
+spans see them. Each span is decoded with the full ``generate`` machinery (greedy, sampling or beams). Unlike the
+hub's ``generate`` (first blank only) this fills all blanks, which is what GLM was trained to do.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+
+from ..config import SpecialTokens
+from ..kv_cache import KVCache
+from ..masks import find_blanks, part_b_positions
+from .config import GenerationConfig
+from .engine import Decoding, GLMStepper, prefill, resolve_special_tokens, seeded_generator
+from .stopping import FinishReason
+
+
+class GLMTokenizer(Protocol):
+    """What the text helpers need from a tokenizer (glmkit.tokenizer provides it)."""
+
+    special: SpecialTokens
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = ...) -> str: ...
+
+
+@dataclass
+class BlankFill:
+    """``ids``: the input with each blank replaced by its span; ``spans``: the generated tokens per blank, left to
+    right, without the stop token; ``blank_positions``: where the blanks were in the input."""
+
+    ids: list[int]
+    spans: list[list[int]]
+    finish_reasons: list[FinishReason]
+    blank_positions: list[int]
+
+
+@dataclass
+class FillResult:
+    text: str
+    spans: list[str]
+
+
+@torch.inference_mode()
+def fill_blank_ids(
+    model: torch.nn.Module,
+    input_ids: Sequence[int],
+    *,
+    generation_config: GenerationConfig | None = None,
+    special_tokens: SpecialTokens | None = None,
+    tokenizer: GLMTokenizer | None = None,
+    generator: torch.Generator | None = None,
+    **kwargs: Any,
+) -> BlankFill:
+    """Fill every blank of one token sequence (usually ``[CLS] text [eos]``); ``kwargs`` as for ``generate``.
+
+    ``max_new_tokens`` and the other settings apply to each span; ``num_return_sequences`` must be 1.
+    """
+    config = GenerationConfig.from_kwargs(generation_config, **kwargs)
+    if config.num_return_sequences != 1:
+        raise ValueError(
+            f"num_return_sequences: blank filling returns one completion; got {config.num_return_sequences}"
+        )
+    special = resolve_special_tokens(model, special_tokens, tokenizer)
+    row = list(input_ids)
+    blanks = find_blanks(row, special.mask_ids())
+    if not blanks:
+        raise ValueError(f"input_ids: no blank to fill (none of the blank ids {list(special.mask_ids())})")
+    cfg = model.config
+    if len(row) > cfg.n_positions:
+        raise ValueError(f"input_ids: {len(row)} tokens is longer than the context of {cfg.n_positions} positions")
+    model.eval()
+    device = next(model.parameters()).device
+    max_new = min(config.max_new_tokens, cfg.max_sequence_length)
+    R = config.num_beams
+    cache = KVCache.for_model(model, 1, len(row) + len(blanks) * (max_new + 1))
+    prefill(model, [row], cache)
+    generator = seeded_generator(config, device, generator)  # one RNG stream across all spans
+    eos_ids = config.eos_ids() or list(dict.fromkeys([special.eop, special.eos]))
+    pad_id = config.pad_token_id if config.pad_token_id is not None else special.pad
+
+    history = list(row)  # every token in the cache: what the processors see, as transformers would
+    spans: list[list[int]] = []
+    reasons: list[FinishReason] = []
+    for i, p in enumerate(blanks):
+        base = cache.host_lengths()[0]
+        if R > 1:
+            cache.reorder(torch.zeros(R, dtype=torch.long, device=device))
+        stepper = GLMStepper(model, cache, torch.full((R,), p, device=device), special.sop, config.compile)
+        ids = torch.tensor([history + [special.sop]] * R, device=device)
+        decoding = Decoding(
+            stepper,
+            ids,
+            torch.zeros(R, dtype=torch.long, device=device),
+            config,
+            eos_ids=eos_ids,
+            pad_id=pad_id,
+            position_limit=cfg.max_sequence_length,
+            tokenizer=tokenizer,
+            generator=generator,
+        )
+        out = decoding.run()
+        span, reason = out.new_tokens[0], out.finish_reasons[0]
+        span = span[:-1] if reason == "stop" else span  # the stop token is not part of the span
+        spans.append(span)
+        reasons.append(reason)
+        history += [special.sop] + span
+        if i + 1 < len(blanks):
+            # keep exactly `<sop> span` of the chosen sequence in the cache (beams reordered it; decoding may have
+            # run past the span), as the context of the next blanks
+            if cache.batch_size > 1:
+                cache.reorder(torch.zeros(1, dtype=torch.long, device=device))
+            cache.set_lengths([base])
+            pos, block = part_b_positions(p, len(span) + 1)
+            feed = torch.tensor([[special.sop] + span], device=device)
+            model(feed, torch.tensor([[pos, block]], device=device), None, cache=cache, return_hidden=True)
+    filled = dict(zip(blanks, spans, strict=True))
+    completed = [t for i, tok in enumerate(row) for t in (filled[i] if i in filled else [tok])]
+    return BlankFill(completed, spans, reasons, blanks)
+
+
+def fill_blanks(model: torch.nn.Module, tokenizer: GLMTokenizer, text: str, **kwargs: Any) -> FillResult:
+    """Fill every [MASK]/[sMASK]/[gMASK] in ``text``; the input is ``[CLS] text [eos]`` (no eos after a final
+    [gMASK]), as in the original GLM. Returns the completed text and each span's text."""
+    special = tokenizer.special
+    ids = [special.cls] + tokenizer.encode(text)
+    if ids[-1] != special.gmask:
+        ids.append(special.eos)
+    if not find_blanks(ids, special.mask_ids()):
+        raise ValueError(f"text: no blank ([MASK], [sMASK] or [gMASK]) to fill in {text!r}")
+    res = fill_blank_ids(model, ids, special_tokens=special, tokenizer=tokenizer, **kwargs)
+    spans = [tokenizer.decode(s, skip_special_tokens=True) for s in res.spans]
+    return FillResult(tokenizer.decode(res.ids, skip_special_tokens=True), spans)
+
+
+def complete(model: torch.nn.Module, tokenizer: GLMTokenizer, text: str, **kwargs: Any) -> str:
+    """Continue ``text``: ``[CLS] text [gMASK]``, generate the span at the [gMASK] and return its text.
+
+    Blanks inside ``text`` are filled first (the original GLM's behaviour) and serve as context.
+    """
+    special = tokenizer.special
+    gmask = special.gmask if special.gmask is not None else special.mask
+    ids = [special.cls] + tokenizer.encode(text)
+    if ids[-1] != gmask:
+        ids.append(gmask)
+    res = fill_blank_ids(model, ids, special_tokens=special, tokenizer=tokenizer, **kwargs)
+    return tokenizer.decode(res.spans[-1], skip_special_tokens=True)
