@@ -14,7 +14,7 @@ import dataclasses
 from typing import Any
 
 import torch
-from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .config import GLMConfig, SpecialTokens
@@ -112,3 +112,8 @@ class GLMForHFGeneration(PreTrainedModel, GenerationMixin):
         if position_ids is None or attention_mask is None or attention_mask.dim() == 2:
             position_ids, attention_mask = glm_layout(input_ids, attention_mask, self.special)
         return CausalLMOutputWithPast(logits=self.glm(input_ids, position_ids, attention_mask))
+
+
+# so pipelines and ``AutoModelForCausalLM`` know the wrapper (a saved wrapper reloads with ``from_pretrained``)
+AutoConfig.register(GLMHFConfig.model_type, GLMHFConfig, exist_ok=True)
+AutoModelForCausalLM.register(GLMHFConfig, GLMForHFGeneration, exist_ok=True)

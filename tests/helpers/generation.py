@@ -129,3 +129,17 @@ class EopAfter(torch.nn.Module):
         want = torch.tensor([[self.lengths.get(p, 10**6) for p in row] for row in position_ids[:, 0].tolist()])
         out[..., SPECIAL.eop] += 100.0 * (position_ids[:, 1] > want).to(out.dtype)
         return out
+
+
+class EopRamp(torch.nn.Module):
+    """A GLM whose ``<eop>`` logit grows by ``slope`` per span token: spans end at varied, plausible lengths."""
+
+    def __init__(self, model: GLM, slope: float = 0.3) -> None:
+        super().__init__()
+        self.model, self.config, self.slope = model, model.config, slope
+
+    def forward(self, input_ids, position_ids=None, attention_mask=None, cache=None, return_hidden=False):
+        out = self.model(input_ids, position_ids, attention_mask, cache=cache, return_hidden=return_hidden)
+        if not return_hidden:
+            out[..., SPECIAL.eop] += self.slope * position_ids[:, 1].to(out.dtype)
+        return out
