@@ -21,7 +21,7 @@ import torch
 
 from ..config import SpecialTokens
 from ..kv_cache import KVCache
-from ..masks import find_blanks, part_a_positions, part_b_step_positions, prefix_lm_mask
+from ..masks import find_blanks, mask_with_cache, part_a_positions, part_b_step_positions, prefix_lm_mask
 from .beam import beam_search
 from .config import GenerationConfig
 from .processors import build_processors
@@ -78,7 +78,11 @@ class GLMStepper:
             tokens = torch.full_like(self.blank_positions, self.sop_id)
         self.block += 1
         positions = part_b_step_positions(self.blank_positions, self.block)
-        return self.forward(tokens[:, None], positions, None, cache=self.cache)[:, -1]
+        # the key mask is built here, outside a compiled forward: per-row lengths as Python ints would be baked
+        # into the graph and recompile it every step
+        one = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=tokens.device)
+        mask = mask_with_cache(one, self.cache.host_lengths(), len(tokens))
+        return self.forward(tokens[:, None], positions, mask, cache=self.cache)[:, -1]
 
     def reorder(self, index: torch.Tensor) -> None:
         self.cache.reorder(index)
