@@ -179,3 +179,21 @@ def test_compiled_decode_step_gives_the_same_tokens(model):
     eager = gen(model, PROMPTS, max_new_tokens=5)
     compiled = gen(model, PROMPTS, max_new_tokens=5, compile="eager")
     assert compiled.new_tokens == eager.new_tokens
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_generation(dtype):
+    cpu, gpu = fixture_model(), fixture_model().to("cuda", dtype)
+    for kw in (dict(max_new_tokens=8), dict(max_new_tokens=6, num_beams=3, num_return_sequences=2)):
+        out = generate(gpu, PROMPTS, special_tokens=SPECIAL, **kw)
+        assert out.sequences.device.type == "cuda" and all(len(t) == kw["max_new_tokens"] for t in out.new_tokens)
+        if dtype == torch.float32:
+            assert out.new_tokens == generate(cpu, PROMPTS, special_tokens=SPECIAL, **kw).new_tokens
+    sample = dict(max_new_tokens=8, do_sample=True, top_p=0.9, seed=11)
+    first = generate(gpu, PROMPTS, special_tokens=SPECIAL, **sample)
+    assert torch.equal(first.sequences, generate(gpu, PROMPTS, special_tokens=SPECIAL, **sample).sequences)
+    compiled = generate(gpu, PROMPTS, special_tokens=SPECIAL, max_new_tokens=8, compile=True)
+    eager = generate(gpu, PROMPTS, special_tokens=SPECIAL, max_new_tokens=8)
+    if dtype == torch.float32:
+        assert compiled.new_tokens == eager.new_tokens

@@ -4,6 +4,7 @@ trained layout reproduced, strategies per span and the text helpers."""
 import pytest
 import torch
 
+from glmkit import GLM, GLMConfig
 from glmkit.generate import complete, fill_blank_ids, fill_blanks, generate
 from glmkit.masks import make_block_data, prefix_lm_mask
 from tests.helpers.generation import SPECIAL, EopAfter, Recorder, WordTokenizer, fixture_model
@@ -67,6 +68,12 @@ def test_text_helpers():
     text = complete(biased, tok, "w10 w11", max_new_tokens=5)
     ids = generate(biased, [582, 10, 11, 586], special_tokens=SPECIAL, max_new_tokens=5).new_tokens[0]
     assert text == tok.decode(ids[:-1]) and len(text.split()) == 3
+
+
+def test_spans_stop_at_the_position_table_limit():
+    small = GLM(GLMConfig(max_sequence_length=6)).eval()
+    res = fill_blank_ids(small, CONTEXT, special_tokens=SPECIAL, max_new_tokens=10, eos_token_id=639)
+    assert res.finish_reasons == ["position_limit"] * 2 and [len(s) for s in res.spans] == [6, 6]
 
 
 def test_blank_filling_rejects_bad_input(model):

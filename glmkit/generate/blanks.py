@@ -120,8 +120,10 @@ def fill_blank_ids(
             if cache.batch_size > 1:
                 cache.reorder(torch.zeros(1, dtype=torch.long, device=device))
             cache.set_lengths([base])
-            pos, block = part_b_positions(p, len(span) + 1)
-            feed = torch.tensor([[special.sop] + span], device=device)
+            # a span cut by the position table has one token more than there are block positions to feed it at
+            feed_ids = ([special.sop] + span)[: cfg.max_sequence_length]
+            pos, block = part_b_positions(p, len(feed_ids))
+            feed = torch.tensor([feed_ids], device=device)
             model(feed, torch.tensor([[pos, block]], device=device), None, cache=cache, return_hidden=True)
     filled = dict(zip(blanks, spans, strict=True))
     completed = [t for i, tok in enumerate(row) for t in (filled[i] if i in filled else [tok])]
