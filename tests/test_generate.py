@@ -167,6 +167,8 @@ def test_bad_input_raises_value_error_naming_the_parameter(model):
         generate(model, CONTEXT)
     with pytest.raises(ValueError, match="input_ids"):
         gen(model, [[582, 5], []])
+    with pytest.raises(ValueError, match="input_ids"):
+        gen(model, [])
 
 
 def test_generation_config_object_and_kwargs_override(model):

@@ -132,6 +132,8 @@ def test_config_rejects_bad_values_naming_the_parameter():
         dict(max_new_tokens=0),
         dict(typical_p=0),
         dict(early_stopping="sometimes"),
+        dict(early_stopping=1),
+        dict(compile=3),
         dict(top_k=-1),
         dict(repetition_penalty=0),
         dict(eos_token_id=[]),

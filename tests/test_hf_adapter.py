@@ -6,7 +6,7 @@ import torch
 
 from glmkit.generate import generate
 from glmkit.hf_adapter import GLMForHFGeneration, glm_layout
-from tests.helpers.generation import SPECIAL, EopRamp, fixture_model, hf_tokenizer
+from tests.helpers.generation import SPECIAL, EopRamp, WordTokenizer, fixture_model, hf_tokenizer
 
 PROMPTS = [[582, 345, 136, 319, 583, 85, 72, 579], [582, 5, 6, 7, 586], [582, 40, 41, 583, 42, 43, 44, 45, 579]]
 
@@ -88,6 +88,18 @@ def test_seeded_sampling_matches_transformers(models, kw):
 def test_beam_sampling_matches_transformers(models):
     ours, theirs = both(models, PROMPTS[:2], seed=7, do_sample=True, num_beams=2, top_k=30, max_new_tokens=8)
     assert torch.equal(ours.sequences, theirs.sequences)
+
+
+def test_stop_strings_match_transformers(models):
+    free = generate(models[0], PROMPTS, special_tokens=SPECIAL, max_new_tokens=10)
+    stop = WordTokenizer().decode(free.new_tokens[2][2:3])
+    glm, hf = models
+    ids, mask = hf_inputs(PROMPTS)
+    theirs = hf.generate(ids, attention_mask=mask, max_new_tokens=10, stop_strings=stop, tokenizer=hf_tokenizer())
+    ours = generate(
+        glm, PROMPTS, special_tokens=SPECIAL, max_new_tokens=10, stop_strings=stop, tokenizer=WordTokenizer()
+    )
+    assert torch.equal(ours.sequences, theirs) and ours.finish_reasons[2] == "stop_string"
 
 
 def test_pipeline_runs_a_glmkit_model(models):

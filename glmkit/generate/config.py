@@ -72,7 +72,7 @@ class GenerationConfig:
             _check_float("min_p", self.min_p, lambda v: 0 <= v <= 1, "a float in [0, 1]")
         _check_float("repetition_penalty", self.repetition_penalty, lambda v: v > 0, "a float > 0")
         _check_float("length_penalty", self.length_penalty, lambda v: True, "a float")
-        if self.early_stopping not in (True, False, "never"):
+        if not (isinstance(self.early_stopping, bool) or self.early_stopping == "never"):
             raise ValueError(f"early_stopping: expected True, False or 'never', got {self.early_stopping!r}")
         if self.num_beams == 1 and not self.do_sample and self.num_return_sequences > 1:
             raise ValueError(
@@ -95,14 +95,12 @@ class GenerationConfig:
             raise ValueError(f"stop_strings: expected non-empty strings, got {self.stop_strings!r}")
         if self.seed is not None:
             _check_int("seed", self.seed, low=0)
+        if not isinstance(self.compile, (bool, str)):
+            raise ValueError(f"compile: expected a bool or a torch.compile backend name, got {self.compile!r}")
 
     def eos_ids(self) -> list[int]:
         """The stop ids as a list (empty when unset)."""
         return as_id_list(self.eos_token_id)
-
-    def replace(self, **changes: Any) -> GenerationConfig:
-        """A validated copy with some fields changed."""
-        return dataclasses.replace(self, **changes)
 
     @classmethod
     def from_kwargs(cls, base: GenerationConfig | None = None, **kwargs: Any) -> GenerationConfig:

@@ -126,6 +126,8 @@ def prompt_rows(
         rows = [list(input_ids)]  # type: ignore[arg-type]
     else:
         rows = [list(r) for r in input_ids]  # type: ignore[union-attr]
+    if not rows:
+        raise ValueError("input_ids: no prompt given")
     append = special.gmask if special.gmask is not None else special.mask
     for b, row in enumerate(rows):
         if not row:

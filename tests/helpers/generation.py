@@ -86,7 +86,7 @@ def hf_tokenizer():
     from transformers import PreTrainedTokenizerFast
 
     words = WordTokenizer()
-    vocab = {words.token(i): i for i in range(588)}
+    vocab = {words.token(i): i for i in range(588)} | {"abcdef": 588}  # StopStringCriteria probes this word
     tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.post_processor = processors.TemplateProcessing(
