@@ -296,3 +296,21 @@ def part_a_positions(lengths: Sequence[int], seq_len: int, device: torch.device 
 def part_b_step_positions(blank_positions: torch.Tensor, block: int) -> torch.Tensor:
     """2D positions ``[N, 2, 1]`` of one Part-B token per row: ``(blank position of the row, block)``."""
     return torch.stack([blank_positions, torch.full_like(blank_positions, block)], dim=1)[:, :, None]
+
+
+def pad_batch(batch: dict, multiple: int, pad_id: int = 0) -> dict:
+    """Right-pad a ``collate`` batch to a multiple of ``multiple`` tokens, with ``collate``'s padding rules.
+
+    Few distinct shapes let CPU kernels (oneDNN) and compiled graphs be reused instead of rebuilt every step.
+    """
+    S = batch["input_ids"].shape[1]
+    extra = -S % multiple
+    if extra == 0:
+        return batch
+    out = dict(batch)
+    out["input_ids"] = torch.nn.functional.pad(batch["input_ids"], (0, extra), value=pad_id)
+    out["targets"] = torch.nn.functional.pad(batch["targets"], (0, extra), value=pad_id)
+    out["position_ids"] = torch.nn.functional.pad(batch["position_ids"], (0, extra))
+    out["loss_mask"] = torch.nn.functional.pad(batch["loss_mask"], (0, extra))
+    out["attention_mask"] = prefix_lm_mask(batch["sep"], S + extra, batch["lengths"])
+    return out

@@ -19,6 +19,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from ..masks import pad_batch
 from . import distributed as dist_utils
 from .optim import AnnealingLR, param_groups
 from .state import load_latest, save_training_checkpoint
@@ -54,6 +55,8 @@ class TrainArgs:
     log_every: int = 10
     seed: int = 1234
     parallel: Literal["ddp", "fsdp"] = "ddp"
+    pad_to_multiple: int = 64
+    """Pad every batch to a multiple of this many tokens, so CPU kernels are reused across steps."""
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -91,7 +94,9 @@ def _autocast(args: TrainArgs, device: torch.device):
     return contextlib.nullcontext()
 
 
-def _to(batch: dict, device: torch.device) -> dict:
+def _to(batch: dict, device: torch.device, pad_to_multiple: int = 1) -> dict:
+    if pad_to_multiple > 1 and "sep" in batch:  # padding is never attended and has no loss: any id will do
+        batch = pad_batch(batch, pad_to_multiple)
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
@@ -105,7 +110,7 @@ def evaluate(model: torch.nn.Module, sources: dict[str, BatchSource], args: Trai
         for name, source in sources.items():
             total = torch.zeros(2, device=device)
             for i in range(rank, args.eval_batches, world):
-                b = _to(source(i), device)
+                b = _to(source(i), device, args.pad_to_multiple)
                 with _autocast(args, device):
                     logits = model(b["input_ids"], b["position_ids"], b["attention_mask"])
                 n = b["loss_mask"].sum()
@@ -160,7 +165,7 @@ def fit(
         loss_sum = torch.zeros(1, device=device)
         objectives = []
         for micro in range(args.grad_accum):
-            b = _to(train_source((step * args.grad_accum + micro) * world + rank), device)
+            b = _to(train_source((step * args.grad_accum + micro) * world + rank), device, args.pad_to_multiple)
             objectives.append(b.get("objective", "blank"))
             sync = micro == args.grad_accum - 1
             with dist_utils.maybe_no_sync(model, sync), _autocast(args, device):
