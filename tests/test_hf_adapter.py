@@ -120,3 +120,12 @@ def test_layout_matches_the_hub_build_inputs_for_generation():
     assert pos[0, :, 1:].tolist() == [[0, 1, 2, 3, 4, 5, 3, 3, 3], [0, 0, 0, 0, 0, 0, 1, 2, 3]]
     assert not mask[0, 0, :, 0].any() and mask[0, 0, 1:7, 1:7].all() and not mask[0, 0, 1:7, 7:].any()
     assert mask[0, 0, 9, 1:].all() and not mask[0, 0, 7, 8:].any()
+
+
+def test_transformers_streamer_works_with_the_engine(models):
+    from transformers import TextIteratorStreamer
+
+    tok = hf_tokenizer()
+    streamer = TextIteratorStreamer(tok, skip_prompt=True)
+    out = generate(models[0], PROMPTS[0], special_tokens=SPECIAL, max_new_tokens=6, streamer=streamer)
+    assert "".join(streamer) == tok.decode(out.new_tokens[0])

@@ -122,10 +122,10 @@ def prompt_rows(
             raise ValueError(f"attention_mask: shape {tuple(attention_mask.shape)} != input_ids {tuple(ids.shape)}")
         keep = attention_mask.bool() if attention_mask is not None else torch.ones_like(ids, dtype=torch.bool)
         rows = [r[k].tolist() for r, k in zip(ids.cpu(), keep.cpu(), strict=True)]
-    elif len(input_ids) and isinstance(input_ids[0], int):
-        rows = [list(input_ids)]  # type: ignore[arg-type]
     else:
-        rows = [list(r) for r in input_ids]  # type: ignore[union-attr]
+        first = input_ids[0] if len(input_ids) else []
+        nested = isinstance(first, Sequence) or (isinstance(first, torch.Tensor) and first.dim() > 0)
+        rows = [[int(t) for t in r] for r in input_ids] if nested else [[int(t) for t in input_ids]]
     if not rows:
         raise ValueError("input_ids: no prompt given")
     append = special.gmask if special.gmask is not None else special.mask
