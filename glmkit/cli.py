@@ -14,6 +14,7 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "explain": ("glmkit.explain", "show Part A / Part B, 2D positions and the attention mask of a text with blanks"),
     "pretrain": ("glmkit.train.pretrain", "pretrain a GLM with autoregressive blank infilling (torchrun-ready)"),
+    "eval-cloze": ("glmkit.cloze", "zero-shot single-word cloze accuracy on held-out data vs a unigram baseline"),
     "prepare-data": ("glmkit.data.prepare", "tokenize .txt/.jsonl/.parquet corpora into memory-mapped token shards"),
     "train-tokenizer": ("glmkit.train_tokenizer", "train a byte-level BPE tokenizer with the GLM special tokens"),
 }

@@ -90,3 +90,20 @@ def test_cli_and_config_errors(corpus, tmp_path):
         load_config(path, ["blank.seq_length=128"])
     with pytest.raises(FileNotFoundError, match="nope.yaml"):
         load_config(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize("name", ["glm-base", "glm-large", "glm-10b", "glmkit-small"])
+def test_shipped_configs_validate(name):
+    from pathlib import Path
+
+    from glmkit import GLM
+
+    cfg = load_config(Path(__file__).parents[1] / "configs" / f"{name}.yaml")
+    assert cfg.train.lr > 0 and cfg.blank.seq_length <= cfg.model.max_sequence_length
+    expected = {"glm-base": 109_338_624, "glm-large": 334_688_256, "glm-10b": 9_880_682_496}
+    if name in expected:
+        assert cfg.model.num_parameters() == expected[name]
+    import torch
+
+    with torch.device("meta"):
+        GLM(cfg.model)
