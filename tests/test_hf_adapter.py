@@ -129,3 +129,14 @@ def test_transformers_streamer_works_with_the_engine(models):
     streamer = TextIteratorStreamer(tok, skip_prompt=True)
     out = generate(models[0], PROMPTS[0], special_tokens=SPECIAL, max_new_tokens=6, streamer=streamer)
     assert "".join(streamer) == tok.decode(out.new_tokens[0])
+
+
+def test_wrapper_saves_and_reloads_with_auto_classes(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    hf = GLMForHFGeneration.from_glm(fixture_model(), SPECIAL)
+    hf.save_pretrained(tmp_path)
+    again = AutoModelForCausalLM.from_pretrained(tmp_path)
+    ids, mask = hf_inputs(PROMPTS)
+    kw = dict(attention_mask=mask, max_new_tokens=5, do_sample=False)
+    assert torch.equal(again.generate(ids, **kw), hf.generate(ids, **kw))
