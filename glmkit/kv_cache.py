@@ -45,6 +45,10 @@ class KVCache:
     def max_length(self) -> int:
         return self.k.shape[3]
 
+    @property
+    def device(self) -> torch.device:
+        return self.k.device
+
     def host_lengths(self) -> list[int]:
         return list(self._host_lengths)
 
@@ -83,3 +87,74 @@ class KVCache:
         self.k = self.k.index_select(1, index)
         self.v = self.v.index_select(1, index)
         self.set_lengths([self._host_lengths[i] for i in index.tolist()])
+
+    def rows(self, slots: list[int]) -> KVCacheRows:
+        """The rows ``slots`` of this cache as a cache of their own (continuous batching: one row per request)."""
+        return KVCacheRows(self, slots)
+
+
+class KVCacheRows:
+    """A batch made of some rows of a pool ``KVCache``: the model reads and writes the pool in place.
+
+    A server keeps one pool row ("slot") per running sequence and runs each step on the slots that take part;
+    the model sees an ordinary cache of ``len(slots)`` rows. Contiguous slots are a view; others are gathered.
+    """
+
+    def __init__(self, pool: KVCache, slots: list[int]) -> None:
+        if not slots or len(set(slots)) != len(slots) or not all(0 <= s < pool.batch_size for s in slots):
+            raise ValueError(f"slots: {slots} must be distinct rows of a cache of {pool.batch_size}")
+        self.pool, self.slots = pool, list(slots)
+        first = self.slots[0]
+        self._range = (first, first + len(slots)) if self.slots == list(range(first, first + len(slots))) else None
+        self._index = torch.tensor(self.slots, dtype=torch.long, device=pool.k.device)
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.slots)
+
+    @property
+    def max_length(self) -> int:
+        return self.pool.max_length
+
+    @property
+    def device(self) -> torch.device:
+        return self.pool.k.device
+
+    def host_lengths(self) -> list[int]:
+        lengths = self.pool.host_lengths()
+        return [lengths[s] for s in self.slots]
+
+    def set_lengths(self, lengths: list[int] | torch.Tensor) -> None:
+        values = lengths.tolist() if isinstance(lengths, torch.Tensor) else list(lengths)
+        if len(values) != len(self.slots):
+            raise ValueError(f"lengths: {values} must be {len(self.slots)} values")
+        all_lengths = self.pool.host_lengths()
+        for s, n in zip(self.slots, values, strict=True):
+            all_lengths[s] = n
+        self.pool.set_lengths(all_lengths)
+
+    def check_room(self, new_tokens: int) -> None:
+        need = max(self.host_lengths()) + new_tokens
+        if need > self.max_length:
+            raise ValueError(f"KV cache full: {need} tokens needed, capacity is {self.max_length}")
+
+    def advance(self, new_tokens: int) -> None:
+        self.set_lengths([n + new_tokens for n in self.host_lengths()])
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """As ``KVCache.write``, on the pool rows of this batch."""
+        S = k.shape[2]
+        lengths = self.host_lengths()
+        end = max(lengths) + S
+        if self._range is not None:
+            a, b = self._range
+            pk, pv = self.pool.k[layer, a:b], self.pool.v[layer, a:b]  # views
+        else:
+            pk, pv = self.pool.k[layer], self.pool.v[layer]
+        rows = self._index[:, None] if self._range is None else torch.arange(len(self.slots), device=k.device)[:, None]
+        pos = torch.tensor(lengths, device=k.device)[:, None] + torch.arange(S, device=k.device)  # (N, S)
+        pk[rows, :, pos] = k.transpose(1, 2)  # advanced indices first: (N, S, H, D)
+        pv[rows, :, pos] = v.transpose(1, 2)
+        if self._range is not None:
+            return pk[:, :, :end], pv[:, :, :end]
+        return pk[:, :, :end].index_select(0, self._index), pv[:, :, :end].index_select(0, self._index)

@@ -20,7 +20,7 @@ from typing import Any, Protocol
 import torch
 
 from ..config import SpecialTokens
-from ..kv_cache import KVCache
+from ..kv_cache import KVCache, KVCacheRows
 from ..masks import find_blanks, mask_with_cache, part_a_positions, part_b_step_positions, prefix_lm_mask
 from .beam import beam_search
 from .config import GenerationConfig
@@ -110,6 +110,16 @@ def resolve_special_tokens(
     return special
 
 
+def decodable_size(tokenizer: Any) -> int | None:
+    """How many ids ``tokenizer`` can decode (``None``: unknown): a transformers tokenizer's ``len()`` (added tokens
+    included; its ``vocab_size`` leaves them out), else ``vocab_size`` (glmkit tokenizers count their specials)."""
+    if tokenizer is None:
+        return None
+    if hasattr(tokenizer, "__len__"):
+        return len(tokenizer)
+    return getattr(tokenizer, "vocab_size", None)
+
+
 def prompt_rows(
     input_ids: TokenIds, attention_mask: torch.Tensor | None, special: SpecialTokens, max_length: int
 ) -> list[list[int]]:
@@ -142,9 +152,9 @@ def prompt_rows(
     return rows
 
 
-def prefill(model: torch.nn.Module, rows: list[list[int]], cache: KVCache) -> None:
+def prefill(model: torch.nn.Module, rows: list[list[int]], cache: KVCache | KVCacheRows) -> None:
     """Encode Part A of every row into ``cache`` (bidirectional, padding masked) and drop the padding."""
-    device = cache.k.device
+    device = cache.device
     lengths = [len(r) for r in rows]
     S = max(lengths)
     ids = torch.tensor([r + [r[-1]] * (S - len(r)) for r in rows], device=device)
@@ -183,7 +193,7 @@ class Decoding:
         stops = StopStrings(config.stop_strings, tokenizer) if config.stop_strings else None
         max_new = min(config.max_new_tokens, position_limit)
         self.stop = StopCriteria(ids.shape[1], max_new, eos_ids, stops, max_new < config.max_new_tokens)
-        self.processors = build_processors(config, eos_ids, ids.shape[1], left_padding)
+        self.processors = build_processors(config, eos_ids, ids.shape[1], left_padding, decodable_size(tokenizer))
 
     def steps(self) -> SampleRun:
         """Greedy/sampling as an iterator of per-step tokens; the run keeps ``ids``, ``reasons``, ``lengths``."""
@@ -292,7 +302,8 @@ def generate(
         generation_config: base settings; ``kwargs`` (transformers' names: ``max_new_tokens``, ``do_sample``,
             ``num_beams``, ``top_p``, ``eos_token_id``, ``stop_strings``, ``seed`` ...) override its fields.
         special_tokens: GLM special ids; default the model config's, else ``tokenizer.special``.
-        tokenizer: needed for ``stop_strings``.
+        tokenizer: needed for ``stop_strings``; when given, ids it cannot decode (from its size on, e.g. the
+            padding rows of a model's vocabulary) are never generated.
         generator: RNG for sampling (default: ``seed``'s generator, else the global RNG, like transformers).
         streamer: transformers-style streamer (batch size 1, no beams).
     """

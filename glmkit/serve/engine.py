@@ -1,0 +1,261 @@
+"""The serving engine: ``step() = schedule -> execute -> update``, and a background thread that keeps stepping.
+
+``LLMEngine`` is synchronous so tests can drive it step by step; ``AsyncLLMEngine`` runs it on one thread (the
+model is not re-entrant and torch releases the GIL while computing) and hands each request's outputs to the
+asyncio task that awaits them. An abort is a scheduler state change applied under the lock (vLLM's rule), so a
+client that disconnects frees its slot before the next step. Beam search is not iteration-batched: it runs as a
+one-shot ``glmkit.generate`` job on its own worker thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+import torch
+
+from ..config import SpecialTokens
+from ..generate.config import GenerationConfig
+from ..generate.engine import resolve_special_tokens
+from ..generate.stopping import Decoder
+from .request import Fill, Request, RequestOutput
+from .runner import ModelRunner
+from .scheduler import QueueFullError, Scheduler, SchedulerConfig
+from .stats import ModelStats
+
+log = logging.getLogger("glmkit.serve")
+T = TypeVar("T")
+
+
+class EngineClosedError(RuntimeError):
+    """The engine is draining or stopped and takes no new requests."""
+
+
+class LLMEngine:
+    """Continuous batching over one GLM. Thread-safe: ``add_request``/``abort`` may run while ``step`` computes."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer: Decoder | None = None,
+        config: SchedulerConfig | None = None,
+        special_tokens: SpecialTokens | None = None,
+        stats: ModelStats | None = None,
+    ) -> None:
+        self.config = config or SchedulerConfig()
+        self.model, self.tokenizer = model, tokenizer
+        self.special = resolve_special_tokens(model, special_tokens, tokenizer)
+        self.scheduler = Scheduler(self.config)
+        self.runner = ModelRunner(model, self.config.max_num_seqs, self.config.max_model_len)
+        self.stats = stats or ModelStats("llm")
+        self._lock = threading.Lock()
+
+    def make_request(
+        self,
+        request_id: str,
+        prompt_ids: list[int],
+        config: GenerationConfig | None = None,
+        *,
+        fill: Fill = "first",
+        ignore_eos: bool = False,
+        logprobs: int | None = None,
+        priority: int = 0,
+        **kwargs: Any,
+    ) -> Request:
+        """Validate and build a request; ``kwargs`` are ``GenerationConfig`` fields. Bad values raise ``ValueError``."""
+        return Request(
+            request_id,
+            prompt_ids,
+            GenerationConfig.from_kwargs(config, **kwargs),
+            special=self.special,
+            max_sequence_length=self.model.config.max_sequence_length,
+            tokenizer=self.tokenizer,
+            fill=fill,
+            ignore_eos=ignore_eos,
+            logprobs=logprobs,
+            priority=priority,
+            device=self.runner.device,
+        )
+
+    def add_request(self, request: Request) -> None:
+        if request.num_prompt_tokens > self.model.config.n_positions:
+            raise ValueError(
+                f"prompt: {request.num_prompt_tokens} tokens (blank included) exceed the model's context of "
+                f"{self.model.config.n_positions} positions"
+            )
+        with self._lock:
+            try:
+                self.scheduler.add_request(request)
+            except QueueFullError:
+                self.stats.rejected()
+                raise
+            self.stats.pending = self.scheduler.num_waiting
+
+    def abort(self, request_ids: list[str], error: str | None = None) -> list[RequestOutput]:
+        """Abort requests (client gone, or ``error``); each gets a final output."""
+        with self._lock:
+            requests = self.scheduler.finish_requests(request_ids, "abort")
+        outputs = []
+        for request in requests:
+            out = request.final_output()
+            out.error = error
+            self._account(request, out, "BACKEND" if error else "CANCELED")
+            outputs.append(out)
+        return outputs
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_requests()
+
+    def step(self) -> list[RequestOutput]:
+        """One model step over every running request (plus the ones admitted now); returns their outputs."""
+        with self._lock:
+            scheduled = self.scheduler.schedule()
+        if not scheduled.decode:
+            return []
+        start = time.perf_counter_ns()
+        try:
+            sampled = self.runner.execute(scheduled)
+        except Exception as e:  # a model failure fails this step's requests, never the server
+            log.exception("model step failed")
+            error = f"model execution failed: {type(e).__name__}: {e}"
+            return self.abort([r.request_id for r in scheduled.decode], error)
+        elapsed = time.perf_counter_ns() - start
+        with self._lock:
+            outputs = self.scheduler.update_from_output(scheduled, sampled)
+            self.stats.pending, self.stats.running = self.scheduler.num_waiting, self.scheduler.num_running
+            self.stats.kv_usage = self.scheduler.num_running / self.config.max_num_seqs
+        self.stats.execution(len(scheduled.decode), 0, elapsed, 0, inferences=0)
+        by_id = {r.request_id: r for r in scheduled.decode}
+        for out in outputs:
+            if out.finished:
+                self._account(by_id[out.request_id], out, "OTHER")
+        return outputs
+
+    def _account(self, request: Request, out: RequestOutput, failure: str) -> None:
+        """Triton request counters and LLM histograms for a request that just finished."""
+        now = time.monotonic()
+        queued = (request.scheduled_time or now) - request.arrival_time
+        ok = out.finish_reason != "abort"
+        self.stats.request_done(ok, int(queued * 1e9), int((now - request.arrival_time) * 1e9), failure)
+        with self.stats.lock:
+            self.stats.inference_count += 1
+        self.stats.tokens(request.num_prompt_tokens, request.num_generated)
+        if request.first_token_time is not None:
+            self.stats.observe_value("ttft_s", request.first_token_time - request.arrival_time)
+
+    def generate_blocking(self, requests: list[Request]) -> dict[str, list[RequestOutput]]:
+        """Run ``requests`` to completion on the calling thread (tests, offline use)."""
+        for r in requests:
+            self.add_request(r)
+        outputs: dict[str, list[RequestOutput]] = {r.request_id: [] for r in requests}
+        while self.has_unfinished_requests():
+            for out in self.step():
+                outputs[out.request_id].append(out)
+        return outputs
+
+
+class AsyncLLMEngine:
+    """Steps an ``LLMEngine`` on a background thread; ``generate`` is an async stream of a request's outputs."""
+
+    def __init__(self, engine: LLMEngine, max_jobs: int = 8) -> None:
+        self.engine = engine
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue[RequestOutput]]] = {}
+        self._wake = threading.Event()
+        self._stop = False
+        self._accepting = True
+        self._thread = threading.Thread(target=self._run, name="glmkit-engine", daemon=True)
+        self._jobs = ThreadPoolExecutor(max_workers=1, thread_name_prefix="glmkit-job")
+        self._job_slots = threading.BoundedSemaphore(max_jobs)
+
+    def start(self) -> AsyncLLMEngine:
+        self._thread.start()
+        return self
+
+    @property
+    def accepting(self) -> bool:
+        return self._accepting
+
+    def _run(self) -> None:
+        while not self._stop:
+            if not self.engine.has_unfinished_requests():
+                self._wake.wait(0.05)
+                self._wake.clear()
+                continue
+            self._deliver(self.engine.step())
+
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        for out in outputs:
+            target = self._streams.get(out.request_id)
+            if target is not None:
+                loop, queue = target
+                try:
+                    loop.call_soon_threadsafe(queue.put_nowait, out)
+                except RuntimeError:  # the client's event loop is gone
+                    pass
+
+    async def generate(self, request: Request) -> AsyncIterator[RequestOutput]:
+        """Queue ``request`` and yield its outputs; leaving early (client gone, task cancelled) aborts it."""
+        if not self._accepting:
+            raise EngineClosedError("the server is shutting down")
+        queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        self._streams[request.request_id] = (asyncio.get_running_loop(), queue)
+        try:
+            self.engine.add_request(request)
+        except Exception:
+            self._streams.pop(request.request_id, None)
+            raise
+        self._wake.set()
+        finished = False
+        try:
+            while not finished:
+                out = await queue.get()
+                finished = out.finished
+                yield out
+        finally:
+            self._streams.pop(request.request_id, None)
+            if not finished:
+                self.engine.abort([request.request_id])
+
+    async def run_job(self, fn: Callable[[], T]) -> T:
+        """Run a one-shot model job (beam search) on the job thread; ``QueueFullError`` when too many wait."""
+        if not self._accepting:
+            raise EngineClosedError("the server is shutting down")
+        if not self._job_slots.acquire(blocking=False):
+            self.engine.stats.rejected()
+            raise QueueFullError("Exceeds maximum queue size (one-shot jobs)")
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._jobs, _inference(fn))
+        finally:
+            self._job_slots.release()
+
+    def busy(self) -> bool:
+        return self.engine.has_unfinished_requests() or bool(self._streams)
+
+    async def drain(self, timeout: float) -> bool:
+        """Stop taking requests and wait up to ``timeout`` s for the running ones; True if all finished."""
+        self._accepting = False
+        deadline = time.monotonic() + timeout
+        while self.busy() and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        return not self.busy()
+
+    def shutdown(self) -> None:
+        self._accepting = False
+        self._stop = True
+        self._wake.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)
+        self._jobs.shutdown(wait=False, cancel_futures=True)
+
+
+def _inference(fn: Callable[[], T]) -> Callable[[], T]:
+    def run() -> T:
+        with torch.inference_mode():
+            return fn()
+
+    return run

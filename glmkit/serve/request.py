@@ -1,0 +1,209 @@
+"""A serving request: what was asked, and the decoding state of its one sequence between engine steps.
+
+The engine batches requests at every decode step, so a request cannot own a decoding loop the way
+``glmkit.generate`` does; instead it keeps that loop's state and the engine advances it one token at a time. The
+state is built from the same pieces — ``build_processors``, ``StopCriteria``, ``StopStrings``, the 2D positions of
+``masks.py`` and a seeded generator — so a request produces exactly the tokens it would produce alone:
+``fill="first"`` is ``generate`` (the span of the first blank; a prompt without a blank gets [gMASK]) and
+``fill="all"`` is ``fill_blank_ids`` (every blank left to right, each span seeing the earlier ones).
+
+One request is one sequence: an API call with ``n > 1`` becomes ``n`` requests, and beam search runs as a
+one-shot ``generate`` job (see engine.py).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from ..config import SpecialTokens
+from ..generate.config import GenerationConfig
+from ..generate.engine import seeded_generator
+from ..generate.processors import build_processors
+from ..generate.stopping import Decoder, StopCriteria, StopStrings
+from ..masks import find_blanks
+
+Fill = Literal["first", "all"]
+FinishReason = Literal["stop", "stop_string", "length", "position_limit", "abort"]
+
+
+@dataclass
+class TokenLogprob:
+    """Log-probability of a generated token under the model (before any processor), and the ``top`` alternatives."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)
+
+
+@dataclass
+class RequestOutput:
+    """What a request produced since its previous output.
+
+    ``token_ids`` are new tokens of span ``span_index`` (a span's stop token included, as in ``generate``). The
+    last output has ``finished`` set, the ``finish_reason`` of the last span, and ``spans``: every filled span
+    without its stop token (``fill_blank_ids``'s ``spans``).
+    """
+
+    request_id: str
+    token_ids: list[int]
+    span_index: int
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finished: bool = False
+    finish_reason: FinishReason | None = None
+    spans: list[list[int]] = field(default_factory=list)
+    num_prompt_tokens: int = 0
+    error: str | None = None
+
+
+class Request:
+    """One sequence to decode.
+
+    Args:
+        request_id: unique id (the engine's key).
+        prompt_ids: Part A token ids, blanks included.
+        config: transformers-style settings; ``num_beams`` and ``num_return_sequences`` must be 1.
+        special: the GLM special token ids.
+        max_sequence_length: the model's position limit (largest block position).
+        tokenizer: needed for ``config.stop_strings``.
+        fill: ``"first"`` (``generate``) or ``"all"`` (``fill_blank_ids``).
+        ignore_eos: never stop on a stop id (vLLM's ``ignore_eos``; benchmarks use it for fixed lengths).
+        logprobs: report the chosen token's log-probability and this many top alternatives (``None`` = off).
+        priority: lower runs first (FCFS within a level).
+        device: where the request's token ids and generator live (the model's device).
+    """
+
+    def __init__(
+        self,
+        request_id: str,
+        prompt_ids: list[int],
+        config: GenerationConfig,
+        *,
+        special: SpecialTokens,
+        max_sequence_length: int,
+        tokenizer: Decoder | None = None,
+        fill: Fill = "first",
+        ignore_eos: bool = False,
+        logprobs: int | None = None,
+        priority: int = 0,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        if config.num_beams != 1 or config.num_return_sequences != 1:
+            raise ValueError("num_beams/num_return_sequences: a request decodes one sequence; beams run as a job")
+        if config.stop_strings and tokenizer is None:
+            raise ValueError("stop_strings: a tokenizer is needed to match stop strings")
+        if logprobs is not None and (isinstance(logprobs, bool) or not 0 <= logprobs <= 20):
+            raise ValueError(f"logprobs: expected an int in [0, 20], got {logprobs!r}")
+        row = [int(t) for t in prompt_ids]
+        if not row:
+            raise ValueError("prompt: no tokens")
+        blanks = find_blanks(row, special.mask_ids())
+        if fill == "first":
+            if not blanks:
+                row.append(special.gmask if special.gmask is not None else special.mask)
+                blanks = [len(row) - 1]
+            blanks = blanks[:1]
+        elif not blanks:
+            raise ValueError(f"prompt: no blank to fill (none of the blank ids {list(special.mask_ids())})")
+        self.request_id, self.prompt_ids, self.config, self.special = request_id, row, config, special
+        self.fill, self.logprobs, self.priority = fill, logprobs, priority
+        self.blanks = blanks
+        self.max_sequence_length = max_sequence_length
+        self.max_new = min(config.max_new_tokens, max_sequence_length)
+        self.eos_ids = [] if ignore_eos else (config.eos_ids() or list(dict.fromkeys([special.eop, special.eos])))
+        self.stop_strings = StopStrings(config.stop_strings, tokenizer) if config.stop_strings else None
+        self.device = torch.device(device)
+        self.generator = seeded_generator(config, self.device)  # one RNG stream across all spans
+        self.slot: int | None = None
+        self.status: Literal["waiting", "running", "finished"] = "waiting"
+        self.finish_reason: FinishReason | None = None
+        self.spans: list[list[int]] = []
+        self.arrival_time = time.monotonic()
+        self.scheduled_time: float | None = None
+        self.first_token_time: float | None = None
+        self.num_generated = 0
+        self._history = list(row)  # every token the cache holds, as fill_blank_ids keeps it
+        self._span = -1
+        self._feed: list[tuple[int, int, int]] = []  # (token, position, block) still to be fed to the model
+        self._start_span()
+
+    # ---- sizes ----------------------------------------------------------------------------------------------
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_ids)
+
+    def kv_tokens(self) -> int:
+        """Cache rows this request can fill: Part A plus, per blank, ``<sop>`` and up to ``max_new`` tokens."""
+        return len(self.prompt_ids) + len(self.blanks) * (self.max_new + (len(self.blanks) > 1))
+
+    @property
+    def finished(self) -> bool:
+        return self.status == "finished"
+
+    # ---- decoding state ------------------------------------------------------------------------------------
+
+    def _start_span(self) -> None:
+        self._span += 1
+        sop = self.special.sop
+        # what transformers would hold for this span: the context (earlier spans included) and <sop>
+        self.ids = torch.tensor([self._history + [sop]], device=self.device)
+        P = self.ids.shape[1]
+        self.generated: list[int] = []
+        limited = self.max_new < self.config.max_new_tokens
+        self.stop = StopCriteria(P, self.max_new, self.eos_ids, self.stop_strings, limited)
+        self.processors = build_processors(self.config, self.eos_ids, P, torch.zeros(1, dtype=torch.long))
+        self._feed.append((sop, self.blanks[self._span], 1))
+
+    def next_input(self) -> tuple[int, int, int]:
+        """The token to feed this step and its 2D position: ``(token, position, block)``."""
+        return self._feed[0]
+
+    def samples_this_step(self) -> bool:
+        """Whether the logits of this step's input choose the next token (not a catch-up input between spans)."""
+        return len(self._feed) == 1
+
+    def input_done(self) -> None:
+        self._feed.pop(0)
+
+    def append_token(self, token: int, logprob: TokenLogprob | None = None) -> RequestOutput:
+        """Record the sampled ``token`` (as ``SampleRun``/``fill_blank_ids`` would) and return the output."""
+        now = time.monotonic()
+        if self.first_token_time is None:
+            self.first_token_time = now
+        self.num_generated += 1
+        span_index = self._span
+        self.ids = torch.cat([self.ids, torch.tensor([[token]], device=self.device)], dim=-1)
+        self.generated.append(token)
+        out = RequestOutput(self.request_id, [token], span_index, [logprob] if logprob else [])
+        out.num_prompt_tokens = len(self.prompt_ids)
+        reason = self.stop.reasons(self.ids)[0]
+        if reason is None:
+            self._feed.append((token, self.blanks[self._span], len(self.generated) + 1))
+            return out
+        span = self.generated[:-1] if reason == "stop" else list(self.generated)
+        self.spans.append(span)
+        self._history += [self.special.sop] + span
+        if self._span + 1 < len(self.blanks):
+            # the cache must hold exactly `<sop> span` before the next blank: a span that did not end on a stop id
+            # still lacks its last token (fill_blank_ids re-feeds it, within the block-position table)
+            if reason != "stop" and len(span) + 1 <= self.max_sequence_length:
+                self._feed.append((span[-1], self.blanks[self._span], len(span) + 1))
+            self._start_span()
+            return out
+        self.finish(reason)
+        out.finished, out.finish_reason, out.spans = True, reason, self.spans
+        return out
+
+    def finish(self, reason: FinishReason) -> None:
+        self.status, self.finish_reason = "finished", reason
+        self._feed.clear()
+
+    def final_output(self) -> RequestOutput:
+        """The closing output of a request finished from outside (abort)."""
+        out = RequestOutput(self.request_id, [], max(self._span, 0), finished=True, finish_reason=self.finish_reason)
+        out.spans, out.num_prompt_tokens = self.spans, len(self.prompt_ids)
+        return out

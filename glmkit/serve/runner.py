@@ -1,0 +1,77 @@
+"""Runs one scheduled step on the model: prefill new requests into their slots, decode one token for every row.
+
+The KV cache is one ``KVCache`` with a row ("slot") per running sequence; each step runs on the rows that take
+part (``KVCache.rows``), whose lengths differ — the cache and ``mask_with_cache`` handle ragged rows, so a row
+computes what it would alone. Positions come from masks.py and the prefill is ``glmkit.generate``'s, so serving
+and ``generate`` share one definition of GLM's Part A / Part B layout. Token choice applies each request's own
+processors (transformers' order) and its own generator, as ``SampleRun`` does for a single request.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..generate.engine import prefill
+from ..generate.processors import apply_processors
+from ..kv_cache import KVCache
+from ..masks import mask_with_cache
+from .request import Request, TokenLogprob
+from .scheduler import RunnerOutput, SchedulerOutput
+
+
+class ModelRunner:
+    """Owns the model and the slot cache (``num_slots`` rows of ``max_model_len`` tokens)."""
+
+    def __init__(self, model: torch.nn.Module, num_slots: int, max_model_len: int) -> None:
+        self.model = model.eval()
+        self.device = next(model.parameters()).device
+        self.cache = KVCache.for_model(model, num_slots, max_model_len)
+
+    @torch.inference_mode()
+    def execute(self, scheduled: SchedulerOutput) -> RunnerOutput:
+        if scheduled.prefill:
+            rows = [r.prompt_ids for r in scheduled.prefill]
+            view = self.cache.rows([r.slot for r in scheduled.prefill])
+            view.set_lengths([0] * len(rows))  # a reused slot still counts its previous sequence
+            prefill(self.model, rows, view)
+        if not scheduled.decode:
+            return {}
+        requests = scheduled.decode
+        inputs = [r.next_input() for r in requests]
+        tokens = torch.tensor([[t] for t, _, _ in inputs], device=self.device)  # (N, 1)
+        positions = torch.tensor([[[p], [b]] for _, p, b in inputs], device=self.device)  # (N, 2, 1)
+        view = self.cache.rows([r.slot for r in requests])
+        one = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=self.device)
+        mask = mask_with_cache(one, view.host_lengths(), len(requests))
+        logits = self.model(tokens, positions, mask, cache=view)[:, -1].float()  # (N, V)
+        return self.sample(requests, logits)
+
+    def sample(self, requests: list[Request], logits: torch.Tensor) -> RunnerOutput:
+        """Choose each sampling request's token from its row of ``logits [N, V]``."""
+        out: RunnerOutput = {}
+        plain = [
+            i for i, r in enumerate(requests) if r.samples_this_step() and not r.processors and not r.config.do_sample
+        ]
+        greedy = logits[plain].argmax(-1).tolist() if plain else []  # one batched argmax for the common case
+        chosen = dict(zip(plain, greedy, strict=True))
+        logprobs = None
+        if any(r.logprobs is not None for r in requests):
+            logprobs = torch.log_softmax(logits, dim=-1)
+        for i, r in enumerate(requests):
+            if not r.samples_this_step():
+                continue
+            if i not in chosen:
+                scores = apply_processors(r.processors, r.ids, logits[i : i + 1])
+                if r.config.do_sample:
+                    probs = torch.softmax(scores, dim=-1)
+                    chosen[i] = int(torch.multinomial(probs, 1, generator=r.generator))
+                else:
+                    chosen[i] = int(scores.argmax(-1))
+            lp = None
+            if r.logprobs is not None and logprobs is not None:
+                row = logprobs[i]
+                top = torch.topk(row, r.logprobs) if r.logprobs else None
+                pairs = list(zip(top.indices.tolist(), top.values.tolist(), strict=True)) if top is not None else []
+                lp = TokenLogprob(chosen[i], float(row[chosen[i]]), pairs)
+            out[r.request_id] = (chosen[i], lp)
+        return out

@@ -1,0 +1,145 @@
+"""The continuous-batching engine on a real (tiny) GLM: any batching gives the tokens a request gets alone, slots
+are freed, and the async wrapper streams, cancels and drains."""
+
+import asyncio
+
+import pytest
+
+from glmkit.generate import fill_blank_ids, generate
+from glmkit.serve.engine import AsyncLLMEngine, EngineClosedError, LLMEngine
+from glmkit.serve.scheduler import QueueFullError, SchedulerConfig
+
+
+@pytest.fixture
+def engine(model_and_tokenizer):
+    model, tok = model_and_tokenizer
+    config = SchedulerConfig(max_num_seqs=3, max_num_batched_tokens=64, max_model_len=96, max_queue_size=8)
+    return LLMEngine(model, tok, config)
+
+
+def prompts(tok):
+    s = tok.special
+    return [
+        ("first", [s.cls] + tok.encode("the king said"), dict(max_new_tokens=10)),
+        ("first", [s.cls] + tok.encode("go and see [MASK] the lord hath done") + [s.eos], dict(max_new_tokens=7)),
+        (
+            "first",
+            [s.cls] + tok.encode("in the land of egypt for ever and ever"),
+            dict(max_new_tokens=12, repetition_penalty=1.3),
+        ),
+        ("all", [s.cls] + tok.encode("the [MASK] said unto [MASK] go") + [s.eos], dict(max_new_tokens=5)),
+        ("first", [s.cls] + tok.encode("what the"), dict(max_new_tokens=6, do_sample=True, seed=3, top_k=20)),
+        (
+            "all",
+            [s.cls] + tok.encode("the [MASK] of [sMASK]") + [s.eos],
+            dict(max_new_tokens=4, do_sample=True, seed=5),
+        ),
+        ("first", [s.cls] + tok.encode("and see"), dict(max_new_tokens=9, min_new_tokens=3, no_repeat_ngram_size=2)),
+    ]
+
+
+def alone(model, tok, fill, ids, kw):
+    if fill == "first":
+        out = generate(model, ids, tokenizer=tok, **kw)
+        return [out.new_tokens[0]], out.finish_reasons[0]
+    out = fill_blank_ids(model, ids, tokenizer=tok, **kw)
+    return out.spans, out.finish_reasons[-1]
+
+
+@pytest.mark.parametrize("stagger", [0, 1, 3])
+def test_batched_equals_alone(engine, model_and_tokenizer, stagger):
+    """Requests join every ``stagger`` steps (0 = all at once) into 3 slots; each gets its solo tokens."""
+    model, tok = model_and_tokenizer
+    cases = prompts(tok)
+    pending = list(enumerate(cases))
+    outs: dict[str, list] = {}
+    step = 0
+    while pending or engine.has_unfinished_requests():
+        while pending and (stagger == 0 or step % stagger == 0):
+            i, (fill, ids, kw) = pending.pop(0)
+            engine.add_request(engine.make_request(f"r{i}", ids, fill=fill, **kw))
+            if stagger:
+                break
+        for o in engine.step():
+            outs.setdefault(o.request_id, []).append(o)
+        step += 1
+    for i, (fill, ids, kw) in enumerate(cases):
+        spans, reason = alone(model, tok, fill, ids, kw)
+        last = outs[f"r{i}"][-1]
+        assert last.finished and last.finish_reason == reason
+        if fill == "first":
+            assert [t for o in outs[f"r{i}"] for t in o.token_ids] == spans[0]
+        else:
+            assert last.spans == spans
+    assert engine.scheduler.num_free_slots == 3 and not engine.scheduler.running
+
+
+def test_stop_strings_logprobs_and_ignore_eos(engine, model_and_tokenizer):
+    model, tok = model_and_tokenizer
+    ids = [tok.special.cls] + tok.encode("the king said")
+    free = generate(model, ids, max_new_tokens=12).new_tokens[0]
+    stop = tok.decode(free[3:5])
+    expected = generate(model, ids, max_new_tokens=12, stop_strings=[stop], tokenizer=tok)
+    r = engine.make_request("s", ids, max_new_tokens=12, stop_strings=[stop], logprobs=2)
+    outs = engine.generate_blocking([r])["s"]
+    assert [t for o in outs for t in o.token_ids] == expected.new_tokens[0]
+    assert outs[-1].finish_reason == expected.finish_reasons[0]
+    lp = [o.logprobs[0] for o in outs]
+    assert all(len(x.top) == 2 and x.logprob <= 0 and x.top[0][1] >= x.logprob for x in lp)
+    r = engine.make_request("e", ids, max_new_tokens=5, ignore_eos=True, eos_token_id=free[0])
+    assert len(engine.generate_blocking([r])["e"]) == 5
+
+
+def test_bad_requests_raise_value_error(engine, model_and_tokenizer):
+    _, tok = model_and_tokenizer
+    with pytest.raises(ValueError, match="no blank"):
+        engine.make_request("x", tok.encode("no blank"), fill="all")
+    with pytest.raises(ValueError, match="temperature"):
+        engine.make_request("x", [3, 7], temperature=0.0, do_sample=True)
+    with pytest.raises(ValueError, match="max_model_len"):
+        engine.add_request(engine.make_request("x", [3] * 60, max_new_tokens=40))
+    with pytest.raises(ValueError, match="context"):
+        engine.add_request(engine.make_request("x", [3] * 70, max_new_tokens=1))
+
+
+def test_async_engine_streams_cancels_and_drains(engine, model_and_tokenizer):
+    _, tok = model_and_tokenizer
+    ids = [tok.special.cls] + tok.encode("the land")
+
+    async def main():
+        aeng = AsyncLLMEngine(engine, max_jobs=1).start()
+        try:
+            full = [o async for o in aeng.generate(engine.make_request("a", ids, max_new_tokens=8))]
+            assert len(full) == 8 and full[-1].finished
+
+            async def consume_two():
+                got = []
+                async for o in aeng.generate(engine.make_request("b", ids, max_new_tokens=60)):
+                    got.append(o)
+                    if len(got) == 2:
+                        break  # the client went away: the request is aborted
+                return got
+
+            assert len(await consume_two()) == 2
+            await asyncio.sleep(0.05)
+            assert engine.scheduler.num_free_slots == 3 and not engine.has_unfinished_requests()
+            assert engine.stats.failures["CANCELED"] == 1
+
+            assert await aeng.drain(timeout=30)
+            with pytest.raises(EngineClosedError):
+                async for _ in aeng.generate(engine.make_request("late", ids, max_new_tokens=4)):
+                    pass
+        finally:
+            aeng.shutdown()
+        # a full queue refuses at once (an engine that is not stepping keeps its queue full)
+        idle = AsyncLLMEngine(engine)
+        for i in range(8):
+            engine.add_request(engine.make_request(f"q{i}", ids, max_new_tokens=4))
+        with pytest.raises(QueueFullError):
+            async for _ in idle.generate(engine.make_request("over", ids, max_new_tokens=4)):
+                pass
+        engine.abort([f"q{i}" for i in range(8)])
+        assert not engine.has_unfinished_requests()
+
+    asyncio.run(main())
+    assert engine.stats.failures["REJECTED"] == 1
