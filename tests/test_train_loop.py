@@ -110,7 +110,8 @@ def test_bad_args_are_named():
 
 
 @pytest.mark.slow
-def test_ddp_two_processes_equal_one_process_same_global_batch(tmp_path):
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_processes_equal_one_process_same_global_batch(tmp_path, parallel):
     """torchrun 2 ranks × grad_accum 1 vs 1 process × grad_accum 2: the same global batch, the same losses."""
     script = ROOT / "tests" / "helpers" / "ddp_run.py"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
@@ -122,7 +123,7 @@ def test_ddp_two_processes_equal_one_process_same_global_batch(tmp_path):
         "-m",
         "torch.distributed.run",
         "--nproc_per_node=2",
-        "--master_port=29533",
+        f"--master_port={29533 + (parallel == 'fsdp')}",
         str(script),
         str(tmp_path / "m"),
         "1",
@@ -135,3 +136,5 @@ def test_ddp_two_processes_equal_one_process_same_global_batch(tmp_path):
     # Adam's per-parameter normalisation amplifies to ~1e-5 relative after the first update
     assert abs(a[0] - b[0]) < 1e-6
     torch.testing.assert_close(torch.tensor(a), torch.tensor(b), rtol=1e-4, atol=3e-4)
+    # the gathered (unsharded) checkpoint is a normal hub-layout model
+    assert GLM.from_pretrained(tmp_path / "m" / "checkpoints" / "step-00000004").config.n_layer == 2

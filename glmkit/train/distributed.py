@@ -100,3 +100,10 @@ def load_full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ms
     set_state_dict(
         model, optimizer, model_state_dict=msd, optim_state_dict=osd, options=StateDictOptions(full_state_dict=True)
     )
+
+
+def shutdown() -> None:
+    """Leave the process group cleanly (an FSDP/gloo process that exits without this can abort)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

@@ -127,7 +127,7 @@ def pretrain(cfg: PretrainConfig, resume: bool = True) -> History:
         shutil.rmtree(final, ignore_errors=True)
         shutil.copytree(latest_checkpoint(Path(cfg.train.out_dir)), final, ignore=shutil.ignore_patterns("training_*"))
         tok.save_pretrained(final)
-    distributed.barrier()
+    distributed.shutdown()
     return history
 
 

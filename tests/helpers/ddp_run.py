@@ -1,4 +1,7 @@
-"""Run 4 training steps of a tiny GLM; under torchrun each rank joins DDP. Usage: OUT GRAD_ACCUM LOSSES_JSON."""
+"""Run 4 training steps of a tiny GLM; under torchrun each rank joins DDP or FSDP.
+
+Usage: OUT GRAD_ACCUM LOSSES_JSON [ddp|fsdp]
+"""
 
 import json
 import sys
@@ -31,7 +34,9 @@ args = TrainArgs(
     save_every=2,
     progress=False,
     precision="fp32",
+    parallel=sys.argv[4] if len(sys.argv) > 4 else "ddp",
 )
 hist = fit(GLM(cfg), args, synthetic_source())
 if distributed.rank_world()[0] == 0:
     json.dump(hist.losses, open(sys.argv[3], "w"))
+distributed.shutdown()
