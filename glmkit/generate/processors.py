@@ -76,6 +76,19 @@ class MinLength:
         return torch.where(is_eos, -math.inf, scores)
 
 
+class SuppressFrom:
+    """Ban every id >= ``start``: rows of a padded embedding table that the tokenizer cannot decode."""
+
+    def __init__(self, start: int) -> None:
+        self.start = start
+
+    def __call__(self, ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        extra = scores.shape[-1] - self.start
+        if extra <= 0:
+            return scores
+        return torch.nn.functional.pad(scores[..., : self.start], (0, extra), value=-math.inf)
+
+
 class Temperature:
     def __init__(self, temperature: float) -> None:
         self.temperature = temperature
@@ -145,11 +158,17 @@ class Typical:
 
 
 def build_processors(
-    config: GenerationConfig, eos_ids: Sequence[int], prompt_length: int, left_padding: torch.Tensor | None = None
+    config: GenerationConfig,
+    eos_ids: Sequence[int],
+    prompt_length: int,
+    left_padding: torch.Tensor | None = None,
+    decodable: int | None = None,
 ) -> list[Processor]:
     """The processors ``config`` asks for, in transformers' order (penalties, then warpers if sampling).
 
     ``prompt_length`` is the (padded) prompt width of ``ids``; ``left_padding[n]`` the pad count of row n.
+    ``decodable``: ids from there on are banned (where transformers' ``suppress_tokens`` would act), so a model
+    whose vocabulary is padded past its tokenizer's never emits an id the tokenizer cannot decode.
     """
     procs: list[Processor] = []
     if config.repetition_penalty != 1.0:
@@ -160,6 +179,8 @@ def build_processors(
         procs.append(MinLength(config.min_length, eos_ids))
     if config.min_new_tokens > 0 and eos_ids:
         procs.append(MinLength(config.min_new_tokens, eos_ids, skip=prompt_length))
+    if decodable is not None:
+        procs.append(SuppressFrom(decodable))
     if config.do_sample:
         # beams keep one token more than there are stop ids, so a non-stop continuation always exists
         keep = (len(eos_ids) + 1 if eos_ids else 2) if config.num_beams > 1 else 1
