@@ -4,6 +4,7 @@ import random
 from pathlib import Path
 
 import pytest
+import torch
 
 from glmkit import GLM, GLMConfig
 from glmkit.train_tokenizer import train_tokenizer
@@ -20,6 +21,7 @@ def build_tiny_model_dir(root: Path) -> Path:
     config = GLMConfig(
         n_layer=2, n_embd=32, n_head=4, vocab_size=tok.vocab_size, max_sequence_length=64, special_tokens=tok.special
     )
+    torch.manual_seed(0)
     GLM(config).eval().save_pretrained(folder)
     return folder
 
@@ -40,9 +42,72 @@ def model_and_tokenizer(model_dir):
 @pytest.fixture(autouse=True, scope="package")
 def _one_torch_thread():
     """Tiny models run fastest on one thread; on a shared machine more threads only contend."""
-    import torch
-
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+class LiveServer:
+    """``glmkit serve``'s app under a real uvicorn on a free loopback port, in a background thread."""
+
+    def __init__(self, state):
+        import socket
+        import threading
+
+        import uvicorn
+
+        from glmkit.serve.app import build_app
+
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        self.port = sock.getsockname()[1]
+        sock.close()
+        self.state = state
+        config = uvicorn.Config(build_app(state), host="127.0.0.1", port=self.port, log_level="warning")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        import time
+
+        for _ in range(200):
+            if self.server.started:
+                break
+            time.sleep(0.02)
+        assert self.server.started, "server did not start"
+
+    @property
+    def url(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def stop(self):
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+def make_state(model, tok, **kw):
+    from glmkit.serve.app import ServerConfig
+    from glmkit.serve.batcher import DynamicBatchingConfig, QueuePolicy
+    from glmkit.serve.sampling import Limits
+    from glmkit.serve.scheduler import SchedulerConfig
+    from glmkit.serve.server import ServeOptions, build_state
+
+    options = ServeOptions(
+        scheduler=kw.pop("scheduler", SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=512, max_model_len=160)),
+        batching=kw.pop(
+            "batching",
+            DynamicBatchingConfig(
+                max_batch_size=8, max_queue_delay_microseconds=2000, default_queue_policy=QueuePolicy(max_queue_size=64)
+            ),
+        ),
+        server=ServerConfig(limits=Limits(max_tokens=48, max_prompt_tokens=96), **kw),
+    )
+    return build_state(model, tok, options)
+
+
+@pytest.fixture(scope="package")
+def live_server(model_and_tokenizer):
+    model, tok = model_and_tokenizer
+    server = LiveServer(make_state(model, tok))
+    yield server
+    server.stop()

@@ -1,0 +1,233 @@
+"""The HTTP application: one FastAPI app with the Triton/KServe v2 routes, the OpenAI routes and /metrics.
+
+The protocol modules only parse and format; everything a production front needs lives here, once: bearer-token
+auth on every route but health, a request-body limit enforced while reading (a lying Content-Length does not get
+past it), JSON access logs, error bodies in each protocol's own shape (``{"error": "..."}`` for Triton,
+``{"error": {"message", "type", "code"}}`` for OpenAI), backpressure answers with ``Retry-After``, and a lifespan
+that drains in-flight requests before the engines stop. Any unexpected exception becomes a logged 500 and the
+server keeps serving.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .batcher import BatcherError, DynamicBatcher
+from .engine import AsyncLLMEngine, EngineClosedError
+from .sampling import Limits
+from .scheduler import QueueFullError
+from .served import GenerationService, LLMModel, OneShotModel
+
+access_log = logging.getLogger("glmkit.access")
+log = logging.getLogger("glmkit.serve")
+
+
+class APIError(Exception):
+    """An error answer: HTTP ``status``, a message, and optional headers (``Retry-After``)."""
+
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None, kind: str = "") -> None:
+        super().__init__(message)
+        self.status, self.message, self.headers = status, message, headers or {}
+        self.kind = kind or {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError"}.get(
+            status, "ServiceUnavailableError" if status in (429, 503) else "InternalServerError"
+        )
+
+
+@dataclass
+class ServerConfig:
+    """HTTP-side settings of ``glmkit serve``.
+
+    Attributes:
+        api_key: bearer token required on every route but health; ``None`` = no auth.
+        max_body_bytes: largest request body (after decompression), else 413.
+        limits: per-request limits (max_tokens, prompt tokens, n).
+        served_model_name: the model id of the OpenAI API.
+        drain_timeout: seconds to let in-flight requests finish on shutdown.
+        retry_after: seconds suggested to clients refused for load (``Retry-After``).
+    """
+
+    api_key: str | None = None
+    max_body_bytes: int = 4 * 1024 * 1024
+    limits: Limits = field(default_factory=Limits)
+    served_model_name: str = "llm"
+    drain_timeout: float = 30.0
+    retry_after: int = 1
+
+
+@dataclass
+class ServerState:
+    config: ServerConfig
+    engine: AsyncLLMEngine
+    service: GenerationService
+    models: dict[str, LLMModel | OneShotModel]
+    batchers: list[DynamicBatcher]
+    metrics: Any = None
+    draining: bool = False
+    started: float = field(default_factory=time.time)
+
+    def overloaded(self, message: str, status: int = 503) -> APIError:
+        return APIError(status, message, {"Retry-After": str(self.config.retry_after)})
+
+
+def is_openai(path: str) -> bool:
+    return path.startswith("/v1/") or path == "/v1"
+
+
+def error_response(
+    path: str, status: int, message: str, headers: dict[str, str] | None = None, kind: str = ""
+) -> Response:
+    if is_openai(path):
+        err = APIError(status, message, kind=kind)
+        body: dict[str, Any] = {"error": {"message": message, "type": err.kind, "param": None, "code": status}}
+    else:
+        body = {"error": message}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def translate(e: Exception, state: ServerState, path: str) -> APIError:
+    """Map engine/batcher exceptions to HTTP: bad values 400, full queues 429 (OpenAI) / 503 (Triton)."""
+    if isinstance(e, APIError):
+        return e
+    if isinstance(e, (ValueError, UnicodeDecodeError)):
+        return APIError(400, str(e))
+    if isinstance(e, QueueFullError):
+        return state.overloaded(str(e), 429 if is_openai(path) else 503)
+    if isinstance(e, BatcherError):
+        return state.overloaded(str(e))
+    if isinstance(e, EngineClosedError):
+        return state.overloaded("the server is shutting down")
+    log.exception("unexpected error on %s", path)
+    return APIError(500, f"internal error: {type(e).__name__}")
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+class Middleware:
+    """Pure ASGI: access log, auth and the body limit, without buffering streamed responses."""
+
+    OPEN = ("/v2/health/live", "/v2/health/ready", "/health")
+
+    def __init__(self, app: Callable[..., Awaitable[None]], config: ServerConfig) -> None:
+        self.app, self.config = app, config
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path, start = scope["path"], time.perf_counter()
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        rid = headers.get("x-request-id") or uuid.uuid4().hex[:16]
+        info: dict[str, Any] = {"status": 0, "bytes_in": 0}
+
+        async def send_logged(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                info["status"] = message["status"]
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", rid.encode())]
+            await send(message)
+
+        async def receive_limited() -> dict:
+            message = await receive()
+            if message["type"] == "http.request":
+                info["bytes_in"] += len(message.get("body", b""))
+                if info["bytes_in"] > self.config.max_body_bytes:
+                    raise BodyTooLarge
+            return message
+
+        try:
+            length = headers.get("content-length", "0")
+            if self.config.api_key and path not in self.OPEN and not self._authorized(headers):
+                await error_response(path, 401, "missing or invalid API key (Authorization: Bearer <key>)")(
+                    scope, receive, send_logged
+                )
+            elif length.isdigit() and int(length) > self.config.max_body_bytes:
+                await self._too_large(path, scope, receive, send_logged)
+            else:
+                try:
+                    await self.app(scope, receive_limited, send_logged)
+                except BodyTooLarge:
+                    if info["status"] == 0:
+                        await self._too_large(path, scope, receive, send_logged)
+        finally:
+            access_log.info(
+                json.dumps(
+                    {
+                        "ts": round(time.time(), 3),
+                        "request_id": rid,
+                        "client": (scope.get("client") or ["-"])[0],
+                        "method": scope["method"],
+                        "path": path,
+                        "status": info["status"],
+                        "bytes_in": info["bytes_in"],
+                        "ms": round((time.perf_counter() - start) * 1000, 2),
+                    }
+                )
+            )
+
+    def _authorized(self, headers: dict[str, str]) -> bool:
+        auth = headers.get("authorization", "")
+        return auth == f"Bearer {self.config.api_key}"
+
+    async def _too_large(self, path: str, scope: dict, receive: Callable, send: Callable) -> None:
+        msg = f"request body exceeds the limit of {self.config.max_body_bytes} bytes"
+        await error_response(path, 413, msg)(scope, receive, send)
+
+
+def build_app(state: ServerState) -> FastAPI:
+    """The ASGI app over ``state`` (engines already started); shutting it down drains and stops them."""
+    from . import metrics, openai_api, triton_http
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        state.draining = True
+        await state.engine.drain(state.config.drain_timeout)
+        state.engine.shutdown()
+        for b in state.batchers:
+            b.shutdown()
+
+    app = FastAPI(title="glmkit", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.glmkit = state
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, e: APIError) -> Response:
+        return error_response(request.url.path, e.status, e.message, e.headers, e.kind)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, e: RequestValidationError) -> Response:
+        first = e.errors()[0] if e.errors() else {}
+        where = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
+        return error_response(request.url.path, 400, f"{where or 'body'}: {first.get('msg', 'invalid request')}")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, e: StarletteHTTPException) -> Response:
+        text = {404: "Not Found", 405: "Method Not Allowed"}.get(e.status_code, str(e.detail))
+        return error_response(request.url.path, e.status_code, text)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, e: Exception) -> Response:
+        err = translate(e, state, request.url.path)
+        return error_response(request.url.path, err.status, err.message, err.headers, err.kind)
+
+    @app.get("/health")
+    async def health() -> Response:
+        return Response(status_code=200 if not state.draining else 503)
+
+    app.include_router(triton_http.router)
+    app.include_router(openai_api.router)
+    app.include_router(metrics.router)
+    app.add_middleware(Middleware, config=state.config)
+    return app

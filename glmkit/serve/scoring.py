@@ -1,0 +1,114 @@
+"""One-shot requests: the log-likelihood of a continuation, next-token logits, multiple choice and embeddings.
+
+Each is a single forward pass over ``Part A + <sop> + continuation[:-1]`` (collated by ``masks.collate``, the
+layout generation uses), so a batch of any mix is one model execution — what the dynamic batcher needs. The
+continuation is scored exactly as generation would produce it: its first token is predicted at ``<sop>``, at
+(blank position, block 1), after a bidirectional Part A; a prompt without a blank gets [gMASK], as in
+``generate``. Embeddings are the L2-normalised mean of the final hidden states over Part A.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from ..config import SpecialTokens
+from ..masks import BlankSample, collate, find_blanks
+
+Kind = Literal["loglikelihood", "logits", "embedding"]
+
+
+@dataclass
+class ScoreRow:
+    """One row: ``context`` (Part A ids) and, for ``loglikelihood``, the ``continuation`` ids to score."""
+
+    kind: Kind
+    context: list[int]
+    continuation: list[int] = field(default_factory=list)
+
+
+@dataclass
+class ScoreResult:
+    logprob: float = 0.0
+    token_logprobs: list[float] = field(default_factory=list)
+    is_greedy: bool = True
+    logits: torch.Tensor | None = None  # (V,) at <sop>: the distribution of the first generated token
+    embedding: torch.Tensor | None = None  # (n_embd,)
+
+
+class Scorer:
+    """Runs batches of ``ScoreRow`` lists (one list per request) through the model in one forward pass."""
+
+    def __init__(self, model: torch.nn.Module, special: SpecialTokens) -> None:
+        self.model, self.special = model.eval(), special
+        self.device = next(model.parameters()).device
+        self.n_positions = model.config.n_positions
+        self.max_block = model.config.max_sequence_length
+
+    def check(self, row: ScoreRow) -> ScoreRow:
+        """Validate one row (``ValueError`` names the problem) and append [gMASK] to a context without a blank."""
+        s = self.special
+        context = list(row.context)
+        if not context:
+            raise ValueError("text_input: empty")
+        if not find_blanks(context, s.mask_ids()):
+            context.append(s.gmask if s.gmask is not None else s.mask)
+        if row.kind == "loglikelihood" and not row.continuation:
+            raise ValueError("continuation: empty")
+        if len(context) > self.n_positions or len(row.continuation) > self.max_block:
+            raise ValueError(
+                f"text: {len(context)} context tokens and {len(row.continuation)} continuation tokens do not fit "
+                f"the model's {self.n_positions} positions"
+            )
+        return ScoreRow(row.kind, context, list(row.continuation))
+
+    def _sample(self, row: ScoreRow) -> BlankSample:
+        s = self.special
+        blank = find_blanks(row.context, s.mask_ids())[0]
+        part_b = [s.sop] + row.continuation[:-1]
+        n, k = len(row.context), len(part_b)
+        return BlankSample(
+            tokens=row.context + part_b,
+            targets=row.context + (row.continuation or [s.pad]),
+            loss_mask=[0] * n + [1] * k,
+            position_ids=list(range(n)) + [blank] * k,
+            block_position_ids=[0] * n + list(range(1, k + 1)),
+            sep=n,
+        )
+
+    @torch.inference_mode()
+    def __call__(self, requests: list[list[ScoreRow]]) -> list[list[ScoreResult]]:
+        rows = [r for req in requests for r in req]
+        samples = [self._sample(r) for r in rows]
+        batch = collate(samples, pad_id=self.special.pad)
+        hidden = self.model(
+            batch["input_ids"].to(self.device),
+            batch["position_ids"].to(self.device),
+            batch["attention_mask"].to(self.device),
+            return_hidden=True,
+        )  # (B, S, C)
+        weight = self.model.wte.weight
+        results = []
+        for b, (row, sample) in enumerate(zip(rows, samples, strict=True)):
+            n = sample.sep
+            res = ScoreResult()
+            if row.kind == "embedding":
+                res.embedding = F.normalize(hidden[b, :n].mean(0).float(), dim=0).cpu()
+            elif row.kind == "logits":
+                res.logits = F.linear(hidden[b, n], weight).float().cpu()
+            else:
+                logp = torch.log_softmax(F.linear(hidden[b, n : len(sample)], weight).float(), dim=-1)  # (k, V)
+                target = torch.tensor(row.continuation, device=logp.device)
+                token_lp = logp.gather(1, target[:, None])[:, 0]
+                res.token_logprobs = token_lp.tolist()
+                res.logprob = float(token_lp.sum())
+                res.is_greedy = bool((logp.argmax(-1) == target).all())
+            results.append(res)
+        out, i = [], 0
+        for req in requests:
+            out.append(results[i : i + len(req)])
+            i += len(req)
+        return out

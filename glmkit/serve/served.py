@@ -1,0 +1,261 @@
+"""What the HTTP front ends call: text generation over the engine, and the Triton models bound to their engines.
+
+``GenerationService`` turns a prompt and ``SamplingParams`` into streamed text choices: ``n`` choices are ``n``
+engine requests decoding side by side, beam search is a one-shot ``generate`` job, and text comes out through
+``IncrementalText`` so a streamed answer equals the non-streamed one. Both the OpenAI and the Triton front ends
+use it, so they share one engine and one behaviour. ``LLMModel`` and ``OneShotModel`` give the Triton specs
+(specs.py) their tensors-in, tensors-out behaviour.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ..generate import fill_blank_ids, generate
+from ..masks import find_blanks
+from .batcher import DynamicBatcher
+from .engine import AsyncLLMEngine
+from .request import TokenLogprob
+from .sampling import Limits, SamplingParams
+from .scoring import Kind, Scorer, ScoreRow
+from .specs import EMBED, LOGITS, SCORE, ModelSpec
+from .stats import ModelStats
+from .text import IncrementalText, completion_ids
+
+_ids = itertools.count()
+
+
+@dataclass
+class Delta:
+    """New text of choice ``index``; the last delta of a choice has ``finish_reason`` ("stop", "length", "abort")."""
+
+    index: int
+    text: str
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: str | None = None
+    num_prompt_tokens: int = 0
+    num_generated: int = 0
+    spans: list[list[int]] = field(default_factory=list)
+    error: str | None = None
+
+
+def _reason(engine_reason: str | None) -> str:
+    return {"stop": "stop", "stop_string": "stop", "abort": "abort"}.get(engine_reason or "", "length")
+
+
+class GenerationService:
+    def __init__(self, engine: AsyncLLMEngine, tokenizer: Any, limits: Limits) -> None:
+        self.engine, self.tok, self.limits = engine, tokenizer, limits
+        self.special = engine.engine.special
+        self.model = engine.engine.model
+
+    def check_prompt(self, ids: list[int]) -> None:
+        if len(ids) > self.limits.max_prompt_tokens:
+            raise ValueError(f"prompt: {len(ids)} tokens exceed the limit of {self.limits.max_prompt_tokens}")
+        vocab = self.model.config.vocab_size
+        if any(not 0 <= t < vocab for t in ids):
+            raise ValueError(f"prompt: token ids must be in [0, {vocab})")
+
+    async def stream(
+        self, prompt_ids: list[int], params: SamplingParams, *, fill: str = "all", priority: int = 0
+    ) -> AsyncIterator[Delta]:
+        """Deltas of ``params.n`` choices, interleaved; the answer is the span of the last blank."""
+        self.check_prompt(prompt_ids)
+        if params.beams > 1:
+            for d in await self._beams(prompt_ids, params):
+                yield d
+            return
+        queue: asyncio.Queue[Delta | BaseException] = asyncio.Queue()
+        requests = [
+            self.engine.engine.make_request(
+                f"gen-{next(_ids)}",
+                prompt_ids,
+                params.generation_config(self.special, i, self.model.config.vocab_size),
+                fill=fill,  # type: ignore[arg-type]
+                ignore_eos=params.ignore_eos,
+                logprobs=params.logprobs,
+                priority=priority,
+            )
+            for i in range(params.n)
+        ]
+        tasks = [asyncio.create_task(self._choice(i, r, params, queue)) for i, r in enumerate(requests)]
+        try:
+            done = 0
+            while done < len(tasks):
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                done += item.finish_reason is not None
+                yield item
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _choice(self, index: int, request: Any, params: SamplingParams, queue: asyncio.Queue) -> None:
+        text = IncrementalText(self.tok, params.stop, params.include_stop_str_in_output)
+        last_span = len(request.blanks) - 1
+        try:
+            async for out in self.engine.generate(request):
+                mine = out.span_index == last_span
+                delta = Delta(index, text.push(out.token_ids if mine else [], final=out.finished))
+                if mine:
+                    delta.token_ids, delta.logprobs = list(out.token_ids), list(out.logprobs)
+                if out.finished:
+                    delta.finish_reason = "stop" if text.stopped else _reason(out.finish_reason)
+                    delta.num_prompt_tokens, delta.num_generated = out.num_prompt_tokens, request.num_generated
+                    delta.spans = out.spans
+                    delta.error = out.error
+                if delta.text or delta.token_ids or delta.finish_reason:
+                    queue.put_nowait(delta)
+        except Exception as e:  # refused by the engine (queue full, bad request): the caller raises it
+            queue.put_nowait(e)
+
+    async def _beams(self, prompt_ids: list[int], params: SamplingParams) -> list[Delta]:
+        if params.logprobs is not None:
+            raise ValueError("logprobs: not available with beam search")
+        config = params.generation_config(self.special, 0, self.model.config.vocab_size)
+        blanks = find_blanks(prompt_ids, self.special.mask_ids())
+        if len(blanks) > 1 and params.n > 1:
+            raise ValueError("n: beam search over several blanks returns one sequence")
+        kw = dict(generation_config=config, special_tokens=self.special, tokenizer=self.tok)
+        if len(blanks) > 1:
+            res = await self.engine.run_job(lambda: fill_blank_ids(self.model, prompt_ids, **kw))
+            seqs, reasons, spans = [res.spans[-1]], res.finish_reasons[-1:], [res.spans]
+        else:
+            out = await self.engine.run_job(lambda: generate(self.model, [prompt_ids], **kw))
+            seqs, reasons = out.new_tokens, out.finish_reasons
+            spans = [[s[:-1] if r == "stop" else s] for s, r in zip(seqs, reasons, strict=True)]
+        deltas = []
+        for i, (seq, reason) in enumerate(zip(seqs, reasons, strict=True)):
+            text = IncrementalText(self.tok, params.stop, params.include_stop_str_in_output)
+            d = Delta(
+                i, text.push(seq, final=True), list(seq), finish_reason="stop" if text.stopped else _reason(reason)
+            )
+            d.num_prompt_tokens, d.num_generated, d.spans = len(prompt_ids), len(seq), spans[i]
+            deltas.append(d)
+        return deltas
+
+
+def _strings(name: str, arr: np.ndarray) -> list[str]:
+    out = []
+    for x in arr.reshape(-1):
+        try:
+            out.append(x.decode("utf-8") if isinstance(x, bytes) else str(x))
+        except UnicodeDecodeError as e:
+            raise ValueError(f"input '{name}': invalid UTF-8 ({e.reason})") from e
+    return out
+
+
+def _scalar(inputs: dict[str, np.ndarray], name: str, default: Any) -> Any:
+    arr = inputs.get(name)
+    if arr is None or arr.size == 0:
+        return default
+    return arr.reshape(-1)[0]
+
+
+class LLMModel:
+    """``llm``: vLLM-backend semantics — the first response carries the prompt unless ``exclude_input_in_output``,
+    ``stream`` sends deltas, otherwise one response with the whole text."""
+
+    def __init__(self, spec: ModelSpec, service: GenerationService) -> None:
+        self.spec, self.service, self.stats = spec, service, service.engine.engine.stats
+        self.ready = True
+
+    async def generate(self, inputs: dict[str, np.ndarray], params: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        prompt = _strings("text_input", inputs["text_input"])
+        if len(prompt) != 1:
+            raise ValueError(f"text_input: expected one prompt, got {len(prompt)}")
+        stream = bool(_scalar(inputs, "stream", False))
+        exclude = bool(_scalar(inputs, "exclude_input_in_output", False))
+        raw = _scalar(inputs, "sampling_parameters", None)
+        if raw is not None:
+            try:
+                sampling = json.loads(raw.decode("utf-8") if isinstance(raw, bytes) else raw)
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise ValueError(f"sampling_parameters: not a JSON object ({e})") from e
+            if not isinstance(sampling, dict):
+                raise ValueError("sampling_parameters: not a JSON object")
+        else:
+            sampling = params
+        sp = SamplingParams.from_dict(sampling, self.service.limits)
+        if sp.n != 1:
+            raise ValueError("n: the llm model returns one sequence per request")
+        priority = params.get("priority", 0)
+        ids = completion_ids(self.service.tok, prompt[0])
+        head = "" if exclude else prompt[0]
+        text, reason = head, None
+        async for d in self.service.stream(ids, sp, priority=priority if isinstance(priority, int) else 0):
+            if d.error:
+                raise RuntimeError(d.error)
+            if stream:
+                if d.text or d.finish_reason:
+                    yield self._tensors(head + d.text, d.finish_reason or "")
+                    head = ""
+            else:
+                text += d.text
+            reason = d.finish_reason or reason
+        if not stream:
+            yield self._tensors(text, reason or "")
+
+    @staticmethod
+    def _tensors(text: str, finish_reason: str) -> dict[str, Any]:
+        return {
+            "text_output": np.array([text.encode("utf-8")], dtype=np.object_),
+            "finish_reason": np.array([finish_reason.encode("utf-8")], dtype=np.object_),
+        }
+
+
+class OneShotModel:
+    """``glm_score`` / ``glm_embed`` / ``glm_logits``: rows of a request go through the dynamic batcher together."""
+
+    KINDS: dict[str, Kind] = {SCORE: "loglikelihood", EMBED: "embedding", LOGITS: "logits"}
+
+    def __init__(self, spec: ModelSpec, scorer: Scorer, tokenizer: Any, batcher: DynamicBatcher, stats: ModelStats):
+        self.spec, self.scorer, self.tok, self.batcher, self.stats = spec, scorer, tokenizer, batcher, stats
+        self.kind = self.KINDS[spec.name]
+        self.ready = True
+
+    def rows(self, inputs: dict[str, np.ndarray]) -> list[ScoreRow]:
+        texts = _strings("text_input", inputs["text_input"])
+        conts = _strings("continuation", inputs["continuation"]) if "continuation" in inputs else [""] * len(texts)
+        if len(conts) != len(texts):
+            raise ValueError("continuation: one per text_input row")
+        return [
+            self.scorer.check(ScoreRow(self.kind, completion_ids(self.tok, t), self.tok.encode(c) if c else []))
+            for t, c in zip(texts, conts, strict=True)
+        ]
+
+    async def infer(self, inputs: dict[str, np.ndarray], params: dict[str, Any]) -> dict[str, np.ndarray]:
+        rows = self.rows(inputs)
+        batch = inputs["text_input"].shape[0] if self.spec.max_batch_size else 1
+        results = await self.batcher.submit(rows, batch_size=max(1, batch), **schedule_params(params))
+        shape = (len(rows), 1) if self.spec.max_batch_size else (1,)
+        if self.kind == "loglikelihood":
+            return {
+                "logprob": np.array([r.logprob for r in results], dtype=np.float32).reshape(shape),
+                "is_greedy": np.array([r.is_greedy for r in results], dtype=np.bool_).reshape(shape),
+                "num_tokens": np.array([len(r.token_logprobs) for r in results], dtype=np.int32).reshape(shape),
+            }
+        name = "embedding" if self.kind == "embedding" else "logits"
+        return {name: np.stack([(r.embedding if name == "embedding" else r.logits).numpy() for r in results])}
+
+
+def schedule_params(params: dict[str, Any]) -> dict[str, Any]:
+    """Triton's schedule-policy parameters: ``priority`` and ``timeout`` (µs)."""
+    out: dict[str, Any] = {}
+    for key, target in (("priority", "priority"), ("timeout", "timeout_us")):
+        value = params.get(key)
+        if value is not None:
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{key}: expected a non-negative int, got {value!r}")
+            out[target] = value
+    return out

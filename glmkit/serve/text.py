@@ -1,0 +1,118 @@
+"""Text at the server's edge: prompts in GLM's layout, and streamed text that always equals the final text.
+
+GLM generates by filling a blank, so every text API maps onto blank filling: a completion prompt is
+``[CLS] text [gMASK]`` and the completion is the span of that last blank (``glmkit.generate.complete``; blanks
+written in the prompt are filled first and serve as context); infilling is ``[CLS] text [eos]`` with every blank
+filled (``fill_blanks``). The chat format below is a plain-text convention, since GLM was not chat-tuned.
+
+Streaming decodes the whole span each time and sends only what can no longer change: a trailing incomplete UTF-8
+sequence (U+FFFD) and any tail that could still become a stop string are held back, so the concatenated deltas
+equal the non-streamed text exactly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from ..generate.blanks import GLMTokenizer
+
+USER, ASSISTANT, SYSTEM = "User:", "Assistant:", "System:"
+CHAT_STOP = "\n" + USER
+
+
+def completion_ids(tok: GLMTokenizer, text: str) -> list[int]:
+    """``[CLS] text [gMASK]``: the completion is the span of the final [gMASK]."""
+    special = tok.special
+    gmask = special.gmask if special.gmask is not None else special.mask
+    ids = [special.cls] + tok.encode(text)
+    return ids if ids[-1] == gmask else ids + [gmask]
+
+
+def infill_ids(tok: GLMTokenizer, text: str) -> list[int]:
+    """``[CLS] text [eos]`` (no eos after a final [gMASK]), as ``fill_blanks`` builds it."""
+    special = tok.special
+    ids = [special.cls] + tok.encode(text)
+    return ids if ids[-1] == special.gmask else ids + [special.eos]
+
+
+def chat_prompt(messages: Sequence[dict[str, Any]]) -> str:
+    """The glmkit chat format (docs/serving.md): ``System: ...`` then ``User: ...`` / ``Assistant: ...`` lines,
+    ending with ``Assistant:`` for the reply. Content may be a string or a list of ``{"type": "text"}`` parts."""
+    lines = []
+    for m in messages:
+        role, content = m.get("role"), m.get("content")
+        if isinstance(content, list):
+            content = "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
+        if content is None:
+            content = ""
+        if not isinstance(content, str):
+            raise ValueError("messages: content must be a string or a list of text parts")
+        prefix = {"system": SYSTEM, "developer": SYSTEM, "user": USER, "assistant": ASSISTANT}.get(str(role))
+        if prefix is None:
+            raise ValueError(f"messages: unsupported role {role!r} (system, user, assistant)")
+        lines.append(f"{prefix} {content.strip()}")
+    if not lines:
+        raise ValueError("messages: at least one message is required")
+    return "\n".join(lines) + "\n" + ASSISTANT
+
+
+def safe_decode(tok: GLMTokenizer, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+    """Decode, dropping ids the vocabulary does not assign (padded embedding rows a model may still emit)."""
+    try:
+        return tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+    except ValueError:
+        kept = []
+        for i in ids:
+            try:
+                tok.decode([i], skip_special_tokens=False)
+                kept.append(i)
+            except ValueError:
+                continue
+        return tok.decode(kept, skip_special_tokens=skip_special_tokens)
+
+
+def find_stop(text: str, stops: Sequence[str]) -> int:
+    """Index where the earliest stop string starts in ``text``, or -1."""
+    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return min(hits) if hits else -1
+
+
+class IncrementalText:
+    """Text deltas of a growing token list, cut at the first stop string (kept if ``include_stop``)."""
+
+    def __init__(self, tok: GLMTokenizer, stops: Sequence[str] = (), include_stop: bool = False) -> None:
+        self.tok, self.stops, self.include_stop = tok, [s for s in stops if s], include_stop
+        self.ids: list[int] = []
+        self.sent = 0
+        self.stopped = False
+        self.text = ""
+
+    def _visible(self, final: bool) -> str:
+        full = safe_decode(self.tok, self.ids)
+        cut = find_stop(full, self.stops)
+        if cut >= 0:
+            self.stopped = True
+            end = cut
+            if self.include_stop:
+                end += next(len(s) for s in self.stops if full.startswith(s, cut))
+            return full[:end]
+        if final:
+            return full
+        hold = 0
+        for s in self.stops:  # a tail that may grow into a stop string
+            for k in range(min(len(s) - 1, len(full)), 0, -1):
+                if full.endswith(s[:k]):
+                    hold = max(hold, k)
+                    break
+        visible = full[: len(full) - hold]
+        return visible.rstrip("\ufffd")
+
+    def push(self, ids: Sequence[int], final: bool = False) -> str:
+        """Add tokens; return the text that became certain."""
+        if not self.stopped:
+            self.ids.extend(ids)
+            self.text = self._visible(final)
+        delta = self.text[self.sent :]
+        self.sent = len(self.text)
+        return delta
