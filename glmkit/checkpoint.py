@@ -21,14 +21,16 @@ from safetensors.torch import save_file
 
 from .config import GLMConfig
 from .model import GLM
+from .quantize.scheme import METADATA_KEY, QuantScheme, read_scheme
 
 
 class CheckpointError(ValueError):
     """A checkpoint is missing, malformed, or does not match its config; the message names the key or file."""
 
 
-def hub_key_map(config: GLMConfig) -> dict[str, str]:
-    """Hub key (without the ``glm.`` prefix) → glmkit parameter name."""
+def hub_key_map(config: GLMConfig, scheme: QuantScheme | None = None) -> dict[str, str]:
+    """Hub key (without the ``glm.`` prefix) → glmkit parameter name; with ``scheme``, quantized weights add
+    ``<name>.weight_scale`` (ChatGLM's hub naming)."""
     m = {
         "word_embeddings.weight": "wte.weight",
         "transformer.position_embeddings.weight": "wpe.weight",
@@ -49,6 +51,9 @@ def hub_key_map(config: GLMConfig) -> dict[str, str]:
         for hub, ours in layer.items():
             for t in ("weight", "bias"):
                 m[f"transformer.layers.{i}.{hub}.{t}"] = f"blocks.{i}.{ours}.{t}"
+    if scheme is not None:
+        scaled = {n.removesuffix("_scale") for n in _expected_tensors(config, scheme) if n.endswith(".weight_scale")}
+        m.update({hub + "_scale": ours + "_scale" for hub, ours in list(m.items()) if ours in scaled})
     return m
 
 
@@ -56,10 +61,13 @@ def hub_key_map(config: GLMConfig) -> dict[str, str]:
 _IGNORED_PREFIXES = ("dense.", "out_proj.", "prompt_spell.", "pool_layer.", "multichoice_head.")
 
 
-def from_hub_state_dict(state: dict[str, torch.Tensor], config: GLMConfig) -> dict[str, torch.Tensor]:
-    """Rename a hub/Megatron state dict to glmkit names, checking every key and shape against ``config``."""
-    kmap = hub_key_map(config)
-    expected = _expected_shapes(config)
+def from_hub_state_dict(
+    state: dict[str, torch.Tensor], config: GLMConfig, scheme: QuantScheme | None = None
+) -> dict[str, torch.Tensor]:
+    """Rename a hub/Megatron state dict to glmkit names, checking every key and shape against ``config`` and, for a
+    quantized checkpoint, every quantized tensor's shape and dtype against ``scheme``."""
+    kmap = hub_key_map(config, scheme)
+    expected = _expected_tensors(config, scheme)
     out: dict[str, torch.Tensor] = {}
     unexpected = []
     for key, t in state.items():
@@ -68,10 +76,15 @@ def from_hub_state_dict(state: dict[str, torch.Tensor], config: GLMConfig) -> di
             if not k.startswith(_IGNORED_PREFIXES):
                 unexpected.append(key)
             continue
-        name = kmap[k]
-        if tuple(t.shape) != expected[name]:
+        name, exp = kmap[k], expected[kmap[k]]
+        if t.is_floating_point() != exp.is_floating_point() or (not exp.is_floating_point() and t.dtype != exp.dtype):
+            source = f"its quantization metadata ({scheme.describe()})" if scheme else "its config (not quantized)"
             raise CheckpointError(
-                f"{key}: checkpoint shape {tuple(t.shape)} does not match the config's {expected[name]}"
+                f"{key}: checkpoint has {t.dtype} {tuple(t.shape)}, but {source} implies {exp.dtype} {tuple(exp.shape)}"
+            )
+        if t.shape != exp.shape:
+            raise CheckpointError(
+                f"{key}: checkpoint shape {tuple(t.shape)} does not match the config's {tuple(exp.shape)}"
             )
         out[name] = t
     if unexpected:
@@ -79,21 +92,33 @@ def from_hub_state_dict(state: dict[str, torch.Tensor], config: GLMConfig) -> di
     missing = [hub for hub, ours in kmap.items() if ours not in out]
     if missing:
         raise CheckpointError(
-            f"missing tensor(s) in checkpoint: {missing[:10]} (expected shape {expected[kmap[missing[0]]]})"
+            f"missing tensor(s) in checkpoint: {missing[:10]} "
+            f"(expected shape {tuple(expected[kmap[missing[0]]].shape)})"
         )
     return out
 
 
 def to_hub_state_dict(model: GLM, prefix: str = "glm.") -> dict[str, torch.Tensor]:
     """The model's tensors under hub key names (``glm.word_embeddings.weight``, ...)."""
-    inv = {ours: hub for hub, ours in hub_key_map(model.config).items()}
+    from .quantize.modules import scheme_of
+
+    inv = {ours: hub for hub, ours in hub_key_map(model.config, scheme_of(model)).items()}
     return {prefix + inv[name]: t for name, t in model.state_dict().items()}
 
 
-def _expected_shapes(config: GLMConfig) -> dict[str, tuple[int, ...]]:
+def _meta_model(config: GLMConfig, scheme: QuantScheme | None) -> GLM:
     with torch.device("meta"):
         model = GLM(config)
-    return {name: tuple(p.shape) for name, p in model.state_dict().items()}
+    if scheme is not None:
+        from .quantize.modules import convert_for_runtime
+
+        convert_for_runtime(model, scheme)
+    return model
+
+
+def _expected_tensors(config: GLMConfig, scheme: QuantScheme | None) -> dict[str, torch.Tensor]:
+    """Meta tensors with the shape and dtype (integer ones exact, float ones any float) of every checkpoint tensor."""
+    return dict(_meta_model(config, scheme).state_dict())
 
 
 def _torch_load(path: Path) -> dict[str, torch.Tensor]:
@@ -118,6 +143,21 @@ def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
 def read_metadata(path: str | Path) -> dict[str, str]:
     with safe_open(str(path), framework="pt") as f:
         return f.metadata() or {}
+
+
+def read_quantization(folder: str | Path) -> QuantScheme | None:
+    """The quantization scheme a checkpoint folder records (config.json and safetensors header must agree)."""
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        return None
+    try:
+        config = json.loads((folder / "config.json").read_text())
+        for f in find_weights(folder):
+            if f.suffix == ".safetensors":  # every header must record what config.json records
+                read_scheme(config, folder / "config.json", read_metadata(f), f)
+        return read_scheme(config, folder / "config.json")
+    except (ValueError, json.JSONDecodeError) as e:
+        raise CheckpointError(str(e)) from e
 
 
 def find_weights(folder: Path) -> list[Path]:
@@ -172,32 +212,47 @@ def load_pretrained(
         if not (folder / "config.json").is_file():
             raise CheckpointError(f"{folder}: no config.json (pass config= for a Megatron checkpoint)")
         config = GLMConfig.from_file(folder / "config.json", **config_overrides)
-    state = from_hub_state_dict(load_state_dict(folder), config)
-    with torch.device("meta"):
-        model = GLM(config)
-    state = {k: v.to(device=device, dtype=dtype or v.dtype) for k, v in state.items()}
+    scheme = read_quantization(folder)
+    state = from_hub_state_dict(load_state_dict(folder), config, scheme)
+    model = _meta_model(config, scheme)
+    # integer (quantized) tensors keep their dtype; every float tensor, quantization scales included, takes ``dtype``
+    state = {
+        k: v.to(device=device, dtype=dtype if dtype and v.is_floating_point() else v.dtype) for k, v in state.items()
+    }
     model.load_state_dict(state, assign=True, strict=True)
     return model.eval()
 
 
 def save_pretrained(model: GLM, path: str | Path, metadata: dict[str, str] | None = None) -> None:
     """Write ``config.json`` + ``model.safetensors`` (hub key names) atomically: the folder appears complete
-    or not at all, and an existing checkpoint is replaced only once the new one is fully written."""
-    save_state_pretrained(model.config, model.state_dict(), path, metadata)
+    or not at all, and an existing checkpoint is replaced only once the new one is fully written. A quantized model
+    records its scheme in both config.json and the safetensors header."""
+    from .quantize.modules import scheme_of
+
+    save_state_pretrained(model.config, model.state_dict(), path, metadata, scheme_of(model))
 
 
 def save_state_pretrained(
-    config: GLMConfig, state: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None
+    config: GLMConfig,
+    state: dict[str, torch.Tensor],
+    path: str | Path,
+    metadata: dict[str, str] | None = None,
+    quantization: QuantScheme | None = None,
 ) -> None:
     """``save_pretrained`` for a glmkit-named state dict (e.g. gathered from a sharded model)."""
     dest = Path(path)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
     try:
-        config.save(tmp / "config.json")
-        inv = {ours: hub for hub, ours in hub_key_map(config).items()}
+        hub_config = config.to_hub_dict()
+        metadata = {"format": "pt", **(metadata or {})}
+        if quantization is not None:
+            hub_config[METADATA_KEY] = quantization.to_dict()
+            metadata[METADATA_KEY] = json.dumps(quantization.to_dict())
+        (tmp / "config.json").write_text(json.dumps(hub_config, indent=2) + "\n")
+        inv = {ours: hub for hub, ours in hub_key_map(config, quantization).items()}
         state = {"glm." + inv[k]: v.detach().contiguous().cpu() for k, v in state.items()}
-        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt", **(metadata or {})})
+        save_file(state, str(tmp / "model.safetensors"), metadata=metadata)
         if dest.exists():
             for f in dest.iterdir():  # keep what else lives there (tokenizer files, README)
                 if not (tmp / f.name).exists():

@@ -72,6 +72,14 @@ class Block(nn.Module):
         return x + self.mlp(self.norm_2(x))
 
 
+class TiedLMHead(nn.Module):
+    """Logits against the word embeddings (tied weights, no bias). A module without parameters of its own, so that
+    inference code can swap in another kernel from outside (glmkit.kernels, glmkit.quantize)."""
+
+    def forward(self, x: torch.Tensor, wte: nn.Module) -> torch.Tensor:
+        return F.linear(x, wte.weight)
+
+
 class GLM(nn.Module):
     def __init__(self, config: GLMConfig) -> None:
         super().__init__()
@@ -82,6 +90,7 @@ class GLM(nn.Module):
         self.drop = nn.Dropout(config.embedding_dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layernorm_eps)
+        self.lm_head = TiedLMHead()
         self.gradient_checkpointing = False
         if not any(p.is_meta for p in self.parameters()):
             self.reset_parameters()
@@ -192,4 +201,4 @@ class GLM(nn.Module):
         x = self.ln_f(x)
         if return_hidden:
             return x
-        return F.linear(x, self.wte.weight)  # tied LM head, no bias
+        return self.lm_head(x, self.wte)

@@ -1,0 +1,22 @@
+"""Fast weight-only matmuls for decoding on CPU: bf16, int8 per channel and int4 per group.
+
+A decode step reads every weight once per token, so its speed is the memory bandwidth divided by the weight bytes;
+the stock PyTorch CPU kernels stay far below that (cpu-notes.md). glmkit's C++ kernels (csrc/linear.cpp, built on
+first use) stream the weights near the bandwidth; without them everything still runs on the PyTorch reference.
+"""
+
+from .build import unavailable_reason
+from .modules import FastLinear, FastTiedHead, replace_linear
+from .ops import available, linear, linear_bf16, linear_int4, linear_int8
+
+__all__ = [
+    "FastLinear",
+    "FastTiedHead",
+    "available",
+    "linear",
+    "linear_bf16",
+    "linear_int4",
+    "linear_int8",
+    "replace_linear",
+    "unavailable_reason",
+]

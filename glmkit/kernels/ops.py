@@ -1,0 +1,86 @@
+"""Weight-only linear layers for decoding: glmkit's C++ kernels where they run, else the PyTorch reference.
+
+Chosen per dtype by measurement on the project's CPU (benchmarks/RESULTS.md): the stock bf16 GEMV and
+``torch._weight_int8pack_mm`` / ``torch._weight_int4pack_mm_for_cpu`` reach a fraction of the memory bandwidth at
+decode sizes, so every dtype runs on our kernels; only a bf16 ``x`` of more than ``BF16_MAX_ROWS`` rows (a long
+prefill) goes to the stock ``F.linear``, where oneDNN's blocked GEMM wins. CUDA tensors, autograd and dtypes the
+kernels do not take (fp16) use the reference: dequantize, then ``F.linear`` (correct, not tuned).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import build, reference
+
+BF16_MAX_ROWS = 256
+_ACT_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def available(device: torch.device | str = "cpu") -> bool:
+    """Whether the C++ kernels run for tensors on ``device`` (builds them on the first call)."""
+    return torch.device(device).type == "cpu" and build.load()
+
+
+def _use_kernel(x: torch.Tensor, weight: torch.Tensor, *floats: torch.Tensor | None) -> bool:
+    if x.device.type != "cpu" or x.dtype not in _ACT_DTYPES or not weight.is_contiguous():
+        return False
+    if x.shape[-1] != weight.shape[1] * (2 if weight.dtype == torch.uint8 else 1):
+        return False  # let the reference raise its shape error
+    for t in floats:
+        if t is not None and (t.dtype not in _ACT_DTYPES or not t.is_contiguous()):
+            return False
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, *floats)):
+        return False  # the kernels have no backward
+    return build.load()
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(-1, x.shape[-1])
+
+
+def linear_bf16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ weight.T + bias`` for a bf16 ``weight [N, K]``; ``x [..., K]`` fp32 or bf16, output in ``x``'s dtype.
+
+    On the kernel path ``x`` is rounded to bf16 and products are summed in fp32 (what bf16 inference does)."""
+    if weight.dtype == torch.bfloat16 and _rows(x).shape[0] <= BF16_MAX_ROWS and _use_kernel(x, weight, bias):
+        y = torch.ops.glmkit_kernels.linear_bf16(_rows(x), weight, bias)
+        return y.view(*x.shape[:-1], weight.shape[0])
+    return reference.linear_bf16(x, weight, bias)
+
+
+def linear_int8(
+    x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``x @ (qweight * scales[:, None]).T + bias`` for ``qweight int8 [N, K]`` and ``scales [N]``.
+
+    On the kernel path each row of ``x`` is held as 16-bit fixed point (finer than bf16) and the integer products
+    are summed exactly."""
+    if qweight.dtype == torch.int8 and _use_kernel(x, qweight, scales, bias):
+        y = torch.ops.glmkit_kernels.linear_int8(_rows(x), qweight, scales, bias)
+        return y.view(*x.shape[:-1], qweight.shape[0])
+    return reference.linear_int8(x, qweight, scales, bias)
+
+
+def linear_int4(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    scales: torch.Tensor,
+    group_size: int,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``x @ W.T + bias`` for the int4 weight ``W = (u - 8) * scales`` packed as in reference.py.
+
+    ``packed uint8 [N, K / 2]``, ``scales [N, K / group_size]``. On the kernel path ``x`` is rounded to bf16."""
+    if packed.dtype == torch.uint8 and group_size in (32, 64, 128) and _use_kernel(x, packed, scales, bias):
+        y = torch.ops.glmkit_kernels.linear_int4(_rows(x), packed, scales, group_size, bias)
+        return y.view(*x.shape[:-1], packed.shape[0])
+    return reference.linear_int4(x, packed, scales, group_size, bias)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear`` that takes the bf16 kernel for a bf16 ``weight`` and the stock op otherwise."""
+    if weight.dtype == torch.bfloat16:
+        return linear_bf16(x, weight, bias)
+    return F.linear(x, weight, bias)

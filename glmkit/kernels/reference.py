@@ -1,0 +1,78 @@
+"""The weight formats of glmkit's kernels, and the same linear layers in plain PyTorch.
+
+This is the definition the C++ kernels are tested against and the path taken wherever they cannot run: no
+compiler, a CPU without AVX-512 BF16, a CUDA tensor. Correct everywhere, fast nowhere.
+
+Formats (weight ``[N, K]`` = ``[out_features, in_features]``):
+- int8: ``int8 [N, K]`` with one fp32 scale per output row, ``w = q * scale[n]``.
+- int4: ``uint8 [N, K / 2]``, two values per byte, with a scale per row and group of ``group_size`` inputs,
+  ``w = (u - 8) * scale[n, k // group_size]`` for the stored nibble ``u`` in 0..15. Within a row the nibbles are
+  packed in chunks of 64 inputs, byte ``j`` = ``e[j] | e[j + 32] << 4``, so that one 32-byte load gives 64
+  contiguous values; when ``K % 64 == 32`` the final chunk of 32 packs byte ``j`` = ``e[j] | e[j + 16] << 4``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+INT4_OFFSET = 8  # stored nibble u = q + 8 for q in -8..7
+
+
+def pack_int4(u: torch.Tensor) -> torch.Tensor:
+    """Pack nibbles ``u`` (integers 0..15, shape ``[N, K]``, ``K % 32 == 0``) into ``uint8 [N, K / 2]``."""
+    N, K = u.shape
+    if K % 32:
+        raise ValueError(f"int4 packing needs in_features divisible by 32, got {K}")
+    u = u.to(torch.uint8)
+    k64 = K // 64 * 64
+    body = u[:, :k64].reshape(N, -1, 2, 32)
+    parts = [(body[:, :, 0] | (body[:, :, 1] << 4)).reshape(N, -1)]
+    if k64 < K:
+        tail = u[:, k64:].reshape(N, 2, 16)
+        parts.append(tail[:, 0] | (tail[:, 1] << 4))
+    return torch.cat(parts, dim=1).contiguous()
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """The nibbles of ``pack_int4``'s output, ``uint8 [N, K]``."""
+    N, KB = packed.shape
+    K = 2 * KB
+    k64 = K // 64 * 64
+    body = packed[:, : k64 // 2].reshape(N, -1, 32)
+    parts = [torch.stack([body & 15, body >> 4], dim=2).reshape(N, -1)]
+    if k64 < K:
+        tail = packed[:, k64 // 2 :]
+        parts.append(torch.cat([tail & 15, tail >> 4], dim=1))
+    return torch.cat(parts, dim=1)
+
+
+def dequantize_int8(qweight: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return (qweight.float() * scales.float()[:, None]).to(dtype)
+
+
+def dequantize_int4(
+    packed: torch.Tensor, scales: torch.Tensor, group_size: int, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    q = unpack_int4(packed).float() - INT4_OFFSET
+    N, K = q.shape
+    w = q.view(N, K // group_size, group_size) * scales.float()[:, :, None]
+    return w.view(N, K).to(dtype)
+
+
+def linear_bf16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    return F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
+
+
+def linear_int8(
+    x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    y = F.linear(x.float(), qweight.float()) * scales.float()
+    return (y if bias is None else y + bias.float()).to(x.dtype)
+
+
+def linear_int4(
+    x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, group_size: int, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    y = F.linear(x.float(), dequantize_int4(packed, scales, group_size))
+    return (y if bias is None else y + bias.float()).to(x.dtype)

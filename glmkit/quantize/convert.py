@@ -1,0 +1,76 @@
+"""``glmkit quantize``: write a weight-only INT8 / INT4 copy of a checkpoint folder.
+
+Offline conversion, then a runtime module swap (gpt-fast): the output is an ordinary glmkit checkpoint whose
+``config.json`` and safetensors header record the scheme, so ``GLM.from_pretrained`` loads it into the same model
+class and ``glmkit.generate`` runs it unchanged. Word embeddings (and so the tied LM head), position embeddings,
+LayerNorms and biases keep the source precision unless ``--quantize-embeddings``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+from pathlib import Path
+
+from ..model import GLM
+from .modules import quantize_model
+from .scheme import GROUP_SIZES, QuantScheme
+
+# files of a checkpoint folder that the quantized copy replaces or drops; everything else (tokenizer, README) is copied
+_NOT_COPIED = ("config.json", "model*.safetensors*", "pytorch_model*.bin*", "mp_rank_*", "training_*")
+
+
+def quantize_checkpoint(
+    src: str | Path, dst: str | Path, bits: int, group_size: int = 32, quantize_embeddings: bool = False
+) -> None:
+    """Quantize the checkpoint folder ``src`` into ``dst``.
+
+    Args:
+        src: a full-precision glmkit / hub checkpoint folder.
+        dst: the output folder (written atomically; must differ from ``src``).
+        bits: 8 (symmetric per output channel) or 4 (symmetric per group of ``group_size`` inputs).
+        group_size: inputs per int4 scale, 32, 64 or 128; must divide every layer's input width. Ignored for int8.
+        quantize_embeddings: also quantize the word embeddings and with them the tied LM head.
+    """
+    from ..checkpoint import read_quantization
+
+    src, dst = Path(src), Path(dst)
+    scheme = QuantScheme(bits, group_size if bits == 4 else None, quantize_embeddings)
+    if not src.is_dir():
+        raise FileNotFoundError(f"checkpoint folder {src} does not exist")
+    if dst.resolve() == src.resolve():
+        raise ValueError(f"OUT: {dst} is the input folder; write the quantized copy to another folder")
+    existing = read_quantization(src)
+    if existing is not None:
+        raise ValueError(
+            f"{src} is already quantized ({existing.describe()}); quantize the full-precision checkpoint instead"
+        )
+    model = GLM.from_pretrained(src)
+    quantize_model(model, scheme)  # checks every layer width first, then quantizes
+    model.save_pretrained(dst)
+    for f in src.iterdir():
+        if f.is_file() and not any(f.match(p) for p in _NOT_COPIED):
+            shutil.copy2(f, dst / f.name)
+
+
+def configure(p: argparse.ArgumentParser) -> None:
+    p.add_argument("src", metavar="IN", help="full-precision checkpoint folder")
+    p.add_argument("dst", metavar="OUT", help="folder for the quantized checkpoint")
+    p.add_argument("--bits", type=int, required=True, help="8: int8 per output channel; 4: int4 per group")
+    p.add_argument(
+        "--group-size", type=int, default=None, help=f"int4 only: inputs per scale, one of {GROUP_SIZES} (default 32)"
+    )
+    p.add_argument(
+        "--quantize-embeddings", action="store_true", help="also quantize the word embeddings / tied LM head"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.bits == 8 and args.group_size is not None:
+        raise ValueError("--group-size: int8 uses one scale per output channel; the group size is for --bits 4")
+    group_size = 32 if args.group_size is None else args.group_size
+    quantize_checkpoint(args.src, args.dst, args.bits, group_size, args.quantize_embeddings)
+    scheme = QuantScheme(args.bits, group_size if args.bits == 4 else None, args.quantize_embeddings)
+    size = sum(f.stat().st_size for f in Path(args.dst).glob("*.safetensors"))
+    print(f"wrote {args.dst} ({scheme.describe()}, {size / 2**20:.1f} MiB of weights)")
+    return 0

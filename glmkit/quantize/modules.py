@@ -1,0 +1,155 @@
+"""Quantized modules and the swaps that put them into a GLM from outside (gpt-fast's runtime module swap).
+
+``quantize_model`` quantizes a loaded float model in place; ``convert_for_runtime`` gives a (meta) model the empty
+quantized modules a quantized checkpoint's tensors are assigned to. Both swap ``nn.Linear`` → ``QuantizedLinear``
+and, with ``embeddings``, ``wte`` → ``QuantizedEmbedding`` and the tied head → ``QuantizedTiedHead``; model.py is
+untouched. The integer weight sits where the float one was, under the same name (``weight``), next to
+``weight_scale``: the hub layout of ChatGLM's quantized checkpoints (chatglm-reference.md §3.2).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..kernels import linear_int4, linear_int8
+from ..kernels.reference import dequantize_int4, dequantize_int8
+from ..model import GLM, TiedLMHead
+from .core import quantize_int4, quantize_int8
+from .scheme import QuantScheme
+
+
+class _QuantizedWeight(nn.Module):
+    """An integer ``weight`` with its ``weight_scale``: int8 ``[N, K]`` + ``[N]``, or int4 ``uint8 [N, K/2]`` +
+    ``[N, K/group]``. Scales are made in bf16 and then follow the model's float dtype (``.to(dtype)``)."""
+
+    def __init__(self, n: int, k: int, scheme: QuantScheme, device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self.bits, self.group_size = scheme.bits, scheme.group_size
+        if scheme.bits == 8:
+            self.register_buffer("weight", torch.empty(n, k, dtype=torch.int8, device=device))
+            self.register_buffer("weight_scale", torch.empty(n, dtype=torch.bfloat16, device=device))
+        else:
+            self.register_buffer("weight", torch.empty(n, k // 2, dtype=torch.uint8, device=device))
+            self.register_buffer(
+                "weight_scale", torch.empty(n, k // scheme.group_size, dtype=torch.bfloat16, device=device)
+            )
+
+    def set_from(self, weight: torch.Tensor) -> None:
+        q, s = quantize_int8(weight) if self.bits == 8 else quantize_int4(weight, self.group_size)
+        self.weight, self.weight_scale = q.to(weight.device), s.to(weight.device)
+
+    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if self.bits == 8:
+            return linear_int8(x, self.weight, self.weight_scale, bias)
+        return linear_int4(x, self.weight, self.weight_scale, self.group_size, bias)
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        if self.bits == 8:
+            return dequantize_int8(self.weight, self.weight_scale, dtype)
+        return dequantize_int4(self.weight, self.weight_scale, self.group_size, dtype)
+
+
+class QuantizedLinear(_QuantizedWeight):
+    """Weight-only quantized ``nn.Linear``: integer weight, float bias, output in the input's dtype."""
+
+    def __init__(
+        self, in_features: int, out_features: int, bias: bool, scheme: QuantScheme, device=None, dtype=None
+    ) -> None:
+        super().__init__(out_features, in_features, scheme, device)
+        self.in_features, self.out_features = in_features, out_features
+        self.bias = (
+            nn.Parameter(torch.empty(out_features, device=device, dtype=dtype), requires_grad=False) if bias else None
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.matmul(x, self.bias)
+
+    def extra_repr(self) -> str:
+        sizes = f"in_features={self.in_features}, out_features={self.out_features}"
+        return f"{sizes}, bits={self.bits}, group_size={self.group_size}"
+
+
+class QuantizedEmbedding(_QuantizedWeight):
+    """Word embeddings quantized per vocabulary row; lookups dequantize the rows they gather (in the scale's dtype),
+    and ``linear`` serves the tied LM head from the same integers."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, scheme: QuantScheme, device=None) -> None:
+        super().__init__(num_embeddings, embedding_dim, scheme, device)
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = F.embedding(ids.reshape(-1), self.weight)
+        scales = F.embedding(ids.reshape(-1), self.weight_scale.view(self.num_embeddings, -1))
+        if self.bits == 8:
+            out = dequantize_int8(rows, scales.view(-1), self.weight_scale.dtype)
+        else:
+            out = dequantize_int4(rows, scales, self.group_size, self.weight_scale.dtype)
+        return out.view(*ids.shape, self.embedding_dim)
+
+    def linear(self, x: torch.Tensor) -> torch.Tensor:
+        return self.matmul(x)
+
+
+class QuantizedTiedHead(TiedLMHead):
+    def forward(self, x: torch.Tensor, wte: nn.Module) -> torch.Tensor:
+        return wte.linear(x)
+
+
+def _targets(model: GLM, scheme: QuantScheme) -> list[tuple[nn.Module, str, nn.Module]]:
+    """(parent, attribute, module) for every module the scheme quantizes, checked against its widths first."""
+    out = []
+    for parent_name, parent in model.named_modules():
+        for name, child in parent.named_children():
+            full = f"{parent_name}.{name}".lstrip(".")
+            if type(child) is nn.Linear:
+                scheme.check_width(full, child.in_features)
+                out.append((parent, name, child))
+            elif scheme.embeddings and parent is model and name in ("wte", "lm_head"):
+                if name == "wte":
+                    scheme.check_width("wte (the word embeddings / tied LM head; the hidden size)", child.embedding_dim)
+                out.append((parent, name, child))
+    return out
+
+
+def _swap(model: GLM, scheme: QuantScheme, quantize: bool) -> GLM:
+    for parent, name, child in _targets(model, scheme):
+        if isinstance(child, nn.Linear):
+            w = child.weight
+            new = QuantizedLinear(
+                child.in_features, child.out_features, child.bias is not None, scheme, w.device, w.dtype
+            )
+            if child.bias is not None:
+                new.bias = nn.Parameter(child.bias.detach(), requires_grad=False)
+        elif isinstance(child, nn.Embedding):
+            w = child.weight
+            new = QuantizedEmbedding(child.num_embeddings, child.embedding_dim, scheme, w.device)
+        else:
+            setattr(parent, name, QuantizedTiedHead())
+            continue
+        if quantize:
+            new.set_from(w)
+        setattr(parent, name, new)
+    return model
+
+
+def quantize_model(model: GLM, scheme: QuantScheme) -> GLM:
+    """Quantize a float GLM in place; returns it."""
+    return _swap(model, scheme, quantize=True)
+
+
+def convert_for_runtime(model: GLM, scheme: QuantScheme) -> GLM:
+    """Give ``model`` (usually on the meta device) the empty quantized modules of ``scheme``; returns it."""
+    return _swap(model, scheme, quantize=False)
+
+
+def scheme_of(model: nn.Module) -> QuantScheme | None:
+    """The scheme a model was quantized with (from its modules), or ``None`` for a float model."""
+    found = [m for m in model.modules() if isinstance(m, _QuantizedWeight)]
+    if not found:
+        return None
+    first = found[0]
+    if any((m.bits, m.group_size) != (first.bits, first.group_size) for m in found):
+        raise ValueError("the model mixes quantization schemes; glmkit checkpoints record one scheme per model")
+    return QuantScheme(first.bits, first.group_size, any(isinstance(m, QuantizedEmbedding) for m in found))

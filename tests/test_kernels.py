@@ -1,0 +1,124 @@
+"""glmkit.kernels: the C++ kernels compute the reference math (dequantize, then matmul) for decode-sized and odd
+shapes, every dtype they take, and the swapped-in modules leave a model's function unchanged."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import glmkit.kernels as kernels
+from glmkit import GLM
+from glmkit.kernels import reference
+from glmkit.quantize import quantize_int4, quantize_int8
+from tests.helpers.generation import FIXTURE
+
+needs_kernels = pytest.mark.skipif(
+    not kernels.available(), reason=f"C++ kernels not available: {kernels.unavailable_reason()}"
+)
+ROWS = [1, 4, 5, 32]
+SHAPES = [(7, 32), (13, 96), (64, 64), (37, 160), (130, 256)]  # N, K: odd row counts, K % 64 == 32 tails
+
+
+def close(y: torch.Tensor, ref: torch.Tensor, rel: float) -> None:
+    """max |y - ref| <= rel * max |ref|: the kernels sum in another order (and in fp32 before rounding)."""
+    err = (y.float() - ref.float()).abs().max().item()
+    assert err <= rel * ref.float().abs().max().item(), (err, ref.abs().max().item())
+
+
+def bf16_exact(x: torch.Tensor) -> torch.Tensor:
+    return x.bfloat16().float()
+
+
+@needs_kernels
+@pytest.mark.parametrize("M", ROWS)
+@pytest.mark.parametrize("N,K", SHAPES + [(5, 33), (9, 1000)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_bf16_kernel_is_the_reference_math(M, N, K, dtype):
+    x, w, b = torch.randn(M, K).to(dtype), torch.randn(N, K).bfloat16(), torch.randn(N).to(dtype)
+    y = kernels.linear_bf16(x, w, b)
+    assert y.dtype == dtype and y.shape == (M, N)
+    # the kernel rounds x to bf16, multiplies exactly, sums in fp32, then rounds once to the output dtype
+    close(y, F.linear(bf16_exact(x), w.float(), b.float()), 1e-5 if dtype == torch.float32 else 2**-8)
+    close(y, reference.linear_bf16(x, w, b), 2**-7)  # the fallback path
+
+
+@needs_kernels
+@pytest.mark.parametrize("M", ROWS)
+@pytest.mark.parametrize("N,K", SHAPES + [(5, 33), (3, 8200)])
+@pytest.mark.parametrize("scale_dtype", [torch.float32, torch.bfloat16])
+def test_int8_kernel_is_the_reference_math(M, N, K, scale_dtype):
+    q, s = quantize_int8(torch.randn(N, K))
+    s = s.to(scale_dtype)
+    x, b = torch.randn(M, K), torch.randn(N)
+    ref = F.linear(x, reference.dequantize_int8(q, s), b)
+    # activations are held as 16-bit fixed point per row: error ~ max|x| / 2^16 per element
+    close(kernels.linear_int8(x, q, s, b), ref, 1e-4)
+    close(
+        kernels.linear_int8(x.bfloat16(), q, s, b.bfloat16()),
+        F.linear(bf16_exact(x), q.float() * s.float()[:, None], b),
+        2**-7,
+    )
+    close(kernels.linear_int8(x, q, s, b), reference.linear_int8(x, q, s, b), 1e-4)
+
+
+@needs_kernels
+@pytest.mark.parametrize("M", ROWS)
+@pytest.mark.parametrize("N,K,group_size", [(N, K, g) for N, K in SHAPES for g in (32, 64, 128) if K % g == 0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int4_kernel_is_the_reference_math(M, N, K, group_size, dtype):
+    packed, s = quantize_int4(torch.randn(N, K), group_size)
+    x, b = torch.randn(M, K).to(dtype), torch.randn(N)
+    y = kernels.linear_int4(x, packed, s, group_size, b)
+    assert y.dtype == dtype
+    ref = F.linear(bf16_exact(x), reference.dequantize_int4(packed, s, group_size), b)
+    close(y, ref, 2e-5 if dtype == torch.float32 else 2**-8)
+    close(y, reference.linear_int4(x, packed, s, group_size, b), 2**-7)
+    close(
+        kernels.linear_int4(x, packed, s.float(), group_size, None), ref - b, 2e-5 if dtype == torch.float32 else 2**-8
+    )
+
+
+@pytest.mark.parametrize("K", [32, 64, 96, 160, 256])
+def test_int4_packing_round_trips(K):
+    u = torch.randint(0, 16, (3, K), dtype=torch.uint8)
+    packed = reference.pack_int4(u)
+    assert packed.shape == (3, K // 2) and packed.dtype == torch.uint8
+    assert torch.equal(reference.unpack_int4(packed), u)
+    # the documented layout: byte j of a 64-input chunk holds inputs j (low nibble) and j + 32 (high nibble)
+    if K >= 64:
+        assert packed[0, 5].item() == u[0, 5].item() | (u[0, 37].item() << 4)
+
+
+@needs_kernels
+def test_public_functions_take_the_kernel_path(monkeypatch):
+    for name in ("linear_bf16", "linear_int8", "linear_int4"):
+        monkeypatch.setattr(reference, name, lambda *a, name=name: pytest.fail(f"{name} fell back to the reference"))
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
+    kernels.linear_bf16(x, torch.randn(5, 64).bfloat16(), torch.zeros(5))
+    kernels.linear_int8(x, *quantize_int8(torch.randn(5, 64)))
+    kernels.linear_int4(x[None], *quantize_int4(torch.randn(5, 64), 32), 32)
+
+
+def test_fallback_handles_what_the_kernels_do_not():
+    w = torch.randn(6, 32).bfloat16()
+    x = torch.randn(2, 32, dtype=torch.float16)
+    assert kernels.linear_bf16(x, w).dtype == torch.float16  # fp16 activations: reference path
+    xg = torch.randn(2, 32, requires_grad=True)
+    y = kernels.linear_bf16(xg, w.float().requires_grad_())  # autograd: reference path
+    y.sum().backward()
+    assert xg.grad is not None
+    with pytest.raises(RuntimeError):
+        kernels.linear_bf16(torch.randn(2, 31), w)  # shape errors come from the reference
+
+
+@needs_kernels
+def test_replace_linear_keeps_the_function_and_the_state_dict():
+    model = GLM.from_pretrained(FIXTURE, dtype=torch.bfloat16)
+    ids = torch.randint(0, 579, (2, 9))
+    keys = list(model.state_dict())
+    with torch.no_grad():
+        before = model(ids).float()
+        kernels.replace_linear(model)
+        after = model(ids).float()
+    assert type(model.blocks[0].attn.qkv) is kernels.FastLinear and type(model.lm_head) is kernels.FastTiedHead
+    assert list(model.state_dict()) == keys
+    close(after, before, 0.03)  # bf16 model: stock and kernel sum in different orders and round differently
