@@ -95,7 +95,9 @@ def serve(
 
 def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="checkpoint folder with its tokenizer (default: the bundled model)")
-    p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback; 0.0.0.0 exposes it)")
+    p.add_argument(
+        "--host", default="127.0.0.1", help="bind address (default %(default)s: loopback only; 0.0.0.0 exposes it)"
+    )
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every route but health")
     p.add_argument("--max-num-seqs", type=int, default=16, help="sequences decoding together (KV slots)")
