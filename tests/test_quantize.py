@@ -1,0 +1,208 @@
+"""Weight-only INT8 / INT4 quantization: error bounds, checkpoints that record their scheme and round-trip bit for
+bit, quantized logits close to full precision (int8 much closer than int4), generation, and every bad input."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from glmkit import GLM
+from glmkit.checkpoint import CheckpointError, read_metadata
+from glmkit.cli import main as cli
+from glmkit.generate import generate
+from glmkit.kernels import reference
+from glmkit.quantize import (
+    QuantizedEmbedding,
+    QuantizedLinear,
+    QuantScheme,
+    quantize_checkpoint,
+    quantize_int4,
+    quantize_int8,
+    quantize_model,
+)
+from tests.helpers.generation import FIXTURE, SPECIAL
+
+PROMPTS = [[582, 5, 6, 7, 583, 8, 9], [582, 40, 41, 42, 43, 44, 45, 46, 47, 579]]
+QKV = "glm.transformer.layers.0.attention.query_key_value"
+
+
+@pytest.fixture(scope="module")
+def quantized(tmp_path_factory):
+    """The reference fixture quantized three ways: {name: folder}."""
+    root = tmp_path_factory.mktemp("q")
+    out = {}
+    for name, kw in {
+        "int8": {"bits": 8},
+        "int4": {"bits": 4},
+        "int4-emb": {"bits": 4, "quantize_embeddings": True},
+    }.items():
+        out[name] = root / name
+        quantize_checkpoint(FIXTURE, out[name], **kw)
+    return out
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def test_int8_error_is_at_most_half_a_step():
+    w = torch.randn(64, 96) * torch.rand(64, 1)  # rows of different ranges
+    q, s = quantize_int8(w)
+    assert q.dtype == torch.int8 and s.dtype == torch.bfloat16 and s.shape == (64,)
+    assert (s.float() >= w.abs().amax(1) / 127).all()  # scales rounded up: nothing clips
+    err = (reference.dequantize_int8(q, s) - w).abs()
+    assert (err <= s.float()[:, None] / 2 * (1 + 1e-6)).all()
+    assert rel_err(reference.dequantize_int8(q, s), w) < 0.01
+
+
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+def test_int4_error_bounds(group_size):
+    w = torch.randn(16, 256)
+    packed, s = quantize_int4(w, group_size)
+    assert packed.shape == (16, 128) and s.shape == (16, 256 // group_size) and s.dtype == torch.bfloat16
+    deq = reference.dequantize_int4(packed, s, group_size)
+    step = s.float().abs().repeat_interleave(group_size, dim=1)
+    err = (deq - w).abs()
+    assert (err <= step * (1 + 1e-6)).all()  # half a step, a whole one where +8 clamps to +7
+    assert (err <= step / 2 * (1 + 1e-6)).float().mean() > 0.99
+    extreme = w.view(16, -1, group_size).abs().amax(-1)
+    assert torch.allclose(deq.view(16, -1, group_size).abs().amax(-1), extreme, rtol=2**-7)  # the extreme is exact
+    assert rel_err(deq, w) < {32: 0.1, 64: 0.11, 128: 0.12}[group_size]
+
+
+def test_checkpoint_records_the_scheme_and_round_trips_bit_exact(quantized, tmp_path):
+    folder = quantized["int4"]
+    config = json.loads((folder / "config.json").read_text())
+    expected = {"bits": 4, "group_size": 32, "embeddings": False, "format": "glmkit-weight-only-v1"}
+    assert config["glmkit_quantization"] == expected
+    assert json.loads(read_metadata(folder / "model.safetensors")["glmkit_quantization"]) == expected
+    tensors = load_file(folder / "model.safetensors")
+    assert tensors[f"{QKV}.weight"].dtype == torch.uint8 and tensors[f"{QKV}.weight"].shape == (192, 32)
+    assert tensors[f"{QKV}.weight_scale"].shape == (192, 2)
+    assert tensors["glm.word_embeddings.weight"].dtype == torch.float32  # embeddings / tied head kept
+
+    model = GLM.from_pretrained(folder)
+    assert isinstance(model.blocks[1].mlp.proj, QuantizedLinear)
+    in_memory = quantize_model(GLM.from_pretrained(FIXTURE), QuantScheme(4, 32))
+    model.save_pretrained(tmp_path / "again")
+    again = GLM.from_pretrained(tmp_path / "again").state_dict()
+    for name, t in model.state_dict().items():
+        for other in (in_memory.state_dict()[name], again[name]):
+            assert t.dtype == other.dtype and torch.equal(t, other), name
+    nbytes = sum(tensors[f"{QKV}.{k}"].nbytes for k in ("weight", "weight_scale"))
+    assert nbytes == 192 * 64 * (1 / 2 + 2 / 32)  # 4 bits + a bf16 scale per 32 weights (vs 32 bits in fp32)
+
+
+def test_quantized_logits_are_close_int8_much_closer(quantized):
+    ids = torch.randint(0, 579, (2, 12))
+    with torch.no_grad():
+        full = GLM.from_pretrained(FIXTURE)(ids)
+        errs = {name: rel_err(GLM.from_pretrained(f)(ids), full) for name, f in quantized.items()}
+        bf16 = GLM.from_pretrained(quantized["int8"], dtype=torch.bfloat16)
+        errs["int8-bf16"] = rel_err(bf16(ids), full)
+    assert errs["int8"] < 0.03 and errs["int8-bf16"] < 0.04
+    assert errs["int4"] < 0.4 and errs["int4-emb"] < 0.5
+    assert errs["int8"] < errs["int4"] / 5
+
+
+def test_quantized_models_generate(quantized):
+    full = generate(GLM.from_pretrained(FIXTURE), PROMPTS, special_tokens=SPECIAL, max_new_tokens=6)
+    for name in ("int8", "int4-emb"):
+        for dtype in (torch.float32, torch.bfloat16):
+            model = GLM.from_pretrained(quantized[name], dtype=dtype)
+            out = generate(model, PROMPTS, special_tokens=SPECIAL, max_new_tokens=6)
+            assert out.sequences.shape == full.sequences.shape
+            if name == "int8" and dtype == torch.float32:
+                assert out.new_tokens == full.new_tokens
+
+
+def test_embeddings_quantized_on_request(quantized):
+    model = GLM.from_pretrained(quantized["int4-emb"], dtype=torch.bfloat16)
+    assert isinstance(model.wte, QuantizedEmbedding) and model.wte.weight.dtype == torch.uint8
+    assert model.wpe.weight.dtype == torch.bfloat16 and model.ln_f.weight.dtype == torch.bfloat16
+    with torch.no_grad():
+        assert model(torch.tensor([[582, 5, 6]])).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        ({"bits": 3}, "bits: 3 is not supported"),
+        ({"bits": 4, "group_size": 48}, "group_size: 48 is not supported"),
+        ({"bits": 4, "group_size": 128}, "128 does not divide the input width 64 of blocks.0.attn.qkv"),
+    ],
+)
+def test_bad_settings_are_named(tmp_path, kw, match):
+    with pytest.raises(ValueError, match=match):
+        quantize_checkpoint(FIXTURE, tmp_path / "out", **kw)
+    assert not (tmp_path / "out").exists()
+
+
+def test_quantizing_twice_or_in_place_is_refused(quantized, tmp_path):
+    with pytest.raises(ValueError, match="already quantized"):
+        quantize_checkpoint(quantized["int8"], tmp_path / "twice", bits=4)
+    with pytest.raises(ValueError, match="input folder"):
+        quantize_checkpoint(FIXTURE, FIXTURE, bits=8)
+
+
+def _copy(src, dst, config_edit=None, tensors_edit=None, header="sync"):
+    """A copy of checkpoint ``src`` with edits; ``header="sync"`` records the edited config's scheme in the
+    safetensors header too (so only the tensors can disagree), ``"keep"`` keeps the original header."""
+    dst.mkdir()
+    config = json.loads((src / "config.json").read_text())
+    tensors = load_file(src / "model.safetensors")
+    metadata = read_metadata(src / "model.safetensors")
+    if config_edit:
+        config_edit(config)
+    if tensors_edit:
+        tensors_edit(tensors)
+    if header == "sync":
+        metadata.pop("glmkit_quantization", None)
+        if "glmkit_quantization" in config:
+            metadata["glmkit_quantization"] = json.dumps(config["glmkit_quantization"])
+    (dst / "config.json").write_text(json.dumps(config))
+    save_file(tensors, str(dst / "model.safetensors"), metadata=metadata)
+    return dst
+
+
+def _set_scheme(**values):
+    def edit(config):
+        config["glmkit_quantization"] |= values
+
+    return edit
+
+
+def _drop_scheme(config):
+    del config["glmkit_quantization"]
+
+
+def _to_float(tensors):
+    tensors[f"{QKV}.weight"] = tensors[f"{QKV}.weight"].float()
+
+
+@pytest.mark.parametrize(
+    "source,edits,match",
+    [  # metadata that disagrees with the tensors, or with itself, is refused with the key named
+        ("int4", {"config_edit": _set_scheme(bits=8, group_size=None)}, r"\.weight: checkpoint has torch.uint8"),
+        ("int4", {"config_edit": _set_scheme(group_size=64)}, r"\.weight_scale: checkpoint shape \(\d+, 2\)"),
+        ("int8", {"config_edit": _set_scheme(bits=4, group_size=32)}, r"\.weight: checkpoint has torch.int8"),
+        ("int8", {"config_edit": _drop_scheme}, r"\.weight: checkpoint has torch.int8 .*not quantized"),
+        ("int8", {"config_edit": _drop_scheme, "header": "keep"}, "disagrees with"),
+        ("int8", {"config_edit": _set_scheme(group_size=32), "header": "keep"}, "group_size"),
+        ("int8", {"tensors_edit": _to_float}, f"{QKV}.weight: checkpoint has torch.float32"),
+    ],
+)
+def test_metadata_that_disagrees_is_refused(quantized, tmp_path, source, edits, match):
+    with pytest.raises(CheckpointError, match=match):
+        GLM.from_pretrained(_copy(quantized[source], tmp_path / "bad", **edits))
+
+
+def test_cli(tmp_path, capsys):
+    assert cli(["quantize", str(FIXTURE), str(tmp_path / "q8"), "--bits", "8"]) == 0
+    assert "int8 per channel" in capsys.readouterr().out
+    assert cli(["quantize", str(FIXTURE), str(tmp_path / "q4"), "--bits", "4", "--group-size", "64"]) == 0
+    assert GLM.from_pretrained(tmp_path / "q4").blocks[0].attn.qkv.group_size == 64
+    assert cli(["quantize", str(FIXTURE), str(tmp_path / "x"), "--bits", "8", "--group-size", "64"]) == 2
+    assert cli(["quantize", str(FIXTURE), str(tmp_path / "x"), "--bits", "4", "--group-size", "128"]) == 2
+    assert "does not divide" in capsys.readouterr().err
