@@ -17,10 +17,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval-cloze": ("glmkit.cloze", "zero-shot single-word cloze accuracy on held-out data vs a unigram baseline"),
     "prepare-data": ("glmkit.data.prepare", "tokenize .txt/.jsonl/.parquet corpora into memory-mapped token shards"),
     "train-tokenizer": ("glmkit.train_tokenizer", "train a byte-level BPE tokenizer with the GLM special tokens"),
-    "serve": (
-        "glmkit.serve.server",
-        "serve a GLM over the Triton (KServe v2) and OpenAI HTTP APIs with continuous batching",
-    ),
+    "serve": ("glmkit.serve.server", "serve over the Triton (KServe v2) and OpenAI HTTP APIs, continuous batching"),
+    "export-triton": ("glmkit.serve.export", "write a Triton model repository (Python backend) that runs glmkit"),
     "quantize": ("glmkit.quantize.convert", "write a weight-only INT8 / INT4 copy of a checkpoint (smaller, faster)"),
     "generate": ("glmkit.generate.cli", "fill the [MASK]/[sMASK]/[gMASK] blanks of a text, or continue it"),
     "compare-decoding": ("glmkit.generate.compare", "greedy, beam, top-k, top-p, temperature: quality and speed"),

@@ -24,7 +24,7 @@ from .batcher import DynamicBatcher
 from .engine import AsyncLLMEngine
 from .request import TokenLogprob
 from .sampling import Limits, SamplingParams
-from .scoring import Kind, Scorer, ScoreRow
+from .scoring import Kind, Scorer, ScoreResult, ScoreRow
 from .specs import EMBED, LOGITS, SCORE, ModelSpec
 from .stats import ModelStats
 from .text import IncrementalText, completion_ids
@@ -215,12 +215,23 @@ class LLMModel:
 
 
 class OneShotModel:
-    """``glm_score`` / ``glm_embed`` / ``glm_logits``: rows of a request go through the dynamic batcher together."""
+    """``glm_score`` / ``glm_embed`` / ``glm_logits``: rows of a request go through the dynamic batcher together.
+
+    Inside Triton (export.py) Triton batches instead: ``rows`` and ``outputs`` are used around the ``Scorer``.
+    """
 
     KINDS: dict[str, Kind] = {SCORE: "loglikelihood", EMBED: "embedding", LOGITS: "logits"}
 
-    def __init__(self, spec: ModelSpec, scorer: Scorer, tokenizer: Any, batcher: DynamicBatcher, stats: ModelStats):
-        self.spec, self.scorer, self.tok, self.batcher, self.stats = spec, scorer, tokenizer, batcher, stats
+    def __init__(
+        self,
+        spec: ModelSpec,
+        scorer: Scorer,
+        tokenizer: Any,
+        batcher: DynamicBatcher | None = None,
+        stats: ModelStats | None = None,
+    ) -> None:
+        self.spec, self.scorer, self.tok = spec, scorer, tokenizer
+        self.batcher, self.stats = batcher, stats or ModelStats(spec.name)
         self.kind = self.KINDS[spec.name]
         self.ready = True
 
@@ -234,19 +245,24 @@ class OneShotModel:
             for t, c in zip(texts, conts, strict=True)
         ]
 
-    async def infer(self, inputs: dict[str, np.ndarray], params: dict[str, Any]) -> dict[str, np.ndarray]:
-        rows = self.rows(inputs)
-        batch = inputs["text_input"].shape[0] if self.spec.max_batch_size else 1
-        results = await self.batcher.submit(rows, batch_size=max(1, batch), **schedule_params(params))
-        shape = (len(rows), 1) if self.spec.max_batch_size else (1,)
+    def outputs(self, results: list[ScoreResult]) -> dict[str, np.ndarray]:
+        """Output tensors of one request's rows (a leading batch dimension when the model batches)."""
+        shape = (len(results), 1) if self.spec.max_batch_size else (1,)
         if self.kind == "loglikelihood":
             return {
                 "logprob": np.array([r.logprob for r in results], dtype=np.float32).reshape(shape),
                 "is_greedy": np.array([r.is_greedy for r in results], dtype=np.bool_).reshape(shape),
                 "num_tokens": np.array([len(r.token_logprobs) for r in results], dtype=np.int32).reshape(shape),
             }
-        name = "embedding" if self.kind == "embedding" else "logits"
-        return {name: np.stack([(r.embedding if name == "embedding" else r.logits).numpy() for r in results])}
+        vectors = [(r.embedding if self.kind == "embedding" else r.logits).numpy() for r in results]
+        stacked = np.stack(vectors) if self.spec.max_batch_size else vectors[0]
+        return {"embedding" if self.kind == "embedding" else "logits": stacked}
+
+    async def infer(self, inputs: dict[str, np.ndarray], params: dict[str, Any]) -> dict[str, np.ndarray]:
+        assert self.batcher is not None
+        rows = self.rows(inputs)
+        results = await self.batcher.submit(rows, batch_size=len(rows), **schedule_params(params))
+        return self.outputs(results)
 
 
 def schedule_params(params: dict[str, Any]) -> dict[str, Any]:

@@ -140,7 +140,8 @@ class ModelSpec:
             lines.append(_batching_pbtxt(self.dynamic_batching))
         lines.append(f"instance_group [ {{ count: 1 kind: {instance_kind} }} ]")
         for k, v in self.parameters.items():
-            lines.append(f'parameters: {{ key: "{k}" value: {{ string_value: "{v}" }} }}')
+            value = v.replace("\\", "\\\\").replace('"', '\\"')
+            lines.append(f'parameters: {{ key: "{k}" value: {{ string_value: "{value}" }} }}')
         return "\n".join(lines) + "\n"
 
 

@@ -1,0 +1,148 @@
+"""``glmkit export-triton``: every config.pbtxt parses as Triton's ModelConfig and passes its load-time checks,
+and every exported model.py runs against a stand-in for triton_python_backend_utils, giving the native server's
+answers."""
+
+import importlib.util
+import sys
+import time
+
+import numpy as np
+import pytest
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2
+
+from glmkit.cli import main
+from glmkit.generate import generate
+from glmkit.serve.scoring import Scorer, ScoreRow
+from glmkit.serve.text import completion_ids, safe_decode
+from tests.serve import fake_pb_utils as pb
+
+
+@pytest.fixture(scope="module")
+def repo(model_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("triton") / "repo"
+    assert main(["export-triton", str(out), "--model", str(model_dir), "--max-batch-size", "4"]) == 0
+    return out
+
+
+def parse(path):
+    return text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
+
+
+def test_configs_parse_and_pass_triton_checks(repo):
+    names = sorted(p.name for p in repo.iterdir())
+    assert names == ["glm_embed", "glm_logits", "glm_score", "llm"]
+    for name in names:
+        cfg = parse(repo / name / "config.pbtxt")
+        assert cfg.name == name and cfg.backend == "python" and not cfg.platform
+        assert (repo / name / "1" / "model.py").is_file()
+        assert cfg.max_batch_size >= 0 and len(cfg.instance_group) == 1
+        assert cfg.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_CPU
+        db = cfg.dynamic_batching
+        assert all(1 <= s <= cfg.max_batch_size for s in db.preferred_batch_size)
+        if db.priority_levels:
+            assert 1 <= db.default_priority_level <= db.priority_levels
+        assert not (db.preserve_ordering and db.priority_levels > 1)
+        assert "checkpoint" in cfg.parameters
+    llm = parse(repo / "llm" / "config.pbtxt")
+    assert llm.max_batch_size == 0 and llm.model_transaction_policy.decoupled
+    assert [i.name for i in llm.input] == ["text_input", "stream", "sampling_parameters", "exclude_input_in_output"]
+    assert [i.optional for i in llm.input] == [False, True, True, True]
+    assert llm.input[0].data_type == model_config_pb2.TYPE_STRING and list(llm.input[0].dims) == [1]
+    assert [o.name for o in llm.output] == ["text_output", "finish_reason"]
+    score = parse(repo / "glm_score" / "config.pbtxt")
+    assert score.max_batch_size == 4 and score.HasField("dynamic_batching")
+    assert score.dynamic_batching.max_queue_delay_microseconds == 1000
+    assert score.dynamic_batching.default_queue_policy.max_queue_size == 256
+    assert (repo / "llm" / "1" / "checkpoint" / "config.json").is_file()
+
+
+def load_model(repo, name):
+    sys.modules["triton_python_backend_utils"] = pb
+    spec = importlib.util.spec_from_file_location(f"exported_{name}", repo / name / "1" / "model.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    m = module.TritonPythonModel()
+    config = (repo / name / "config.pbtxt").read_text()
+    from google.protobuf import json_format
+
+    parsed = text_format.Parse(config, model_config_pb2.ModelConfig())
+    as_json = json_format.MessageToJson(parsed, preserving_proto_field_name=True)  # Triton writes snake_case
+    args = {
+        "model_config": as_json,
+        "model_instance_kind": "CPU",
+        "model_instance_device_id": "0",
+        "model_repository": str(repo / name),
+        "model_version": "1",
+        "model_name": name,
+    }
+    m.initialize(args)
+    return m
+
+
+def text(s):
+    return pb.Tensor("text_input", np.array([s.encode()], dtype=object))
+
+
+def test_decoupled_llm_streams_then_final(repo, model_and_tokenizer):
+    model, tok = model_and_tokenizer
+    m = load_model(repo, "llm")
+    try:
+        params = {"max_tokens": 8, "temperature": 0}
+        streamed = pb.InferenceRequest(
+            {"text_input": text("the king said"), "stream": pb.Tensor("stream", np.array([True]))}, params
+        )
+        whole = pb.InferenceRequest({"text_input": text("the king said")}, params)
+        bad = pb.InferenceRequest({"text_input": text("x")}, {"max_tokens": -1})
+        cancelled = pb.InferenceRequest(
+            {"text_input": text("a"), "stream": pb.Tensor("stream", np.array([True]))},
+            {"max_tokens": 40, "temperature": 0},
+            pb.ResponseSender(cancel_after=2),
+        )
+        assert m.execute([streamed, whole, bad, cancelled]) is None
+        for r in (streamed, whole, bad, cancelled):
+            assert r.sender.done.wait(30)
+            assert r.sender.final_flags == 1
+        expected = "the king said" + safe_decode(
+            tok, generate(model, completion_ids(tok, "the king said"), max_new_tokens=8).new_tokens[0]
+        )
+        chunks = [r.output("text_output")[0].decode() for r in streamed.sender.responses]
+        assert len(chunks) >= 2 and "".join(chunks) == expected
+        assert [r.output("text_output")[0].decode() for r in whole.sender.responses] == [expected]
+        assert bad.sender.responses[0].error is not None and "max_tokens" in bad.sender.responses[0].error.message()
+        assert len(cancelled.sender.responses) == 2
+        engine = m.impl.engine.engine
+        for _ in range(100):
+            if not engine.has_unfinished_requests():
+                break
+            time.sleep(0.02)
+        assert engine.scheduler.num_free_slots == engine.config.max_num_seqs
+    finally:
+        m.finalize()
+
+
+def test_batched_score_model(repo, model_and_tokenizer):
+    model, tok = model_and_tokenizer
+    m = load_model(repo, "glm_score")
+
+    def req(ctx, cont):
+        return pb.InferenceRequest(
+            {
+                "text_input": pb.Tensor("text_input", np.array([[c.encode()] for c in ctx], dtype=object)),
+                "continuation": pb.Tensor("continuation", np.array([[c.encode()] for c in cont], dtype=object)),
+            }
+        )
+
+    bad = pb.InferenceRequest({"text_input": pb.Tensor("text_input", np.array([[b"\xff"]], dtype=object))})
+    responses = m.execute([req(["the king", "go"], ["said", "and"]), bad, req(["land"], ["of"])])
+    assert len(responses) == 3 and responses[1].error is not None
+    lp = responses[0].output("logprob")
+    assert lp.shape == (2, 1) and responses[2].output("logprob").shape == (1, 1)
+    scorer = Scorer(model, tok.special)
+    alone = scorer([[scorer.check(ScoreRow("loglikelihood", completion_ids(tok, "go"), tok.encode("and")))]])
+    assert abs(float(lp[1, 0]) - alone[0][0].logprob) < 1e-4
+    embed = load_model(repo, "glm_embed")
+    out = embed.execute(
+        [pb.InferenceRequest({"text_input": pb.Tensor("text_input", np.array([[b"a"]], dtype=object))})]
+    )
+    assert out[0].output("embedding").shape == (1, model.config.n_embd)
