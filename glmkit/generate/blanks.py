@@ -17,9 +17,10 @@ import torch
 
 from ..config import SpecialTokens
 from ..kv_cache import KVCache
-from ..masks import find_blanks, part_b_positions
+from ..masks import find_blanks, mask_with_cache, part_b_positions, prefix_lm_mask
 from .config import GenerationConfig
-from .engine import Decoding, GLMStepper, prefill, resolve_special_tokens, seeded_generator
+from .engine import Decoding, GLMStepper, Streamer, prefill, resolve_special_tokens, seeded_generator
+from .fast import cache_dtype, forward_for
 from .stopping import FinishReason
 
 
@@ -59,17 +60,21 @@ def fill_blank_ids(
     special_tokens: SpecialTokens | None = None,
     tokenizer: GLMTokenizer | None = None,
     generator: torch.Generator | None = None,
+    streamer: Streamer | None = None,
     **kwargs: Any,
 ) -> BlankFill:
     """Fill every blank of one token sequence (usually ``[CLS] text [eos]``); ``kwargs`` as for ``generate``.
 
-    ``max_new_tokens`` and the other settings apply to each span; ``num_return_sequences`` must be 1.
+    ``max_new_tokens`` and the other settings apply to each span; ``num_return_sequences`` must be 1. A
+    transformers-style ``streamer`` sees each span as one generation: ``put(prompt)``, ``put(token)``..., ``end()``.
     """
     config = GenerationConfig.from_kwargs(generation_config, **kwargs)
     if config.num_return_sequences != 1:
         raise ValueError(
             f"num_return_sequences: blank filling returns one completion; got {config.num_return_sequences}"
         )
+    if streamer is not None and config.num_beams > 1:
+        raise ValueError("streamer: streaming is not supported with beam search (num_beams > 1)")
     special = resolve_special_tokens(model, special_tokens, tokenizer)
     row = list(input_ids)
     blanks = find_blanks(row, special.mask_ids())
@@ -82,7 +87,7 @@ def fill_blank_ids(
     device = next(model.parameters()).device
     max_new = min(config.max_new_tokens, cfg.max_sequence_length)
     R = config.num_beams
-    cache = KVCache.for_model(model, 1, len(row) + len(blanks) * (max_new + 1))
+    cache = KVCache.for_model(model, 1, len(row) + len(blanks) * (max_new + 1), dtype=cache_dtype(model))
     prefill(model, [row], cache)
     generator = seeded_generator(config, device, generator)  # one RNG stream across all spans
     eos_ids = config.eos_ids() or list(dict.fromkeys([special.eop, special.eos]))
@@ -108,7 +113,11 @@ def fill_blank_ids(
             tokenizer=tokenizer,
             generator=generator,
         )
-        out = decoding.run()
+        if streamer is not None:
+            streamer.put(ids.cpu())
+        out = decoding.run(streamer)
+        if streamer is not None:
+            streamer.end()
         span, reason = out.new_tokens[0], out.finish_reasons[0]
         span = span[:-1] if reason == "stop" else span  # the stop token is not part of the span
         spans.append(span)
@@ -124,7 +133,8 @@ def fill_blank_ids(
             feed_ids = ([special.sop] + span)[: cfg.max_sequence_length]
             pos, block = part_b_positions(p, len(feed_ids))
             feed = torch.tensor([feed_ids], device=device)
-            model(feed, torch.tensor([[pos, block]], device=device), None, cache=cache, return_hidden=True)
+            mask = mask_with_cache(prefix_lm_mask(0, len(feed_ids), device=device), [base], 1)  # causal span
+            forward_for(model)(feed, torch.tensor([[pos, block]], device=device), mask, cache, True)
     filled = dict(zip(blanks, spans, strict=True))
     completed = [t for i, tok in enumerate(row) for t in (filled[i] if i in filled else [tok])]
     return BlankFill(completed, spans, reasons, blanks)

@@ -24,6 +24,7 @@ from ..kv_cache import KVCache, KVCacheRows
 from ..masks import find_blanks, mask_with_cache, part_a_positions, part_b_step_positions, prefix_lm_mask
 from .beam import beam_search
 from .config import GenerationConfig
+from .fast import cache_dtype, forward_for
 from .processors import build_processors
 from .sampling import SampleRun, Stepper
 from .stopping import Decoder, FinishReason, StopCriteria, StopStrings
@@ -69,9 +70,9 @@ class GLMStepper:
     ) -> None:
         self.model, self.cache, self.blank_positions, self.sop_id = model, cache, blank_positions, sop_id
         self.block = 0
-        self.forward = model
+        self.forward = forward_for(model)
         if compile:
-            self.forward = torch.compile(model, backend="inductor" if compile is True else compile, dynamic=True)
+            self.forward = torch.compile(self.forward, backend="inductor" if compile is True else compile, dynamic=True)
 
     def step(self, tokens: torch.Tensor | None) -> torch.Tensor:
         if tokens is None:
@@ -79,10 +80,13 @@ class GLMStepper:
         self.block += 1
         positions = part_b_step_positions(self.blank_positions, self.block)
         # the key mask is built here, outside a compiled forward: per-row lengths as Python ints would be baked
-        # into the graph and recompile it every step
-        one = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=tokens.device)
-        mask = mask_with_cache(one, self.cache.host_lengths(), len(tokens))
-        return self.forward(tokens[:, None], positions, mask, cache=self.cache)[:, -1]
+        # into the graph and recompile it every step. Rows of equal length see every key: no mask.
+        lengths = self.cache.host_lengths()
+        mask = None
+        if min(lengths) != max(lengths):
+            one = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=tokens.device)
+            mask = mask_with_cache(one, lengths, len(tokens))
+        return self.forward(tokens[:, None], positions, mask, self.cache)[:, -1]
 
     def reorder(self, index: torch.Tensor) -> None:
         self.cache.reorder(index)
@@ -159,7 +163,7 @@ def prefill(model: torch.nn.Module, rows: list[list[int]], cache: KVCache | KVCa
     S = max(lengths)
     ids = torch.tensor([r + [r[-1]] * (S - len(r)) for r in rows], device=device)
     mask = prefix_lm_mask(lengths, S, valid_lengths=lengths, device=device)
-    model(ids, part_a_positions(lengths, S, device=device), mask, cache=cache, return_hidden=True)
+    forward_for(model)(ids, part_a_positions(lengths, S, device=device), mask, cache, True)
     cache.set_lengths(lengths)
 
 
@@ -254,7 +258,7 @@ def _start(
     repeat = config.num_beams if config.num_beams > 1 else config.num_return_sequences
     max_new = min(config.max_new_tokens, cfg.max_sequence_length)  # blocks 1..max_new are fed
     P = max(len(r) for r in rows)
-    cache = KVCache.for_model(model, len(rows), P + max_new)
+    cache = KVCache.for_model(model, len(rows), P + max_new, dtype=cache_dtype(model))
     prefill(model, rows, cache)
     expand = torch.arange(len(rows), device=device).repeat_interleave(repeat)
     if repeat > 1:

@@ -1,0 +1,87 @@
+"""The engine's lean cached forward equals ``GLM.forward`` (fp32 exactly, bf16 within rounding), the engine never
+goes through the validating ``GLM.forward``, and ``optimize_for_decode`` swaps in the kernels' modules without
+changing what the model computes."""
+
+import pytest
+import torch
+
+from glmkit import GLM, KVCache
+from glmkit.generate import generate
+from glmkit.generate.engine import GLMStepper, prefill
+from glmkit.generate.fast import cache_dtype, cached_forward, optimize_for_decode
+from glmkit.masks import mask_with_cache, prefix_lm_mask
+from tests.helpers.generation import SPECIAL, EopAfter, fixture_model
+
+ROWS = [[582, 5, 6, 7, 8, 583, 9, 579], [582, 40, 41, 586]]  # ragged: Part A of 8 and 4 tokens, blanks at 5 and 3
+
+
+def step_logits(model, rows, blanks, tokens, dtype=None):
+    """Prefill ``rows`` then decode ``tokens [steps, B]`` through the engine's stepper; logits per step."""
+    cache = KVCache.for_model(model, len(rows), 16, dtype=dtype or cache_dtype(model))
+    with torch.inference_mode():
+        prefill(model, rows, cache)
+        stepper = GLMStepper(model, cache, torch.tensor(blanks), SPECIAL.sop)
+        return torch.stack([stepper.step(None)] + [stepper.step(t) for t in tokens])
+
+
+def test_cached_forward_equals_glm_forward():
+    model = fixture_model()
+    tokens = torch.randint(0, 579, (4, 2))
+    fast = step_logits(model, ROWS, [5, 3], tokens)  # ragged: masked steps
+    slow = step_logits(EopAfter(model, {}), ROWS, [5, 3], tokens)  # a wrapper goes through GLM.forward
+    torch.testing.assert_close(fast, slow, atol=1e-5, rtol=0)
+    for b, row in enumerate(ROWS):  # equal rows: unmasked steps
+        alone = step_logits(model, [row], [[5, 3][b]], tokens[:, b : b + 1])
+        torch.testing.assert_close(alone[:, 0], fast[:, b], atol=1e-5, rtol=0)
+    # several new tokens with a causal mask over a cache, hidden states
+    cache_a, cache_b = (KVCache.for_model(model, 1, 16) for _ in range(2))
+    ids, pos = torch.tensor([[582, 5, 6]]), torch.tensor([[[0, 1, 2], [0, 0, 0]]])
+    with torch.inference_mode():
+        for cache in (cache_a, cache_b):
+            model(ids, pos, 3, cache=cache)
+        mask = mask_with_cache(prefix_lm_mask(0, 2), [3], 1)
+        new, new_pos = torch.tensor([[9, 10]]), torch.tensor([[[3, 3], [1, 2]]])
+        fast = cached_forward(model, new, new_pos, mask, cache_a, hidden=True)
+        slow = model(new, new_pos, None, cache=cache_b, return_hidden=True)
+    torch.testing.assert_close(fast, slow, atol=1e-6, rtol=0)
+    assert cache_a.host_lengths() == cache_b.host_lengths() == [5]
+
+
+def test_bf16_attends_in_fp32_over_an_fp32_cache():
+    model = fixture_model()
+    half = fixture_model().to(torch.bfloat16)
+    assert cache_dtype(half) == torch.float32 and cache_dtype(EopAfter(half, {})) == torch.bfloat16
+    tokens = torch.randint(0, 579, (5, 2))
+    exact = step_logits(model, ROWS, [5, 3], tokens)
+    fast = step_logits(half, ROWS, [5, 3], tokens).float()
+    stock = step_logits(EopAfter(half, {}), ROWS, [5, 3], tokens).float()  # bf16 cache, GLM.forward
+    assert (fast - exact).abs().max() <= (stock - exact).abs().max() * 1.5 + 1e-3
+    assert (fast - exact).abs().max() < 0.1
+    serve_like = step_logits(half, ROWS, [5, 3], tokens, dtype=torch.bfloat16).float()  # a bf16 cache also works
+    assert (serve_like - exact).abs().max() < 0.1
+
+
+def test_the_engine_never_runs_the_validating_forward(monkeypatch):
+    model = fixture_model()
+    expected = generate(model, ROWS, special_tokens=SPECIAL, max_new_tokens=4, num_beams=2).new_tokens
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("GLM.forward called during generation")
+
+    monkeypatch.setattr(GLM, "forward", refuse)
+    assert generate(model, ROWS, special_tokens=SPECIAL, max_new_tokens=4, num_beams=2).new_tokens == expected
+
+
+def test_optimize_for_decode_swaps_modules_and_keeps_the_function():
+    kernels = pytest.importorskip("glmkit.kernels")
+    model = fixture_model().to(torch.bfloat16)
+    before = generate(model, ROWS, special_tokens=SPECIAL, max_new_tokens=6)
+    logits = step_logits(model, ROWS, [5, 3], torch.tensor(before.new_tokens).T[:-1])
+    assert optimize_for_decode(model) is model and not model.training
+    if kernels.available():
+        assert type(model.blocks[0].mlp.fc) is kernels.FastLinear and type(model.lm_head) is kernels.FastTiedHead
+    after = step_logits(model, ROWS, [5, 3], torch.tensor(before.new_tokens).T[:-1])
+    torch.testing.assert_close(after.float(), logits.float(), atol=0.05, rtol=0.02)
+    fp32 = fixture_model()
+    optimize_for_decode(fp32)
+    assert type(fp32.blocks[0].mlp.fc) is torch.nn.Linear  # only bf16 weights are swapped
