@@ -10,6 +10,7 @@ one-shot ``glmkit.generate`` job on its own worker thread.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import threading
 import time
@@ -189,14 +190,17 @@ class AsyncLLMEngine:
             self._deliver(self.engine.step())
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
+        """Hand a step's outputs to their streams: one wake-up per event loop, not one per token."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, RequestOutput]]] = {}
         for out in outputs:
             target = self._streams.get(out.request_id)
             if target is not None:
-                loop, queue = target
-                try:
-                    loop.call_soon_threadsafe(queue.put_nowait, out)
-                except RuntimeError:  # the client's event loop is gone
-                    pass
+                by_loop.setdefault(target[0], []).append((target[1], out))
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, items)
+            except RuntimeError:  # the client's event loop is gone
+                pass
 
     async def generate(self, request: Request) -> AsyncIterator[RequestOutput]:
         """Queue ``request`` and yield its outputs; leaving early (client gone, task cancelled) aborts it."""
@@ -210,10 +214,18 @@ class AsyncLLMEngine:
             self._streams.pop(request.request_id, None)
             raise
         self._wake.set()
-        finished = False
+        finished, held = False, None
         try:
             while not finished:
-                out = await queue.get()
+                out = held if held is not None else await queue.get()
+                held = None
+                # a consumer that fell behind gets the steps it missed in one output (vLLM does the same)
+                while not out.finished and not queue.empty():
+                    nxt = queue.get_nowait()
+                    if nxt.span_index != out.span_index:
+                        held = nxt
+                        break
+                    out = _join(out, nxt)
                 finished = out.finished
                 yield out
         finally:
@@ -251,6 +263,16 @@ class AsyncLLMEngine:
         if self._thread.is_alive():
             self._thread.join(timeout=10)
         self._jobs.shutdown(wait=False, cancel_futures=True)
+
+
+def _put_all(items: list[tuple[asyncio.Queue, RequestOutput]]) -> None:
+    for queue, out in items:
+        queue.put_nowait(out)
+
+
+def _join(a: RequestOutput, b: RequestOutput) -> RequestOutput:
+    """Two consecutive outputs of one span as one."""
+    return dataclasses.replace(b, token_ids=a.token_ids + b.token_ids, logprobs=a.logprobs + b.logprobs)
 
 
 def _inference(fn: Callable[[], T]) -> Callable[[], T]:

@@ -62,16 +62,20 @@ def build_state(model: torch.nn.Module, tokenizer: Any, options: ServeOptions | 
 
 
 def serve(
-    model_path: str | None, host: str = "127.0.0.1", port: int = 8000, options: ServeOptions | None = None
+    model_path: str | None,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    options: ServeOptions | None = None,
+    dtype: str = "float32",
 ) -> None:
-    """Load the model (``None`` = the bundled one) and serve until SIGTERM/SIGINT."""
+    """Load the model (``None`` = the bundled one) in ``dtype`` and serve until SIGTERM/SIGINT."""
     import uvicorn
 
     from ..bundled import load_model_and_tokenizer
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     options = options or ServeOptions()
-    model, tokenizer = load_model_and_tokenizer(model_path)
+    model, tokenizer = load_model_and_tokenizer(model_path, dtype=getattr(torch, dtype))
     state = build_state(model, tokenizer, options)
     config = uvicorn.Config(
         build_app(state),
@@ -111,6 +115,9 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024)
     p.add_argument("--drain-timeout", type=float, default=30.0, help="seconds in-flight requests get on shutdown")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
+    p.add_argument(
+        "--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weights and KV cache dtype"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -139,5 +146,5 @@ def run(args: argparse.Namespace) -> int:
             drain_timeout=args.drain_timeout,
         ),
     )
-    serve(args.model, args.host, args.port, options)
+    serve(args.model, args.host, args.port, options, args.dtype)
     return 0
