@@ -10,6 +10,7 @@ server keeps serving.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -17,7 +18,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -32,6 +33,7 @@ from .served import GenerationService, LLMModel, OneShotModel
 
 access_log = logging.getLogger("glmkit.access")
 log = logging.getLogger("glmkit.serve")
+T = TypeVar("T")
 
 
 class APIError(Exception):
@@ -110,6 +112,19 @@ def translate(e: Exception, state: ServerState, path: str) -> APIError:
         return state.overloaded("the server is shutting down")
     log.exception("unexpected error on %s", path)
     return APIError(500, f"internal error: {type(e).__name__}")
+
+
+async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
+    """Await ``work``, cancelling it if the client disconnects first."""
+    task = asyncio.ensure_future(work)
+    while True:
+        done, _ = await asyncio.wait({task}, timeout=0.2)
+        if done:
+            return task.result()
+        if await request.is_disconnected():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            raise APIError(499, "client disconnected")
 
 
 class BodyTooLarge(Exception):

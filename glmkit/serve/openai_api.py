@@ -13,15 +13,15 @@ import base64
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator
+from typing import Any
 
 import numpy as np
 from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
 
 from ..masks import find_blanks
-from .app import APIError, ServerState, translate
+from .app import APIError, ServerState, translate, until_disconnect
 from .sampling import SamplingParams
 from .scoring import ScoreRow
 from .served import Delta, OneShotModel
@@ -29,7 +29,6 @@ from .specs import EMBED
 from .text import CHAT_STOP, chat_prompt, completion_ids, infill_ids, safe_decode
 
 router = APIRouter()
-T = TypeVar("T")
 
 
 def _state(request: Request) -> ServerState:
@@ -49,19 +48,6 @@ async def _body(request: Request) -> dict[str, Any]:
     if state.draining:
         raise state.overloaded("the server is shutting down")
     return body
-
-
-async def _until_disconnect(request: Request, work: Awaitable[T]) -> T:
-    """Await ``work``, cancelling it if the client disconnects first."""
-    task = asyncio.ensure_future(work)
-    while True:
-        done, _ = await asyncio.wait({task}, timeout=0.2)
-        if done:
-            return task.result()
-        if await request.is_disconnected():
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-            raise APIError(499, "client disconnected")
 
 
 async def _merge(streams: list[AsyncIterator[Delta]], n: int) -> AsyncIterator[Delta]:
@@ -167,7 +153,7 @@ async def _start(state: ServerState, request: Request, streams: list[AsyncIterat
     """The merged stream and its first delta (awaited here so refusals keep their status code)."""
     merged = _merge(streams, n)
     try:
-        first = await _until_disconnect(request, anext(merged, None))
+        first = await until_disconnect(request, anext(merged, None))
     except APIError:
         raise
     except Exception as e:
@@ -228,7 +214,7 @@ async def _generate(request: Request, chat: bool) -> Response:
             d = await anext(merged, None)
 
     try:
-        await _until_disconnect(request, collect())
+        await until_disconnect(request, collect())
     except APIError:
         raise
     except Exception as e:
@@ -332,7 +318,7 @@ async def infill(request: Request) -> Response:
         merged, first = await _start(state, request, [state.service.stream(ids, params, fill="all")], 1)
         last = first
         while last is not None and last.finish_reason is None:
-            last = await _until_disconnect(request, anext(merged, None))
+            last = await until_disconnect(request, anext(merged, None))
     except APIError:
         raise
     except Exception as e:
@@ -383,7 +369,7 @@ async def embeddings(request: Request) -> Response:
             state.service.check_prompt(r.context)
         mbs = model.spec.max_batch_size
         chunks = [rows[i : i + mbs] for i in range(0, len(rows), mbs)]
-        parts = await _until_disconnect(request, asyncio.gather(*(model.batcher.submit(c, len(c)) for c in chunks)))
+        parts = await until_disconnect(request, asyncio.gather(*(model.batcher.submit(c, len(c)) for c in chunks)))
     except APIError:
         raise
     except (TypeError, ValueError) as e:

@@ -19,7 +19,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from .. import __version__
-from .app import APIError, ServerState, translate
+from .app import APIError, ServerState, translate, until_disconnect
 from .served import LLMModel, OneShotModel
 from .specs import ModelSpec
 from .tensors import NUMPY, TensorError, decode_input, encode_output, split_body
@@ -348,10 +348,16 @@ async def _responses(request: Request, name: str, version: str | None) -> tuple[
 async def generate(request: Request, name: str, version: str | None = None) -> dict[str, Any]:
     spec, responses, rid = await _responses(request, name, version)
     merged: dict[str, np.ndarray] = {}
-    try:
+
+    async def collect() -> None:
         async for out in responses:  # several responses (stream=true) are joined into one
             for k, v in out.items():
                 merged[k] = np.array([merged[k][0] + v[0]], dtype=object) if k == "text_output" and k in merged else v
+
+    try:
+        await until_disconnect(request, collect())
+    except APIError:
+        raise
     except Exception as e:
         raise translate(e, _state(request), request.url.path) from e
     return _json_outputs(spec, merged, rid)

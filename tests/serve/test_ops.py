@@ -127,6 +127,22 @@ def test_backpressure_429_and_503_with_retry_after(slow_server):
     assert engine.stats.failures["REJECTED"] >= 2 and engine.scheduler.num_free_slots == 1
 
 
+def test_disconnect_while_waiting_for_a_whole_answer_aborts(slow_server):
+    engine = slow_server.state.engine.engine
+    for path, body in (
+        ("/v1/completions", {"model": "llm", "prompt": "a", "max_tokens": 30}),
+        ("/v2/models/llm/generate", {"text_input": "a", "parameters": {"max_tokens": 30}}),
+    ):
+        before = engine.stats.failures["CANCELED"]
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"http://{slow_server.url}{path}", json=body, timeout=0.15)
+        for _ in range(100):
+            if engine.stats.failures["CANCELED"] > before and not engine.has_unfinished_requests():
+                break
+            time.sleep(0.02)
+        assert engine.stats.failures["CANCELED"] == before + 1 and engine.scheduler.num_free_slots == 1
+
+
 def test_graceful_shutdown_drains_in_flight(slow_server):
     base = f"http://{slow_server.url}"
     result = {}
