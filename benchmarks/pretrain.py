@@ -21,7 +21,7 @@ import torch
 from benchmarks.common import matmul_peak_gflops
 from glmkit import GLM, GLMConfig
 from glmkit.masks import collate, make_block_data
-from glmkit.train.loop import blank_infill_loss
+from glmkit.train.loop import batch_loss
 
 L, H, NH, V, SEQ, BATCH = 24, 1024, 16, 30592, 512, 2
 
@@ -71,9 +71,7 @@ def main() -> None:
 
     def glm_step(b):
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = blank_infill_loss(
-                fwd(b["input_ids"], b["position_ids"], b["attention_mask"]), b["targets"], b["loss_mask"]
-            )
+            loss = batch_loss(fwd, b)
         loss.backward()
         glm_opt.step()
         glm_opt.zero_grad(set_to_none=True)

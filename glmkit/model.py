@@ -139,6 +139,7 @@ class GLM(nn.Module):
         attention_mask: int | torch.Tensor | Sequence[int] | None = None,
         cache: KVCache | None = None,
         return_hidden: bool = False,
+        logits_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits ``[B, S, V]`` for ``input_ids [B, S]`` (the hub ``GLMModel`` calling convention).
 
@@ -151,6 +152,8 @@ class GLM(nn.Module):
                 accepted; an ``S``-wide mask or ``sep`` covers the new tokens and every cached token is visible.
             cache: a ``KVCache``; the new tokens' keys/values are appended to it and its lengths advanced.
             return_hidden: return the final hidden states ``[B, S, C]`` instead of logits.
+            logits_mask: a boolean ``[B, S]``; when given, only the selected positions get logits, returned as
+                ``[N, V]`` in row-major order (training needs them only on Part B: most of the LM head is skipped).
         """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids: expected shape [B, S], got {tuple(input_ids.shape)}")
@@ -198,6 +201,8 @@ class GLM(nn.Module):
                 x = block(x, mask, cache, i)
         if cache is not None:
             cache.advance(S)
+        if logits_mask is not None:
+            x = x[logits_mask]
         x = self.ln_f(x)
         if return_hidden:
             return x

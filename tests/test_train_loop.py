@@ -9,7 +9,7 @@ import torch
 
 from glmkit import GLM, GLMConfig
 from glmkit.checkpoint import CheckpointError
-from glmkit.train.loop import TrainArgs, fit
+from glmkit.train.loop import TrainArgs, batch_loss, blank_infill_loss, fit
 
 from .helpers.synthetic import synthetic_source
 
@@ -138,3 +138,15 @@ def test_two_processes_equal_one_process_same_global_batch(tmp_path, parallel):
     torch.testing.assert_close(torch.tensor(a), torch.tensor(b), rtol=1e-4, atol=3e-4)
     # the gathered (unsharded) checkpoint is a normal hub-layout model
     assert GLM.from_pretrained(tmp_path / "m" / "checkpoints" / "step-00000004").config.n_layer == 2
+
+
+def test_loss_on_part_b_only_equals_full_logits_loss():
+    model = _model().eval()
+    b = synthetic_source(batch=3)(0)
+    full = blank_infill_loss(
+        model(b["input_ids"], b["position_ids"], b["attention_mask"]), b["targets"], b["loss_mask"]
+    )
+    torch.testing.assert_close(batch_loss(model, b), full, atol=1e-6, rtol=1e-6)
+    keep = b["loss_mask"] > 0
+    logits = model(b["input_ids"], b["position_ids"], b["attention_mask"], logits_mask=keep)
+    torch.testing.assert_close(logits, model(b["input_ids"], b["position_ids"], b["attention_mask"])[keep])

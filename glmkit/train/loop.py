@@ -88,6 +88,18 @@ def blank_infill_loss(logits: torch.Tensor, targets: torch.Tensor, loss_mask: to
     return (ce * mask).sum() / mask.sum().clamp_min(1.0)
 
 
+def batch_loss(model: torch.nn.Module, b: dict) -> torch.Tensor:
+    """``blank_infill_loss`` of a batch, computing logits only where the loss mask is set (the same value:
+    positions with mask 0 contribute nothing, so their share of the LM head and softmax is skipped)."""
+    keep = b["loss_mask"] > 0
+    logits = model(b["input_ids"], b["position_ids"], b["attention_mask"], logits_mask=keep)
+    if logits.shape[0] == 0:
+        return logits.sum() * 0.0
+    weights = b["loss_mask"][keep].float()
+    ce = F.cross_entropy(logits.float(), b["targets"][keep], reduction="none")
+    return (ce * weights).sum() / weights.sum()
+
+
 def _autocast(args: TrainArgs, device: torch.device):
     if args.precision == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
@@ -112,9 +124,9 @@ def evaluate(model: torch.nn.Module, sources: dict[str, BatchSource], args: Trai
             for i in range(rank, args.eval_batches, world):
                 b = _to(source(i), device, args.pad_to_multiple)
                 with _autocast(args, device):
-                    logits = model(b["input_ids"], b["position_ids"], b["attention_mask"])
+                    loss = batch_loss(model, b)
                 n = b["loss_mask"].sum()
-                total += torch.stack([blank_infill_loss(logits, b["targets"], b["loss_mask"]) * n, n])
+                total += torch.stack([loss * n, n])
             dist_utils.all_reduce_sum(total)
             out[name] = (total[0] / total[1].clamp_min(1)).item()
     model.train(was_training)
@@ -169,8 +181,7 @@ def fit(
             objectives.append(b.get("objective", "blank"))
             sync = micro == args.grad_accum - 1
             with dist_utils.maybe_no_sync(model, sync), _autocast(args, device):
-                logits = model(b["input_ids"], b["position_ids"], b["attention_mask"])
-                loss = blank_infill_loss(logits, b["targets"], b["loss_mask"])
+                loss = batch_loss(model, b)
             (loss / args.grad_accum).backward()
             loss_sum += loss.detach()
             history.tokens += int(b["input_ids"].numel()) * world
