@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 from ..model import TiedLMHead
-from .ops import linear
+from .ops import linear, linear_bf16
 
 
 class FastLinear(nn.Linear):
@@ -24,7 +24,7 @@ class FastLinear(nn.Linear):
         return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
+        return linear_bf16(x, self.weight, self.bias) if self.weight.dtype == torch.bfloat16 else super().forward(x)
 
 
 class FastTiedHead(TiedLMHead):

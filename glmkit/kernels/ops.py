@@ -24,28 +24,27 @@ def available(device: torch.device | str = "cpu") -> bool:
 
 
 def _use_kernel(x: torch.Tensor, weight: torch.Tensor, *floats: torch.Tensor | None) -> bool:
-    if x.device.type != "cpu" or x.dtype not in _ACT_DTYPES or not weight.is_contiguous():
+    # called ~100 times per decoded token: cheapest checks first
+    if not (x.is_cpu and x.dtype in _ACT_DTYPES and weight.is_contiguous()):
         return False
     if x.shape[-1] != weight.shape[1] * (2 if weight.dtype == torch.uint8 else 1):
         return False  # let the reference raise its shape error
     for t in floats:
         if t is not None and (t.dtype not in _ACT_DTYPES or not t.is_contiguous()):
             return False
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, *floats)):
+    if torch.is_grad_enabled() and (
+        x.requires_grad or weight.requires_grad or any(t is not None and t.requires_grad for t in floats)
+    ):
         return False  # the kernels have no backward
     return build.load()
-
-
-def _rows(x: torch.Tensor) -> torch.Tensor:
-    return x.reshape(-1, x.shape[-1])
 
 
 def linear_bf16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ weight.T + bias`` for a bf16 ``weight [N, K]``; ``x [..., K]`` fp32 or bf16, output in ``x``'s dtype.
 
     On the kernel path ``x`` is rounded to bf16 and products are summed in fp32 (what bf16 inference does)."""
-    if weight.dtype == torch.bfloat16 and _rows(x).shape[0] <= BF16_MAX_ROWS and _use_kernel(x, weight, bias):
-        y = torch.ops.glmkit_kernels.linear_bf16(_rows(x), weight, bias)
+    if weight.dtype == torch.bfloat16 and x.numel() <= BF16_MAX_ROWS * weight.shape[1] and _use_kernel(x, weight, bias):
+        y = torch.ops.glmkit_kernels.linear_bf16(x.reshape(-1, x.shape[-1]), weight, bias)
         return y.view(*x.shape[:-1], weight.shape[0])
     return reference.linear_bf16(x, weight, bias)
 
@@ -58,7 +57,7 @@ def linear_int8(
     On the kernel path each row of ``x`` is held as 16-bit fixed point (finer than bf16) and the integer products
     are summed exactly."""
     if qweight.dtype == torch.int8 and _use_kernel(x, qweight, scales, bias):
-        y = torch.ops.glmkit_kernels.linear_int8(_rows(x), qweight, scales, bias)
+        y = torch.ops.glmkit_kernels.linear_int8(x.reshape(-1, x.shape[-1]), qweight, scales, bias)
         return y.view(*x.shape[:-1], qweight.shape[0])
     return reference.linear_int8(x, qweight, scales, bias)
 
@@ -74,7 +73,7 @@ def linear_int4(
 
     ``packed uint8 [N, K / 2]``, ``scales [N, K / group_size]``. On the kernel path ``x`` is rounded to bf16."""
     if packed.dtype == torch.uint8 and group_size in (32, 64, 128) and _use_kernel(x, packed, scales, bias):
-        y = torch.ops.glmkit_kernels.linear_int4(_rows(x), packed, scales, group_size, bias)
+        y = torch.ops.glmkit_kernels.linear_int4(x.reshape(-1, x.shape[-1]), packed, scales, group_size, bias)
         return y.view(*x.shape[:-1], packed.shape[0])
     return reference.linear_int4(x, packed, scales, group_size, bias)
 

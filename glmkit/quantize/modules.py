@@ -2,9 +2,10 @@
 
 ``quantize_model`` quantizes a loaded float model in place; ``convert_for_runtime`` gives a (meta) model the empty
 quantized modules a quantized checkpoint's tensors are assigned to. Both swap ``nn.Linear`` → ``QuantizedLinear``
-and, with ``embeddings``, ``wte`` → ``QuantizedEmbedding`` and the tied head → ``QuantizedTiedHead``; model.py is
-untouched. The integer weight sits where the float one was, under the same name (``weight``), next to
-``weight_scale``: the hub layout of ChatGLM's quantized checkpoints (chatglm-reference.md §3.2).
+and, with ``embeddings``, ``wte`` → ``QuantizedEmbedding`` and the tied head → ``QuantizedTiedHead`` (without, the
+head that stays in high precision moves to the bf16 kernel, ``FastTiedHead``); model.py is untouched. The integer
+weight sits where the float one was, under the same name (``weight``), next to ``weight_scale``: the hub layout of
+ChatGLM's quantized checkpoints (chatglm-reference.md §3.2).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..kernels import linear_int4, linear_int8
+from ..kernels import FastTiedHead, linear_int4, linear_int8
 from ..kernels.reference import dequantize_int4, dequantize_int8
 from ..model import GLM, TiedLMHead
 from .core import quantize_int4, quantize_int8
@@ -106,7 +107,7 @@ def _targets(model: GLM, scheme: QuantScheme) -> list[tuple[nn.Module, str, nn.M
             if type(child) is nn.Linear:
                 scheme.check_width(full, child.in_features)
                 out.append((parent, name, child))
-            elif scheme.embeddings and parent is model and name in ("wte", "lm_head"):
+            elif parent is model and (name == "lm_head" or (scheme.embeddings and name == "wte")):
                 if name == "wte":
                     scheme.check_width("wte (the word embeddings / tied LM head; the hidden size)", child.embedding_dim)
                 out.append((parent, name, child))
@@ -125,8 +126,8 @@ def _swap(model: GLM, scheme: QuantScheme, quantize: bool) -> GLM:
         elif isinstance(child, nn.Embedding):
             w = child.weight
             new = QuantizedEmbedding(child.num_embeddings, child.embedding_dim, scheme, w.device)
-        else:
-            setattr(parent, name, QuantizedTiedHead())
+        else:  # the tied head: on the quantized embeddings, else on the bf16 kernel like every other matmul
+            setattr(parent, name, QuantizedTiedHead() if scheme.embeddings else FastTiedHead())
             continue
         if quantize:
             new.set_from(w)
