@@ -132,7 +132,7 @@ class Sample:
 
 
 def prompt(rng: random.Random) -> str:
-    return " ".join(rng.choice(WORDS) for _ in range(rng.randint(8, 24)))
+    return " ".join(rng.choice(WORDS) for _ in range(rng.randint(6, 14)))
 
 
 async def one_generation(client: httpx.AsyncClient, rng: random.Random, max_tokens: int) -> Sample:
@@ -245,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="small")
     p.add_argument("--tokenizer", default="data/kjv/tokenizer", help="tokenizer for random-weight models")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 32, 64])
-    p.add_argument("--max-tokens", type=int, default=16)
+    p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--requests-per-worker", type=int, default=2, help="requests per concurrency level = C x this")
     p.add_argument("--min-requests", type=int, default=8)
     p.add_argument("--time-limit", type=float, default=120.0, help="seconds per level")

@@ -142,19 +142,25 @@ class KVCacheRows:
         self.set_lengths([n + new_tokens for n in self.host_lengths()])
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """As ``KVCache.write``, on the pool rows of this batch."""
+        """As ``KVCache.write``, on the pool rows of this batch (cast to the pool's dtype)."""
+        k, v = k.to(self.pool.k.dtype), v.to(self.pool.v.dtype)
         S = k.shape[2]
         lengths = self.host_lengths()
-        end = max(lengths) + S
+        lo, hi = min(lengths), max(lengths)
+        end = hi + S
         if self._range is not None:
             a, b = self._range
             pk, pv = self.pool.k[layer, a:b], self.pool.v[layer, a:b]  # views
-        else:
-            pk, pv = self.pool.k[layer], self.pool.v[layer]
-        rows = self._index[:, None] if self._range is None else torch.arange(len(self.slots), device=k.device)[:, None]
-        pos = torch.tensor(lengths, device=k.device)[:, None] + torch.arange(S, device=k.device)  # (N, S)
-        pk[rows, :, pos] = k.transpose(1, 2)  # advanced indices first: (N, S, H, D)
-        pv[rows, :, pos] = v.transpose(1, 2)
-        if self._range is not None:
+            if lo == hi:
+                pk[:, :, lo:end], pv[:, :, lo:end] = k, v
+            else:
+                idx = torch.tensor(lengths, device=k.device)[:, None] + torch.arange(S, device=k.device)
+                idx = idx[:, None, :, None].expand_as(k)
+                pk.scatter_(2, idx, k)
+                pv.scatter_(2, idx, v)
             return pk[:, :, :end], pv[:, :, :end]
+        pk, pv = self.pool.k[layer], self.pool.v[layer]
+        pos = torch.tensor(lengths, device=k.device)[:, None] + torch.arange(S, device=k.device)  # (N, S)
+        pk[self._index[:, None], :, pos] = k.transpose(1, 2)  # advanced indices first: (N, S, H, D)
+        pv[self._index[:, None], :, pos] = v.transpose(1, 2)
         return pk[:, :, :end].index_select(0, self._index), pv[:, :, :end].index_select(0, self._index)

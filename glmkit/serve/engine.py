@@ -187,7 +187,10 @@ class AsyncLLMEngine:
                 self._wake.wait(0.05)
                 self._wake.clear()
                 continue
-            self._deliver(self.engine.step())
+            try:
+                self._deliver(self.engine.step())
+            except Exception:  # keep the loop alive: a failed step already failed its own requests
+                log.exception("engine step failed")
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
         """Hand a step's outputs to their streams: one wake-up per event loop, not one per token."""

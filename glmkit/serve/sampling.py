@@ -81,7 +81,7 @@ class SamplingParams:
             if self.best_of > 1 and not self.use_beam_search:
                 raise ValueError("best_of: only supported with use_beam_search (vLLM removed best_of sampling)")
         if self.seed is not None:
-            _int("seed", self.seed, 0, None)
+            _int("seed", self.seed, 0, 2**63 - 1 - limits.max_n)
         if self.logprobs is not None:
             _int("logprobs", self.logprobs, 0, 20)
         _float("temperature", self.temperature, 0.0, 100.0)

@@ -162,6 +162,7 @@ def test_graceful_shutdown_drains_in_flight(slow_server):
     slow_server.stop()  # uvicorn waits for the open stream, then the lifespan drains the engine
     t.join(timeout=30)
     assert result["text"].endswith("data: [DONE]\n\n") and '"finish_reason": "length"' in result["text"]
+    assert result["text"].count("data: ") > 5  # 20 ms steps: tokens arrive one event at a time
     assert not slow_server.state.engine._thread.is_alive()
 
 

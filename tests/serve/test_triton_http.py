@@ -207,7 +207,7 @@ def test_generate_and_stream_agree(http):
     r = http.post("/v2/models/llm/generate_stream", json={**body, "stream": True, "id": "7"})
     assert r.headers["content-type"].startswith("text/event-stream")
     events = [json.loads(line[6:]) for line in r.text.split("\n\n") if line.startswith("data: ")]
-    assert len(events) >= 2 and all(e["id"] == "7" for e in events)
+    assert events and all(e["id"] == "7" for e in events)  # steps a slow reader missed arrive joined
     assert "".join(e["text_output"] for e in events) == full["text_output"]
     r = http.post(
         "/v2/models/llm/generate",
