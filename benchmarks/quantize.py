@@ -10,7 +10,7 @@ streamer's timestamps (first token excluded). bf16 runs twice: with the stock ``
 and with glmkit's kernels (``glmkit.kernels.replace_linear``), the baseline the goals are stated against. The
 roofline is the memory bandwidth measured in the same run divided by the bytes a decode step reads.
 
-    python -m benchmarks.quantize [--rounds 3] [--new 64] [--json out.json]
+    python -m benchmarks.quantize [--rounds 3] [--new 64] [--threads N] [--json out.json]
 
 Accuracy (``--model DIR --data DIR``, a checkpoint folder and the ``glmkit prepare-data`` folder it was trained
 on): held-out blank-infilling loss per objective (``glmkit.train.loop.evaluate`` on ``batch_sources`` batches) in
@@ -118,12 +118,12 @@ def build_checkpoints(root: Path) -> dict[str, Path]:
     return {name: root / name for name in ("bf16", "int8", "int4")}
 
 
-def speed(rounds: int, new: int) -> dict:
+def speed(rounds: int, new: int, threads: int) -> dict:
     with tempfile.TemporaryDirectory(prefix="glmkit-quant-bench-") as tmp:
         folders = build_checkpoints(Path(tmp))
         procs, info = {}, {}
         for name, (ckpt, kernels) in VARIANTS.items():  # started one after another: loading is not timed
-            env = {**os.environ, **({} if kernels else {"GLMKIT_KERNELS": "0"})}
+            env = {**os.environ, "GLMKIT_THREADS": str(threads), **({} if kernels else {"GLMKIT_KERNELS": "0"})}
             cmd = [sys.executable, "-m", "benchmarks.quantize", "--worker", str(folders[ckpt]), "--new", str(new)]
             procs[name] = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
             info[name] = json.loads(procs[name].stdout.readline())
@@ -141,7 +141,14 @@ def speed(rounds: int, new: int) -> dict:
             p.stdin.close()
             p.wait()
     bw = max(bandwidth)
-    out = {"bandwidth_gbs": bandwidth, "rounds": rounds, "new_tokens": new, "prompt_tokens": PROMPT, "variants": {}}
+    out = {
+        "threads": threads,
+        "bandwidth_gbs": bandwidth,
+        "rounds": rounds,
+        "new_tokens": new,
+        "prompt_tokens": PROMPT,
+        "variants": {},
+    }
     for name in VARIANTS:
         tps = statistics.median(x["decode_tps"] for x in runs[name])
         rss = runs[name][-1]["rss_mib"]
@@ -165,7 +172,7 @@ def speed(rounds: int, new: int) -> dict:
 
 def print_speed(res: dict) -> None:
     bw = ", ".join(f"{b:.0f}" for b in res["bandwidth_gbs"])
-    print(f"memory bandwidth (fp32 sum, GB/s) per round: {bw}; roofline uses the best")
+    print(f"{res['threads']} thread(s); memory bandwidth (fp32 sum, GB/s) per round: {bw}; roofline uses the best")
     head = f"{'variant':12s} {'decode tok/s':>12s} {'x bf16':>7s} {'roofline':>9s} {'MB/token':>9s}"
     print(f"{head} {'RSS MiB':>8s} {'x bf16':>7s} {'model MiB':>10s} {'x bf16':>7s}  per round")
     for name, v in res["variants"].items():
@@ -257,9 +264,11 @@ def main() -> None:
     ap.add_argument("--data", help="accuracy: the prepare-data folder it was trained on (val split)")
     ap.add_argument("--batches", type=int, default=8, help="accuracy: held-out batches per objective")
     ap.add_argument("--prompts", type=int, default=50, help="accuracy: held-out greedy prompts")
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads per variant")
     ap.add_argument("--json", default=None)
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    torch.set_num_threads(int(os.environ.get("GLMKIT_THREADS", args.threads)))  # workers: the controller's value
     if args.worker:
         return worker(args.worker, os.environ.get("GLMKIT_KERNELS", "1") != "0", args.new or 64)
     if args.model or args.data:
@@ -268,7 +277,7 @@ def main() -> None:
         res = accuracy(args.model, args.data, args.batches, args.prompts, args.new or 32)
         print_accuracy(res)
     else:
-        res = speed(args.rounds, args.new or 64)
+        res = speed(args.rounds, args.new or 64, args.threads)
         print_speed(res)
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=2) + "\n")

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from . import build, reference
 
-BF16_MAX_ROWS = 256
+BF16_MAX_ROWS = 64
 _ACT_DTYPES = (torch.float32, torch.bfloat16)
 
 
