@@ -25,6 +25,7 @@ import random
 import subprocess
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -166,7 +167,14 @@ async def one_score(client: httpx.AsyncClient, rng: random.Random, _: int) -> Sa
     return Sample(latency, latency, 0, r.status_code == 200)
 
 
-async def closed_loop(url: str, fn, concurrency: int, n_requests: int, time_limit: float, max_tokens: int) -> dict:
+async def closed_loop(
+    url: str,
+    fn: Callable[[httpx.AsyncClient, random.Random, int], Awaitable[Sample]],
+    concurrency: int,
+    n_requests: int,
+    time_limit: float,
+    max_tokens: int,
+) -> dict:
     rng = random.Random(concurrency)
     samples: list[Sample] = []
     issued = 0

@@ -11,11 +11,12 @@ server keeps serving.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -138,6 +139,7 @@ class Middleware:
 
     def __init__(self, app: Callable[..., Awaitable[None]], config: ServerConfig) -> None:
         self.app, self.config = app, config
+        self._prefix, self._ids = uuid.uuid4().hex[:8], itertools.count()  # os.urandom per request is slow here
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":
@@ -145,7 +147,7 @@ class Middleware:
             return
         path, start = scope["path"], time.perf_counter()
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        rid = headers.get("x-request-id") or uuid.uuid4().hex[:16]
+        rid = headers.get("x-request-id") or f"{self._prefix}-{next(self._ids)}"
         info: dict[str, Any] = {"status": 0, "bytes_in": 0}
 
         async def send_logged(message: dict) -> None:
@@ -206,7 +208,7 @@ def build_app(state: ServerState) -> FastAPI:
     from . import metrics, openai_api, triton_http
 
     @asynccontextmanager
-    async def lifespan(app: FastAPI):
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
         state.draining = True
         await state.engine.drain(state.config.drain_timeout)

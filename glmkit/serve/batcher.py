@@ -234,7 +234,12 @@ class DynamicBatcher:
         return self.clock() * 1e6
 
     async def submit(
-        self, payload: Any, batch_size: int = 1, priority: int = 0, timeout_us: int | None = None, shape_key=None
+        self,
+        payload: Any,
+        batch_size: int = 1,
+        priority: int = 0,
+        timeout_us: int | None = None,
+        shape_key: Hashable = None,
     ) -> Any:
         """Queue one request and wait for its result; ``BatcherError`` when refused or timed out."""
         loop = asyncio.get_running_loop()

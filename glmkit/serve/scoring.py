@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from ..config import SpecialTokens
+from ..generate.fast import cache_dtype, forward_for
+from ..kv_cache import KVCache
 from ..masks import BlankSample, collate, find_blanks
 
 Kind = Literal["loglikelihood", "logits", "embedding"]
@@ -47,6 +49,7 @@ class Scorer:
         self.device = next(model.parameters()).device
         self.n_positions = model.config.n_positions
         self.max_block = model.config.max_sequence_length
+        self.forward = forward_for(model)
 
     def check(self, row: ScoreRow) -> ScoreRow:
         """Validate one row (``ValueError`` names the problem) and append [gMASK] to a context without a blank."""
@@ -84,12 +87,11 @@ class Scorer:
         rows = [r for req in requests for r in req]
         samples = [self._sample(r) for r in rows]
         batch = collate(samples, pad_id=self.special.pad)
-        hidden = self.model(
-            batch["input_ids"].to(self.device),
-            batch["position_ids"].to(self.device),
-            batch["attention_mask"].to(self.device),
-            return_hidden=True,
-        )  # (B, S, C)
+        ids = batch["input_ids"].to(self.device)
+        # generate's lean forward over a throw-away cache: no input re-checks, fp32 attention for bf16 on CPU
+        cache = KVCache.for_model(self.model, ids.shape[0], ids.shape[1], dtype=cache_dtype(self.model))
+        mask = batch["attention_mask"].to(self.device)
+        hidden = self.forward(ids, batch["position_ids"].to(self.device), mask, cache, True)  # (B, S, C)
         weight = self.model.wte.weight
         results = []
         for b, (row, sample) in enumerate(zip(rows, samples, strict=True)):

@@ -175,3 +175,22 @@ def test_kv_cache_rows_match_a_cache_of_their_own(model_and_tokenizer, slots, le
     torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=0)
     assert view.host_lengths() == [len(r) + 1 for r in rows]
     assert [pool.host_lengths()[s] for s in range(4) if s not in slots] == [7] * (4 - len(slots))
+
+
+def test_scorer_agrees_with_generation(model_and_tokenizer):
+    """A continuation is scored as generation produces it: greedy tokens are ``is_greedy``, batched == alone."""
+    from glmkit.serve.scoring import Scorer, ScoreRow
+
+    model, tok = model_and_tokenizer
+    scorer = Scorer(model, tok.special)
+    ctx = [[tok.special.cls] + tok.encode(t) for t in ("the king said", "go and see [MASK] done")]
+    greedy = [generate(model, c, max_new_tokens=5).new_tokens[0] for c in ctx]
+    rows = [scorer.check(ScoreRow("loglikelihood", c, g)) for c, g in zip(ctx, greedy, strict=True)]
+    other = scorer.check(ScoreRow("loglikelihood", ctx[0], tok.encode(" unto them")))
+    together = scorer([[rows[0], other], [rows[1], scorer.check(ScoreRow("embedding", ctx[1]))]])
+    assert together[0][0].is_greedy and together[1][0].is_greedy and not together[0][1].is_greedy
+    alone = scorer([[rows[1]]])[0][0]
+    assert abs(alone.logprob - together[1][0].logprob) < 1e-4 and len(alone.token_logprobs) == len(greedy[1])
+    assert abs(float(together[1][1].embedding.norm()) - 1) < 1e-5
+    with pytest.raises(ValueError, match="continuation"):
+        scorer.check(ScoreRow("loglikelihood", ctx[0], []))
