@@ -14,6 +14,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from typing import Any
 
 import numpy as np
@@ -53,8 +54,9 @@ async def _body(request: Request) -> dict[str, Any]:
 async def _merge(streams: list[AsyncIterator[Delta]], n: int) -> AsyncIterator[Delta]:
     """Interleave the choices of several prompts; prompt ``p``'s choice ``i`` becomes index ``p * n + i``."""
     if len(streams) == 1:
-        async for d in streams[0]:
-            yield d
+        async with aclosing(streams[0]) as stream:
+            async for d in stream:
+                yield d
         return
     queue: asyncio.Queue[Delta | BaseException | None] = asyncio.Queue()
 

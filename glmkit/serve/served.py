@@ -13,6 +13,7 @@ import asyncio
 import itertools
 import json
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -73,7 +74,6 @@ class GenerationService:
             for d in await self._beams(prompt_ids, params):
                 yield d
             return
-        queue: asyncio.Queue[Delta | BaseException] = asyncio.Queue()
         requests = [
             self.engine.engine.make_request(
                 f"gen-{next(_ids)}",
@@ -86,6 +86,12 @@ class GenerationService:
             )
             for i in range(params.n)
         ]
+        if len(requests) == 1:  # no merging needed: fewer hops per token
+            async with aclosing(self._deltas(0, requests[0], params)) as deltas:
+                async for d in deltas:
+                    yield d
+            return
+        queue: asyncio.Queue[Delta | BaseException] = asyncio.Queue()
         tasks = [asyncio.create_task(self._choice(i, r, params, queue)) for i, r in enumerate(requests)]
         try:
             done = 0
@@ -100,11 +106,12 @@ class GenerationService:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def _choice(self, index: int, request: Any, params: SamplingParams, queue: asyncio.Queue) -> None:
+    async def _deltas(self, index: int, request: Any, params: SamplingParams) -> AsyncIterator[Delta]:
+        """Text deltas of one choice; tokens of earlier blanks are context, not answer."""
         text = IncrementalText(self.tok, params.stop, params.include_stop_str_in_output)
         last_span = len(request.blanks) - 1
-        try:
-            async for out in self.engine.generate(request):
+        async with aclosing(self.engine.generate(request)) as outputs:
+            async for out in outputs:
                 mine = out.span_index == last_span
                 delta = Delta(index, text.push(out.token_ids if mine else [], final=out.finished))
                 if mine:
@@ -115,7 +122,12 @@ class GenerationService:
                     delta.spans = out.spans
                     delta.error = out.error
                 if delta.text or delta.token_ids or delta.finish_reason:
-                    queue.put_nowait(delta)
+                    yield delta
+
+    async def _choice(self, index: int, request: Any, params: SamplingParams, queue: asyncio.Queue) -> None:
+        try:
+            async for delta in self._deltas(index, request, params):
+                queue.put_nowait(delta)
         except Exception as e:  # refused by the engine (queue full, bad request): the caller raises it
             queue.put_nowait(e)
 
