@@ -211,6 +211,51 @@ async def closed_loop(
     }
 
 
+def engine_alone(args: argparse.Namespace) -> dict[str, float]:
+    """The same model without HTTP, in this process: decode tok/s at 1 and 32 sequences, scored rows/s at batch
+    1 and 16. It separates the engine's own scaling from the HTTP layer and the machine's other load."""
+    import torch
+
+    from glmkit.serve.engine import LLMEngine
+    from glmkit.serve.scheduler import SchedulerConfig
+    from glmkit.serve.scoring import Scorer, ScoreRow
+    from glmkit.serve.text import completion_ids
+
+    torch.set_num_threads(args.threads)
+    model, tok = _model(args.model, args.tokenizer)
+    model = model.to(getattr(torch, args.dtype))
+    engine = LLMEngine(model, tok, SchedulerConfig(max_num_seqs=64, max_num_batched_tokens=4096, max_model_len=96))
+    rng = random.Random(0)
+    out: dict[str, float] = {}
+    for n in (1, 32, 1, 32):  # the second pass is the measurement
+        for i in range(n):
+            ids = completion_ids(tok, prompt(rng))
+            engine.add_request(
+                engine.make_request(f"{n}-{i}-{rng.random()}", ids, max_new_tokens=args.max_tokens, ignore_eos=True)
+            )
+        engine.step()  # prefill
+        start, steps = time.perf_counter(), 0
+        while engine.has_unfinished_requests():
+            engine.step()
+            steps += 1
+        out[f"decode_{n}"] = n * steps / (time.perf_counter() - start)
+    scorer = Scorer(model, tok.special)
+    rows = [
+        scorer.check(
+            ScoreRow("loglikelihood", completion_ids(tok, prompt(rng)), tok.encode(" ".join(rng.sample(WORDS, 4))))
+        )
+        for _ in range(16)
+    ]
+    for bs in (1, 16, 1, 16):
+        start, done = time.perf_counter(), 0
+        while time.perf_counter() - start < 2.0:
+            for i in range(0, 16, bs):
+                scorer([[r] for r in rows[i : i + bs]])
+                done += bs
+        out[f"score_{bs}"] = done / (time.perf_counter() - start)
+    return out
+
+
 # ---- report ----------------------------------------------------------------------------------------------
 
 
@@ -300,6 +345,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             server.stop()
 
+    alone = engine_alone(args)
     by_c = {r["concurrency"]: r for r in gen_rows}
     lines = [
         f"### {args.model} model, {datetime.date.today().isoformat()}",
@@ -314,6 +360,12 @@ def main(argv: list[str] | None = None) -> int:
     ]
     if 1 in by_c and 32 in by_c:
         lines += ["", f"tok/s at 32 streams / 1 stream: **{by_c[32]['tok_s'] / by_c[1]['tok_s']:.1f}x** (goal >= 8x)"]
+    lines += [
+        "",
+        f"Engine alone (same process, no HTTP): {alone['decode_1']:.0f} tok/s at 1 sequence, {alone['decode_32']:.0f} "
+        f"at 32 (**{alone['decode_32'] / alone['decode_1']:.1f}x**); scorer {alone['score_1']:.1f} rows/s at batch 1, "
+        f"{alone['score_16']:.1f} at 16 ({alone['score_16'] / alone['score_1']:.1f}x).",
+    ]
     if score_rows:
         (_, one), (_, batched) = score_rows
         lines += [
