@@ -177,10 +177,6 @@ class AsyncLLMEngine:
         self._thread.start()
         return self
 
-    @property
-    def accepting(self) -> bool:
-        return self._accepting
-
     def _run(self) -> None:
         while not self._stop:
             if not self.engine.has_unfinished_requests():

@@ -42,8 +42,6 @@ class Delta:
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None
-    num_prompt_tokens: int = 0
-    num_generated: int = 0
     spans: list[list[int]] = field(default_factory=list)
     error: str | None = None
 
@@ -118,7 +116,6 @@ class GenerationService:
                     delta.token_ids, delta.logprobs = list(out.token_ids), list(out.logprobs)
                 if out.finished:
                     delta.finish_reason = "stop" if text.stopped else _reason(out.finish_reason)
-                    delta.num_prompt_tokens, delta.num_generated = out.num_prompt_tokens, request.num_generated
                     delta.spans = out.spans
                     delta.error = out.error
                 if delta.text or delta.token_ids or delta.finish_reason:
@@ -152,7 +149,7 @@ class GenerationService:
             d = Delta(
                 i, text.push(seq, final=True), list(seq), finish_reason="stop" if text.stopped else _reason(reason)
             )
-            d.num_prompt_tokens, d.num_generated, d.spans = len(prompt_ids), len(seq), spans[i]
+            d.spans = spans[i]
             deltas.append(d)
         return deltas
 
