@@ -2,13 +2,17 @@
 and its prepared data, what quantization costs in accuracy.
 
 Speed and memory (default). A GLM-Large-shaped model (24 layers, hidden 1024, 16 heads, vocab 30592, random
-weights) is saved as a bf16 checkpoint and quantized with ``quantize_checkpoint`` (int8; int4 with groups of 32).
+weights) is saved as a bf16 checkpoint and quantized with ``quantize_checkpoint`` (int8; int4 with groups of 32;
+both also with ``quantize_embeddings``, "+emb").
 Every variant runs in a subprocess of its own, so its resident memory (RSS) is its own; all are loaded with
-``GLM.from_pretrained(dtype=bf16)``. The variants decode one at a time, interleaved, for ``--rounds`` rounds
-(medians): single-stream greedy ``glmkit.generate``, 32-token prompt, ``--new`` tokens, decode tokens/s from a
-streamer's timestamps (first token excluded). bf16 runs twice: with the stock ``F.linear`` (``GLMKIT_KERNELS=0``)
-and with glmkit's kernels (``glmkit.kernels.replace_linear``), the baseline the goals are stated against. The
-roofline is the memory bandwidth measured in the same run divided by the bytes a decode step reads.
+``GLM.from_pretrained(dtype=bf16)``. "model MiB" is what RSS grows by from loading and running the model, over the
+same process after it ran the engine and kernels on a tiny model (the runtime's own libraries and caches). The
+variants decode one at a time, interleaved, for ``--rounds`` rounds (medians): single-stream greedy
+``glmkit.generate``, 32-token prompt, ``--new`` tokens, decode tokens/s from a streamer's timestamps (first token
+excluded). bf16 runs twice: with the stock ``F.linear`` (``GLMKIT_KERNELS=0``) and with glmkit's kernels
+(``glmkit.kernels.replace_linear``), the baseline the goals are stated against. The roofline is the memory
+bandwidth measured in the same run divided by the bytes a decode step reads; "matmul ms" times a step's matmuls
+alone (every linear layer and the head on one token), "rest ms" is the remainder of the step.
 
     python -m benchmarks.quantize [--rounds 3] [--new 64] [--threads N] [--json out.json]
 
@@ -46,6 +50,8 @@ VARIANTS = {  # name: (checkpoint, glmkit kernels on)
     "bf16": ("bf16", True),
     "int8": ("int8", True),
     "int4 g32": ("int4", True),
+    "int8 +emb": ("int8-emb", True),  # --quantize-embeddings: the tied head quantized too
+    "int4 +emb": ("int4-emb", True),
 }
 
 
@@ -79,18 +85,49 @@ class Clock:
         self.stamps = self.stamps[1:]
 
 
+@torch.inference_mode()
+def matmul_ms(model: GLM) -> float:
+    """Milliseconds of one decode step's matmuls alone: every linear layer and the tied head on one token."""
+    calls = []
+    for block in model.blocks:
+        for m in (block.attn.qkv, block.attn.proj, block.mlp.fc, block.mlp.proj):
+            calls.append((m, torch.randn(1, 1, m.in_features, dtype=torch.bfloat16)))
+    x = torch.randn(1, 1, model.config.n_embd, dtype=torch.bfloat16)
+    best = float("inf")
+    for _ in range(5):
+        t = time.perf_counter()
+        for m, xm in calls:
+            m(xm)
+        model.lm_head(x, model.wte)
+        best = min(best, time.perf_counter() - t)
+    return best * 1e3
+
+
 def worker(folder: str, kernels: bool, new: int) -> None:
     """Load one variant, then decode on every ``run`` line from stdin and answer with a JSON line."""
+    from glmkit.checkpoint import read_quantization
     from glmkit.generate import generate
     from glmkit.kernels import available, replace_linear
+    from glmkit.quantize import quantize_model
 
     use_kernels = kernels and available()
+    body = torch.randint(1000, 30000, (PROMPT - 2,), generator=torch.Generator().manual_seed(0)).tolist()
+    prompt = [SPECIAL.cls, *body, SPECIAL.gmask]
+    # the runtime's own memory (libraries, thread pools, kernel caches) is the baseline: run the same engine and
+    # kernels once on a tiny model of the same kind, then everything RSS grows by is the model's
+    scheme = read_quantization(folder)
+    with tempfile.TemporaryDirectory() as tmp:
+        tiny = GLM(GLMConfig(n_layer=1, n_embd=128, n_head=2, vocab_size=V, special_tokens=SPECIAL))
+        quantize_model(tiny, scheme) if scheme else None
+        tiny.to(torch.bfloat16).save_pretrained(tmp)
+        tiny = GLM.from_pretrained(tmp, dtype=torch.bfloat16)
+        replace_linear(tiny) if use_kernels else None
+        generate(tiny, prompt[-8:], special_tokens=SPECIAL, max_new_tokens=4, min_new_tokens=4)
+        del tiny
     base = rss_mib()[0]
     model = GLM.from_pretrained(folder, dtype=torch.bfloat16)
     if use_kernels:
         replace_linear(model)
-    body = torch.randint(1000, 30000, (PROMPT - 2,), generator=torch.Generator().manual_seed(0)).tolist()
-    prompt = [SPECIAL.cls, *body, SPECIAL.gmask]
 
     def run(n: int) -> dict:
         clock = Clock()
@@ -106,16 +143,18 @@ def worker(folder: str, kernels: bool, new: int) -> None:
         if line.strip() != "run":
             break
         rss, peak = rss_mib()
-        print(json.dumps({**run(new), "rss_mib": rss, "peak_rss_mib": peak}), flush=True)
+        print(json.dumps({**run(new), "matmul_ms": matmul_ms(model), "rss_mib": rss, "peak_rss_mib": peak}), flush=True)
 
 
 def build_checkpoints(root: Path) -> dict[str, Path]:
     torch.manual_seed(0)
     cfg = GLMConfig(n_layer=L, n_embd=H, n_head=NH, vocab_size=V, max_sequence_length=512, special_tokens=SPECIAL)
     GLM(cfg).to(torch.bfloat16).save_pretrained(root / "bf16")
-    quantize_checkpoint(root / "bf16", root / "int8", bits=8)
-    quantize_checkpoint(root / "bf16", root / "int4", bits=4, group_size=32)
-    return {name: root / name for name in ("bf16", "int8", "int4")}
+    for emb in (False, True):
+        tag = "-emb" if emb else ""
+        quantize_checkpoint(root / "bf16", root / f"int8{tag}", bits=8, quantize_embeddings=emb)
+        quantize_checkpoint(root / "bf16", root / f"int4{tag}", bits=4, group_size=32, quantize_embeddings=emb)
+    return {ckpt: root / ckpt for ckpt, _ in VARIANTS.values()}
 
 
 def speed(rounds: int, new: int, threads: int) -> dict:
@@ -157,6 +196,7 @@ def speed(rounds: int, new: int, threads: int) -> dict:
             "decode_tps": tps,
             "decode_tps_all": [round(x["decode_tps"], 2) for x in runs[name]],
             "e2e_tps": statistics.median(x["e2e_tps"] for x in runs[name]),
+            "matmul_ms": statistics.median(x["matmul_ms"] for x in runs[name]),
             "rss_mib": rss,
             "peak_rss_mib": runs[name][-1]["peak_rss_mib"],
             "model_rss_mib": rss - info[name]["rss_base_mib"],
@@ -165,6 +205,8 @@ def speed(rounds: int, new: int, threads: int) -> dict:
     base = out["variants"]["bf16"]
     for v in out["variants"].values():
         v["speedup_vs_bf16"] = v["decode_tps"] / base["decode_tps"]
+        v["matmul_speedup_vs_bf16"] = base["matmul_ms"] / v["matmul_ms"]
+        v["other_ms"] = 1e3 / v["decode_tps"] - v["matmul_ms"]
         v["rss_vs_bf16"] = v["rss_mib"] / base["rss_mib"]
         v["model_rss_vs_bf16"] = v["model_rss_mib"] / base["model_rss_mib"]
     return out
@@ -173,13 +215,15 @@ def speed(rounds: int, new: int, threads: int) -> dict:
 def print_speed(res: dict) -> None:
     bw = ", ".join(f"{b:.0f}" for b in res["bandwidth_gbs"])
     print(f"{res['threads']} thread(s); memory bandwidth (fp32 sum, GB/s) per round: {bw}; roofline uses the best")
-    head = f"{'variant':12s} {'decode tok/s':>12s} {'x bf16':>7s} {'roofline':>9s} {'MB/token':>9s}"
-    print(f"{head} {'RSS MiB':>8s} {'x bf16':>7s} {'model MiB':>10s} {'x bf16':>7s}  per round")
+    head = f"{'variant':10s} {'tok/s':>6s} {'x bf16':>6s} {'roofline':>8s} {'MB/tok':>6s} {'matmul ms':>9s}"
+    head += f" {'x bf16':>6s} {'rest ms':>7s} {'RSS MiB':>7s} {'x bf16':>6s} {'model MiB':>9s} {'x bf16':>6s}"
+    print(f"{head}  per round")
     for name, v in res["variants"].items():
         print(
-            f"{name:12s} {v['decode_tps']:12.1f} {v['speedup_vs_bf16']:7.2f} {v['roofline_fraction']:9.0%} "
-            f"{v['bytes_per_token'] / 1e6:9.0f} {v['rss_mib']:8.0f} {v['rss_vs_bf16']:7.2f} "
-            f"{v['model_rss_mib']:10.0f} {v['model_rss_vs_bf16']:7.2f}  {v['decode_tps_all']}"
+            f"{name:10s} {v['decode_tps']:6.1f} {v['speedup_vs_bf16']:6.2f} {v['roofline_fraction']:8.0%} "
+            f"{v['bytes_per_token'] / 1e6:6.0f} {v['matmul_ms']:9.2f} {v['matmul_speedup_vs_bf16']:6.2f} "
+            f"{v['other_ms']:7.2f} {v['rss_mib']:7.0f} {v['rss_vs_bf16']:6.2f} {v['model_rss_mib']:9.0f} "
+            f"{v['model_rss_vs_bf16']:6.2f}  {v['decode_tps_all']}"
         )
 
 
