@@ -29,6 +29,7 @@
 namespace {
 
 constexpr int MT = 4;  // activation rows per pass over a weight row
+constexpr int64_t RB = 16;  // weight rows per block (run_rows)
 constexpr int U = 4;   // independent accumulators per activation row (hides the dot-product latency)
 
 inline float to_f(float v) { return v; }
@@ -241,11 +242,11 @@ void dispatch_rows(int nm, const F& f) {
 }
 
 // row(n, m0, nm, out, scratch) writes dot(w[n], x[m0 + i]) to out[i]; scratch: `scratch` floats of row n's own,
-// kept across the passes over that row. Rows go in blocks of RB: each tile of MT activation rows stays in L1 while
-// it meets the block's rows, which stay in L2 for the next tile (for M = 1: one pass, row after row).
+// kept across the passes over its block (a block's rows have consecutive scratch). Rows go in blocks of RB: each
+// tile of MT activation rows stays in L1 while it meets the block's rows, which stay in L2 for the next tile (for
+// M = 1: one pass, row after row).
 template <typename Row, typename Finish, typename Out>
 void run_rows(int64_t M, int64_t N, int64_t scratch, Out* y, const Row& row, const Finish& finish) {
-  constexpr int64_t RB = 16;
   at::parallel_for(0, (N + RB - 1) / RB, 1, [&](int64_t b0, int64_t b1) {
     float out[MT];
     std::vector<float> buf(RB * scratch);
@@ -359,8 +360,8 @@ at::Tensor linear_int4(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   const void* sp = scales.data_ptr();
   auto row = [&](int64_t n, int64_t m0, int nm, float* out, float* buf) {
     const float* s = static_cast<const float*>(sp) + n * ng;
-    if (!f32_scales) {  // the row's bf16 scales as fp32, converted on its first pass
-      if (m0 == 0) to_f32(static_cast<const uint16_t*>(sp) + n * ng, buf, ng);
+    if (!f32_scales) {  // bf16 scales as fp32, for the whole block of rows (consecutive in buf) at its start
+      if (m0 == 0 && n % RB == 0) to_f32(static_cast<const uint16_t*>(sp) + n * ng, buf, std::min(RB, N - n) * ng);
       s = buf;
     }
     dispatch_rows(nm, [&]<int NM>() {
