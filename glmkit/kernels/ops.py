@@ -16,6 +16,14 @@ from . import build, reference
 
 BF16_MAX_ROWS = 64
 _ACT_DTYPES = (torch.float32, torch.bfloat16)
+_ops: dict[str, object] = {}  # the loaded extension's op overloads, looked up once (a namespace lookup costs ~1 us)
+
+
+def _op(name: str):
+    if not _ops:
+        ns = torch.ops.glmkit_kernels
+        _ops.update({n: getattr(ns, n).default for n in ("linear_bf16", "linear_int8", "linear_int4")})
+    return _ops[name]
 
 
 def available(device: torch.device | str = "cpu") -> bool:
@@ -44,7 +52,7 @@ def linear_bf16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 
     On the kernel path ``x`` is rounded to bf16 and products are summed in fp32 (what bf16 inference does)."""
     if weight.dtype == torch.bfloat16 and x.numel() <= BF16_MAX_ROWS * weight.shape[1] and _use_kernel(x, weight, bias):
-        y = torch.ops.glmkit_kernels.linear_bf16(x.reshape(-1, x.shape[-1]), weight, bias)
+        y = _op("linear_bf16")(x.reshape(-1, x.shape[-1]), weight, bias)
         return y.view(*x.shape[:-1], weight.shape[0])
     return reference.linear_bf16(x, weight, bias)
 
@@ -57,7 +65,7 @@ def linear_int8(
     On the kernel path each row of ``x`` is held as 16-bit fixed point (finer than bf16) and the integer products
     are summed exactly."""
     if qweight.dtype == torch.int8 and _use_kernel(x, qweight, scales, bias):
-        y = torch.ops.glmkit_kernels.linear_int8(x.reshape(-1, x.shape[-1]), qweight, scales, bias)
+        y = _op("linear_int8")(x.reshape(-1, x.shape[-1]), qweight, scales, bias)
         return y.view(*x.shape[:-1], qweight.shape[0])
     return reference.linear_int8(x, qweight, scales, bias)
 
@@ -73,7 +81,7 @@ def linear_int4(
 
     ``packed uint8 [N, K / 2]``, ``scales [N, K / group_size]``. On the kernel path ``x`` is rounded to bf16."""
     if packed.dtype == torch.uint8 and group_size in (32, 64, 128) and _use_kernel(x, packed, scales, bias):
-        y = torch.ops.glmkit_kernels.linear_int4(x.reshape(-1, x.shape[-1]), packed, scales, group_size, bias)
+        y = _op("linear_int4")(x.reshape(-1, x.shape[-1]), packed, scales, group_size, bias)
         return y.view(*x.shape[:-1], packed.shape[0])
     return reference.linear_int4(x, packed, scales, group_size, bias)
 
