@@ -223,6 +223,16 @@ def load_pretrained(
     return model.eval()
 
 
+def _normal_permissions(folder: Path) -> None:
+    """mkdtemp makes private folders; a checkpoint should get the permissions of any file the user creates."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(folder, 0o777 & ~umask)
+    for f in folder.iterdir():
+        if f.is_file():
+            os.chmod(f, 0o666 & ~umask)
+
+
 def save_pretrained(model: GLM, path: str | Path, metadata: dict[str, str] | None = None) -> None:
     """Write ``config.json`` + ``model.safetensors`` (hub key names) atomically: the folder appears complete
     or not at all, and an existing checkpoint is replaced only once the new one is fully written. A quantized model
@@ -253,6 +263,7 @@ def save_state_pretrained(
         inv = {ours: hub for hub, ours in hub_key_map(config, quantization).items()}
         state = {"glm." + inv[k]: v.detach().contiguous().cpu() for k, v in state.items()}
         save_file(state, str(tmp / "model.safetensors"), metadata=metadata)
+        _normal_permissions(tmp)
         if dest.exists():
             for f in dest.iterdir():  # keep what else lives there (tokenizer files, README)
                 if not (tmp / f.name).exists():
