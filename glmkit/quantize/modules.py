@@ -46,17 +46,18 @@ class _QuantizedWeight(nn.Module):
             return linear_int8(x, self.weight, self.weight_scale, bias)
         return linear_int4(x, self.weight, self.weight_scale, self.group_size, bias)
 
-    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
-        if self.bits == 8:
-            return dequantize_int8(self.weight, self.weight_scale, dtype)
-        return dequantize_int4(self.weight, self.weight_scale, self.group_size, dtype)
-
 
 class QuantizedLinear(_QuantizedWeight):
     """Weight-only quantized ``nn.Linear``: integer weight, float bias, output in the input's dtype."""
 
     def __init__(
-        self, in_features: int, out_features: int, bias: bool, scheme: QuantScheme, device=None, dtype=None
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool,
+        scheme: QuantScheme,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(out_features, in_features, scheme, device)
         self.in_features, self.out_features = in_features, out_features
@@ -76,7 +77,9 @@ class QuantizedEmbedding(_QuantizedWeight):
     """Word embeddings quantized per vocabulary row; lookups dequantize the rows they gather (in the scale's dtype),
     and ``linear`` serves the tied LM head from the same integers."""
 
-    def __init__(self, num_embeddings: int, embedding_dim: int, scheme: QuantScheme, device=None) -> None:
+    def __init__(
+        self, num_embeddings: int, embedding_dim: int, scheme: QuantScheme, device: torch.device | str | None = None
+    ) -> None:
         super().__init__(num_embeddings, embedding_dim, scheme, device)
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
 
