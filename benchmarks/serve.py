@@ -388,8 +388,8 @@ def main(argv: list[str] | None = None) -> int:
             end = body.find("\n## ", start + len(SECTION))
             section = body[start + len(SECTION) : end if end >= 0 else len(body)]
             parts = section.split("\n### ")
-            kept = "".join("\n### " + s for s in parts[1:] if not s.startswith(f"{args.model} model"))
-        write_results(f"{SECTION}\n{kept.rstrip()}\n\n{report}\n")
+            kept = parts[0] + "".join("\n### " + s for s in parts[1:] if not s.startswith(f"{args.model} model"))
+        write_results(f"{SECTION}\n\n{kept.strip()}\n\n{report}\n")
     return 0
 
 
