@@ -1,10 +1,15 @@
 """Zero-shot single-word cloze: can a GLM fill one blanked word of held-out text?
 
 Items come from held-out documents: a random alphabetic word is replaced by ``[MASK]`` inside a window of its
-context. The model fills the blank greedily with one word: decoding is constrained to tokens that start a word,
-then to tokens that continue it or end the span (the item says the answer is a word; the baseline knows that
-too). It is right when the word equals the answer, case-insensitively. The baseline answers every item with the
-most frequent training word.
+context. Two ways to answer, each against a unigram-frequency baseline that sees the same information:
+
+- open: the model fills the blank greedily with one word (decoding constrained to tokens that start a word, then
+  to tokens that continue it or end the span); right when the word equals the answer, case-insensitively. The
+  baseline answers every item with the most frequent training word.
+- choice (as the Children's Book Test): the answer and ``n_choices - 1`` distractors drawn from the training
+  words by frequency; the model picks the candidate whose span (``<sop> word`` → ``word <eop>``) has the highest
+  log-likelihood, which is how GLM scores multi-token cloze answers (glm-reference.md §5.2). The baseline picks
+  the most frequent candidate.
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from .masks import collate, make_block_data
+
 _WORD = re.compile(r"^[A-Za-z]+$")
 _STRIP = re.compile(r"^[^A-Za-z]+|[^A-Za-z]+$")
 
@@ -28,21 +35,37 @@ _STRIP = re.compile(r"^[^A-Za-z]+|[^A-Za-z]+$")
 class ClozeItem:
     text: str  # context with one [MASK]
     answer: str
+    choices: tuple[str, ...] = ()  # the answer and distractors, shuffled
 
 
 @dataclass
 class ClozeResult:
     items: int
-    model_accuracy: float
-    baseline_accuracy: float
+    open_accuracy: float
+    open_baseline: float
     baseline_word: str
+    n_choices: int
+    choice_accuracy: float
+    choice_baseline: float
+
+
+def word_counts(texts: Iterable[str]) -> Counter:
+    return Counter(w for t in texts for w in t.split() if _WORD.match(w))
 
 
 def build_cloze_items(
-    texts: Sequence[str], n: int, seed: int = 0, before: int = 48, after: int = 12
+    texts: Sequence[str],
+    n: int,
+    seed: int = 0,
+    before: int = 48,
+    after: int = 12,
+    counts: Counter | None = None,
+    n_choices: int = 5,
 ) -> list[ClozeItem]:
-    """``n`` items, each a window of ``before`` words, the blank, and ``after`` words, from random documents."""
+    """``n`` items, each a window of ``before`` words, the blank, and ``after`` words, from random documents;
+    with ``counts`` (training word frequencies) each also gets ``n_choices`` candidates."""
     rng = random.Random(seed)
+    vocab, weights = (list(counts), list(counts.values())) if counts else ([], [])
     docs = [t.split() for t in texts if len(t.split()) > 8]
     if not docs:
         raise ValueError("texts: no document has enough words to build cloze items")
@@ -55,15 +78,23 @@ def build_cloze_items(
         if not _WORD.match(words[i]):
             continue
         window = words[max(0, i - before) : i] + ["[MASK]"] + words[i + 1 : i + 1 + after]
-        items.append(ClozeItem(" ".join(window), words[i]))
+        choices: tuple[str, ...] = ()
+        if vocab:
+            options = {words[i]}
+            while len(options) < min(n_choices, len(vocab)):
+                options.add(rng.choices(vocab, weights)[0])
+            choices = tuple(rng.sample(sorted(options), len(options)))
+        items.append(ClozeItem(" ".join(window), words[i], choices))
     return items
 
 
-def unigram_word(texts: Iterable[str]) -> str:
-    counts = Counter(w.lower() for t in texts for w in t.split() if _WORD.match(w))
-    if not counts:
+def unigram_word(counts: Counter) -> str:
+    lower = Counter()
+    for w, c in counts.items():
+        lower[w.lower()] += c
+    if not lower:
         raise ValueError("texts: no words to count")
-    return counts.most_common(1)[0][0]
+    return lower.most_common(1)[0][0]
 
 
 def first_word(span: str) -> str:
@@ -108,15 +139,44 @@ class WordFiller:
         return self.tok.decode(out)
 
 
+@torch.inference_mode()
+def choice_scores(model: torch.nn.Module, tokenizer, item: ClozeItem) -> list[float]:
+    """Log-likelihood of each candidate filling the blank: Σ log p over ``word <eop>`` in Part B."""
+    sp = tokenizer.special
+    left, right = item.text.split("[MASK]")
+    before = [sp.cls] + tokenizer.encode(left.rstrip())
+    after = tokenizer.encode(right) + [sp.eos]
+    samples = []
+    for word in item.choices:
+        fill = tokenizer.encode(" " + word)
+        text = before + fill + after
+        span = [(len(before), len(before) + len(fill))]
+        samples.append(make_block_data(text, span, mask_id=sp.mask, sop_id=sp.sop, eop_id=sp.eop))
+    b = collate(samples, pad_id=sp.pad)
+    keep = b["loss_mask"] > 0
+    logits = model(b["input_ids"], b["position_ids"], b["attention_mask"], logits_mask=keep).float()
+    logp = logits.log_softmax(-1).gather(-1, b["targets"][keep][:, None])[:, 0]
+    rows = torch.arange(len(samples))[:, None].expand_as(keep)[keep]
+    return torch.zeros(len(samples)).index_add_(0, rows, logp).tolist()
+
+
 def evaluate_cloze(
-    model: torch.nn.Module, tokenizer, items: Sequence[ClozeItem], train_texts: Iterable[str], max_new_tokens: int = 6
+    model: torch.nn.Module, tokenizer, items: Sequence[ClozeItem], counts: Counter, max_new_tokens: int = 6
 ) -> ClozeResult:
-    baseline = unigram_word(train_texts)
+    """Both tasks on ``items`` (built with ``counts``, the training word frequencies)."""
+    baseline = unigram_word(counts)
     fill = WordFiller(model, tokenizer, max_new_tokens)
-    right = sum(first_word(fill(item.text)) == item.answer.lower() for item in items)
+    model.eval()
     n = len(items)
-    base = sum(item.answer.lower() == baseline for item in items)
-    return ClozeResult(n, right / n, base / n, baseline)
+    open_right = sum(first_word(fill(item.text)) == item.answer.lower() for item in items)
+    choice_right = base_right = 0
+    for item in items:
+        scores = choice_scores(model, tokenizer, item)
+        choice_right += item.choices[max(range(len(scores)), key=scores.__getitem__)] == item.answer
+        base_right += max(item.choices, key=lambda w: counts[w]) == item.answer
+    open_base = sum(item.answer.lower() == baseline for item in items)
+    k = len(items[0].choices) if items else 0
+    return ClozeResult(n, open_right / n, open_base / n, baseline, k, choice_right / n, base_right / n)
 
 
 def shard_texts(data: str | Path, split: str, tokenizer) -> list[str]:
@@ -139,13 +199,15 @@ def run(args: argparse.Namespace) -> int:
     from .bundled import load_model_and_tokenizer
 
     model, tok = load_model_and_tokenizer(args.model)
-    items = build_cloze_items(shard_texts(args.data, "val", tok), args.items, args.seed)
-    res = evaluate_cloze(model, tok, items, shard_texts(args.data, "train", tok))
+    counts = word_counts(shard_texts(args.data, "train", tok))
+    items = build_cloze_items(shard_texts(args.data, "val", tok), args.items, args.seed, counts=counts)
+    res = evaluate_cloze(model, tok, items, counts)
     if args.json:
         print(json.dumps(asdict(res)))
-    else:
-        print(
-            f"{res.items} held-out single-word blanks: model {res.model_accuracy:.1%}, "
-            f"unigram baseline ('{res.baseline_word}') {res.baseline_accuracy:.1%}"
-        )
+        return 0
+    print(f"{res.items} held-out single-word blanks")
+    print(
+        f"  open, greedy word:  model {res.open_accuracy:6.1%}   unigram '{res.baseline_word}' {res.open_baseline:6.1%}"
+    )
+    print(f"  {res.n_choices}-way choice:      model {res.choice_accuracy:6.1%}   frequent {res.choice_baseline:6.1%}")
     return 0
