@@ -3,8 +3,9 @@
 - int8: one scale per row, ``scale = absmax / 127``; error at most half a step.
 - int4: one scale per row and group, llama.cpp q4_0 style: ``scale = w* / -8`` for the group's value ``w*`` of
   largest magnitude, so the extreme value is exactly -8 and all 16 levels are used. Zero points (asymmetric int4)
-  were measured and not adopted: on glmkit-small's weights they cut the relative error from 0.082 to 0.078 at group
-  size 32 but cost 11 % more bytes, and at equal bytes (asymmetric with groups of 64) the error is higher, 0.087.
+  were measured and not adopted: on glmkit-small's linear layers they cut the relative error from 0.085 to 0.079 at
+  group size 32 but cost 11 % more bytes, and at equal bytes (asymmetric with groups of 64) the error is higher,
+  0.089 (benchmarks/RESULTS.md).
 
 Scales are stored in bf16 and rounded up in magnitude *before* the weights are rounded, so the stored scale is
 exactly the step the integers were computed with: the bf16 rounding adds no error and nothing overflows.
