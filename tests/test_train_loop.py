@@ -150,3 +150,15 @@ def test_loss_on_part_b_only_equals_full_logits_loss():
     keep = b["loss_mask"] > 0
     logits = model(b["input_ids"], b["position_ids"], b["attention_mask"], logits_mask=keep)
     torch.testing.assert_close(logits, model(b["input_ids"], b["position_ids"], b["attention_mask"])[keep])
+
+
+def test_compiled_training_matches_eager(tmp_path, monkeypatch):
+    """The wiring of ``compile=True`` (checkpoints keep plain names); the eager backend keeps the test fast."""
+    import functools
+
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+    src = synthetic_source()
+    eager = fit(_model(), _args(tmp_path / "e", max_steps=2), src)
+    compiled = fit(_model(), _args(tmp_path / "c", max_steps=2, compile=True), src)
+    torch.testing.assert_close(torch.tensor(compiled.losses), torch.tensor(eager.losses), rtol=1e-4, atol=1e-4)
+    assert GLM.from_pretrained(tmp_path / "c" / "checkpoints" / "step-00000002").config == _config()

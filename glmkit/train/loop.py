@@ -55,6 +55,8 @@ class TrainArgs:
     log_every: int = 10
     seed: int = 1234
     parallel: Literal["ddp", "fsdp"] = "ddp"
+    compile: bool = False
+    """``torch.compile`` the model (fuses the elementwise work; pays a compile at the first steps)."""
     pad_to_multiple: int = 64
     """Pad every batch to a multiple of this many tokens, so CPU kernels are reused across steps."""
     progress: bool = True
@@ -152,6 +154,7 @@ def fit(
     base = model
     base.gradient_checkpointing = args.activation_checkpointing
     model = dist_utils.wrap(model, args.parallel, device)
+    forward = torch.compile(model) if args.compile else model  # state dicts keep using the uncompiled `model`
     optimizer = torch.optim.AdamW(
         param_groups(model, args.weight_decay),
         lr=args.lr,
@@ -181,7 +184,7 @@ def fit(
             objectives.append(b.get("objective", "blank"))
             sync = micro == args.grad_accum - 1
             with dist_utils.maybe_no_sync(model, sync), _autocast(args, device):
-                loss = batch_loss(model, b)
+                loss = batch_loss(forward, b)
             (loss / args.grad_accum).backward()
             loss_sum += loss.detach()
             history.tokens += int(b["input_ids"].numel()) * world
@@ -217,7 +220,7 @@ def fit(
             )
             t_last, tok_last = now, history.tokens
         if eval_sources and (done % args.eval_every == 0 or done == args.max_steps):
-            ev = evaluate(model, eval_sources, args, device)
+            ev = evaluate(forward, eval_sources, args, device)
             history.evals.append({"step": done, **ev})
             logger.log({"step": done, **{f"eval/{k}": v for k, v in ev.items()}})
             logger.plot()
