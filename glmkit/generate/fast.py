@@ -46,14 +46,12 @@ def _block(
     """``Block.forward`` in eval mode; attention in fp32 when ``fp32_attention``."""
     attn = block.attn
     B, S, C = x.shape
-    q, k, v = attn.qkv(block.norm_1(x)).split(C, dim=-1)
-    q, k, v = (t.view(B, S, attn.n_head, attn.head_size).transpose(1, 2) for t in (q, k, v))  # (B, nh, S, hs)
+    qkv = attn.qkv(block.norm_1(x))
+    qkv = qkv.float() if fp32_attention else qkv  # one cast for q, k and v
+    q, k, v = (t.view(B, S, attn.n_head, attn.head_size).transpose(1, 2) for t in qkv.split(C, dim=-1))
     store = cache.k.dtype if isinstance(cache, KVCache) else x.dtype
     k, v = cache.write(layer, k.to(store), v.to(store))  # (B, nh, T, hs)
-    if fp32_attention:
-        y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask).to(x.dtype)
-    else:
-        y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask)
+    y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask).to(x.dtype)
     x = x + attn.proj(y.transpose(1, 2).reshape(B, S, C))
     return x + block.mlp(block.norm_2(x))
 
