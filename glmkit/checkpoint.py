@@ -102,8 +102,12 @@ def to_hub_state_dict(model: GLM, prefix: str = "glm.") -> dict[str, torch.Tenso
     """The model's tensors under hub key names (``glm.word_embeddings.weight``, ...)."""
     from .quantize.modules import scheme_of
 
-    inv = {ours: hub for hub, ours in hub_key_map(model.config, scheme_of(model)).items()}
-    return {prefix + inv[name]: t for name, t in model.state_dict().items()}
+    return _to_hub_names(model.state_dict(), model.config, scheme_of(model), prefix)
+
+
+def _to_hub_names(state: dict[str, torch.Tensor], config: GLMConfig, quantization, prefix: str = "glm.") -> dict:
+    inv = {ours: hub for hub, ours in hub_key_map(config, quantization).items()}
+    return {prefix + inv[name]: t for name, t in state.items()}
 
 
 def _meta_model(config: GLMConfig, scheme: QuantScheme | None) -> GLM:
@@ -260,8 +264,7 @@ def save_state_pretrained(
             hub_config[METADATA_KEY] = quantization.to_dict()
             metadata[METADATA_KEY] = json.dumps(quantization.to_dict())
         (tmp / "config.json").write_text(json.dumps(hub_config, indent=2) + "\n")
-        inv = {ours: hub for hub, ours in hub_key_map(config, quantization).items()}
-        state = {"glm." + inv[k]: v.detach().contiguous().cpu() for k, v in state.items()}
+        state = {k: v.detach().contiguous().cpu() for k, v in _to_hub_names(state, config, quantization).items()}
         save_file(state, str(tmp / "model.safetensors"), metadata=metadata)
         _normal_permissions(tmp)
         if dest.exists():
