@@ -23,7 +23,7 @@ import json
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from .config import SpecialTokens
 
@@ -216,6 +216,18 @@ def _detect_kind(folder: Path, config: dict[str, Any]) -> str:
 def _listed_tokens(config: dict[str, Any], added: dict[str, Any]) -> set[str]:
     extra = config.get("additional_special_tokens") or []
     return set(added) | {t["content"] if isinstance(t, dict) else t for t in extra}
+
+
+class TokenizerLike(Protocol):
+    """What glmkit's data, generation and serving code needs of a tokenizer: ``GLMTokenizer`` and
+    ``WhitespaceTokenizer`` provide it, and so can any object with these members."""
+
+    special: SpecialTokens
+    vocab_size: int
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = ...) -> str: ...
 
 
 class GLMTokenizer:

@@ -111,3 +111,7 @@ def test_tied_head_and_init(tiny_model):
     assert tiny_model.blocks[0].attn.qkv.bias.abs().sum() == 0
     out_std = tiny_model.blocks[0].mlp.proj.weight.std().item()
     assert out_std < tiny_model.blocks[0].mlp.fc.weight.std().item()  # scaled init of output projections
+    # the block-position table starts at zero (a random row 0 would be one vector added to every Part-A token);
+    # the position table keeps the reference's N(0, 0.02)
+    assert tiny_model.wbpe.weight.abs().sum() == 0
+    assert 0.01 < tiny_model.wpe.weight.std().item() < 0.03

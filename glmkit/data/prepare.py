@@ -29,11 +29,11 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
-from ..config import SpecialTokens
+from ..tokenizer import TokenizerLike
 from .packing import sentence_end_ids
 from .shards import MANIFEST, ShardWriter, remove_prepared, write_manifest
 
@@ -42,15 +42,6 @@ logger = logging.getLogger(__name__)
 SUFFIX_KIND = {".txt": "txt", ".jsonl": "jsonl", ".parquet": "parquet"}
 DEFAULT_SHARD_TOKENS = 1 << 30
 _BATCH_DOCS = 256
-
-
-class Tokenizer(Protocol):
-    """What prepare-data needs of a tokenizer (``glmkit.tokenizer.load_tokenizer`` returns one)."""
-
-    special: SpecialTokens
-    vocab_size: int
-
-    def encode(self, text: str) -> list[int]: ...
 
 
 @dataclass
@@ -72,7 +63,7 @@ class _Counts:
 def prepare_data(
     inputs: Iterable[str | Path],
     out_dir: str | Path,
-    tokenizer: str | Path | Tokenizer,
+    tokenizer: str | Path | TokenizerLike,
     val_fraction: float = 0.01,
     text_field: str = "text",
     num_proc: int = 1,
@@ -270,10 +261,10 @@ def _chunks(texts: Iterator[str], size: int) -> Iterator[list[str]]:
 
 # ---- tokenizing --------------------------------------------------------------------------------------------
 
-_worker_tokenizer: Tokenizer | None = None
+_worker_tokenizer: TokenizerLike | None = None
 
 
-def _load_tokenizer(tokenizer: str | Path | Tokenizer) -> Tokenizer:
+def _load_tokenizer(tokenizer: str | Path | TokenizerLike) -> TokenizerLike:
     if isinstance(tokenizer, (str, Path)):
         from ..tokenizer import load_tokenizer
 
@@ -281,12 +272,12 @@ def _load_tokenizer(tokenizer: str | Path | Tokenizer) -> Tokenizer:
     return tokenizer
 
 
-def _init_worker(tokenizer: str | Path | Tokenizer) -> None:
+def _init_worker(tokenizer: str | Path | TokenizerLike) -> None:
     global _worker_tokenizer
     _worker_tokenizer = _load_tokenizer(tokenizer)
 
 
-def _encode(tok: Tokenizer, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+def _encode(tok: TokenizerLike, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     ids = [tok.encode(t) for t in texts]
     lengths = np.array([len(x) for x in ids], dtype=np.int64)
     flat = np.fromiter((i for x in ids for i in x), dtype=np.int64, count=int(lengths.sum()))
@@ -299,7 +290,7 @@ def _encode_in_worker(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _encode_stream(
-    chunks: Iterator[list[str]], spec: str | Path | Tokenizer, tok: Tokenizer, num_proc: int
+    chunks: Iterator[list[str]], spec: str | Path | TokenizerLike, tok: TokenizerLike, num_proc: int
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Encode chunks in order; at most 2 * num_proc chunks are in flight, so memory stays bounded."""
     if num_proc == 1:
@@ -318,7 +309,7 @@ def _encode_stream(
             yield pending.popleft().result()
 
 
-def _token_text(tok: Tokenizer) -> Callable[[int], str] | None:
+def _token_text(tok: TokenizerLike) -> Callable[[int], str] | None:
     """How to see a token's text, for sentence ends: ``decode`` if the tokenizer has it, else its token strings."""
     convert = getattr(tok, "decode", None) or getattr(tok, "convert_ids_to_tokens", None)
     if convert is None:

@@ -11,27 +11,18 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 
 from ..config import SpecialTokens
 from ..kv_cache import KVCache
 from ..masks import find_blanks, mask_with_cache, part_b_positions, prefix_lm_mask
+from ..tokenizer import TokenizerLike
 from .config import GenerationConfig
 from .engine import Decoding, GLMStepper, Streamer, prefill, resolve_special_tokens, seeded_generator
 from .fast import cache_dtype, forward_for
 from .stopping import FinishReason
-
-
-class GLMTokenizer(Protocol):
-    """What the text helpers need from a tokenizer (glmkit.tokenizer provides it)."""
-
-    special: SpecialTokens
-
-    def encode(self, text: str) -> list[int]: ...
-
-    def decode(self, ids: list[int], skip_special_tokens: bool = ...) -> str: ...
 
 
 @dataclass
@@ -58,7 +49,7 @@ def fill_blank_ids(
     *,
     generation_config: GenerationConfig | None = None,
     special_tokens: SpecialTokens | None = None,
-    tokenizer: GLMTokenizer | None = None,
+    tokenizer: TokenizerLike | None = None,
     generator: torch.Generator | None = None,
     streamer: Streamer | None = None,
     **kwargs: Any,
@@ -140,7 +131,7 @@ def fill_blank_ids(
     return BlankFill(completed, spans, reasons, blanks)
 
 
-def fill_blanks(model: torch.nn.Module, tokenizer: GLMTokenizer, text: str, **kwargs: Any) -> FillResult:
+def fill_blanks(model: torch.nn.Module, tokenizer: TokenizerLike, text: str, **kwargs: Any) -> FillResult:
     """Fill every [MASK]/[sMASK]/[gMASK] in ``text``; the input is ``[CLS] text [eos]`` (no eos after a final
     [gMASK]), as in the original GLM. Returns the completed text and each span's text."""
     special = tokenizer.special
@@ -154,7 +145,7 @@ def fill_blanks(model: torch.nn.Module, tokenizer: GLMTokenizer, text: str, **kw
     return FillResult(tokenizer.decode(res.ids, skip_special_tokens=True), spans)
 
 
-def complete(model: torch.nn.Module, tokenizer: GLMTokenizer, text: str, **kwargs: Any) -> str:
+def complete(model: torch.nn.Module, tokenizer: TokenizerLike, text: str, **kwargs: Any) -> str:
     """Continue ``text``: ``[CLS] text [gMASK]``, generate the span at the [gMASK] and return its text.
 
     Blanks inside ``text`` are filled first (the original GLM's behaviour) and serve as context.

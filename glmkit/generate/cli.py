@@ -21,7 +21,8 @@ from typing import Any
 import torch
 
 from ..masks import find_blanks
-from .blanks import GLMTokenizer, fill_blank_ids
+from ..tokenizer import TokenizerLike
+from .blanks import fill_blank_ids
 from .engine import generate
 from .fast import optimize_for_decode
 
@@ -50,7 +51,7 @@ class TextGeneration:
         return self.new_tokens / self.seconds if self.seconds > 0 else 0.0
 
 
-def prompt_ids(tokenizer: GLMTokenizer, text: str, n_positions: int, truncate: bool = False) -> tuple[list[int], int]:
+def prompt_ids(tokenizer: TokenizerLike, text: str, n_positions: int, truncate: bool = False) -> tuple[list[int], int]:
     """GLM input ids of ``text`` and how many tokens were cut from its left.
 
     With blanks: ``[CLS] text [eos]`` (no eos after a final [gMASK]), as ``fill_blanks``; without: ``[CLS] text
@@ -93,7 +94,7 @@ class TextStreamer:
 
     def __init__(
         self,
-        tokenizer: GLMTokenizer,
+        tokenizer: TokenizerLike,
         contexts: list[int],
         on_text: Callable[[str], None] | None,
         on_end: Callable[[], None],
@@ -130,7 +131,7 @@ class TextStreamer:
 
 def generate_text(
     model: torch.nn.Module,
-    tokenizer: GLMTokenizer,
+    tokenizer: TokenizerLike,
     text: str,
     *,
     truncate: bool = False,

@@ -92,22 +92,38 @@ class Scorer:
         cache = KVCache.for_model(self.model, ids.shape[0], ids.shape[1], dtype=cache_dtype(self.model))
         mask = batch["attention_mask"].to(self.device)
         hidden = self.forward(ids, batch["position_ids"].to(self.device), mask, cache, True)  # (B, S, C)
-        weight = self.model.wte.weight
-        results = []
-        for b, (row, sample) in enumerate(zip(rows, samples, strict=True)):
-            n = sample.sep
+        # every row's scored positions through the head, log-softmax and gather at once, then plain Python lists:
+        # per-row tensor calls would cost more than the head itself at small model sizes
+        spans, at = [], 0
+        for row, sample in zip(rows, samples, strict=True):
+            n = {"embedding": 0, "logits": 1, "loglikelihood": len(row.continuation)}[row.kind]
+            spans.append((sample.sep, at, n))
+            at += n
+        raw = F.linear(
+            torch.cat([hidden[b, sep : sep + n] for b, (sep, _, n) in enumerate(spans)]), self.model.wte.weight
+        )
+        logp = torch.log_softmax(raw.float(), dim=-1)
+        where = [
+            at + i for row, (_, at, n) in zip(rows, spans, strict=True) if row.kind == "loglikelihood" for i in range(n)
+        ]
+        targets = torch.tensor(
+            [t for row in rows if row.kind == "loglikelihood" for t in row.continuation], dtype=torch.long
+        )
+        where_t = torch.tensor(where, dtype=torch.long, device=logp.device)
+        token_lp = logp[where_t, targets.to(logp.device)].tolist()
+        greedy = (logp[where_t].argmax(-1).cpu() == targets).tolist()
+        results, k = [], 0
+        for b, (row, (sep, at, n)) in enumerate(zip(rows, spans, strict=True)):
             res = ScoreResult()
             if row.kind == "embedding":
-                res.embedding = F.normalize(hidden[b, :n].mean(0).float(), dim=0).cpu()
+                res.embedding = F.normalize(hidden[b, :sep].mean(0).float(), dim=0).cpu()
             elif row.kind == "logits":
-                res.logits = F.linear(hidden[b, n], weight).float().cpu()
+                res.logits = raw[at].float().cpu()
             else:
-                logp = torch.log_softmax(F.linear(hidden[b, n : len(sample)], weight).float(), dim=-1)  # (k, V)
-                target = torch.tensor(row.continuation, device=logp.device)
-                token_lp = logp.gather(1, target[:, None])[:, 0]
-                res.token_logprobs = token_lp.tolist()
-                res.logprob = float(token_lp.sum())
-                res.is_greedy = bool((logp.argmax(-1) == target).all())
+                res.token_logprobs = token_lp[k : k + n]
+                res.logprob = float(sum(res.token_logprobs))
+                res.is_greedy = all(greedy[k : k + n])
+                k += n
             results.append(res)
         out, i = [], 0
         for req in requests:

@@ -15,13 +15,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from ..generate.blanks import GLMTokenizer
+from ..tokenizer import TokenizerLike
 
 USER, ASSISTANT, SYSTEM = "User:", "Assistant:", "System:"
 CHAT_STOP = "\n" + USER
 
 
-def completion_ids(tok: GLMTokenizer, text: str) -> list[int]:
+def completion_ids(tok: TokenizerLike, text: str) -> list[int]:
     """``[CLS] text [gMASK]``: the completion is the span of the final [gMASK]."""
     special = tok.special
     gmask = special.gmask if special.gmask is not None else special.mask
@@ -29,7 +29,7 @@ def completion_ids(tok: GLMTokenizer, text: str) -> list[int]:
     return ids if ids[-1] == gmask else ids + [gmask]
 
 
-def infill_ids(tok: GLMTokenizer, text: str) -> list[int]:
+def infill_ids(tok: TokenizerLike, text: str) -> list[int]:
     """``[CLS] text [eos]`` (no eos after a final [gMASK]), as ``fill_blanks`` builds it."""
     special = tok.special
     ids = [special.cls] + tok.encode(text)
@@ -57,7 +57,7 @@ def chat_prompt(messages: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n" + ASSISTANT
 
 
-def safe_decode(tok: GLMTokenizer, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+def safe_decode(tok: TokenizerLike, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
     """Decode, dropping ids the vocabulary does not assign (padded embedding rows a model may still emit)."""
     try:
         return tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
@@ -81,7 +81,7 @@ def find_stop(text: str, stops: Sequence[str]) -> int:
 class IncrementalText:
     """Text deltas of a growing token list, cut at the first stop string (kept if ``include_stop``)."""
 
-    def __init__(self, tok: GLMTokenizer, stops: Sequence[str] = (), include_stop: bool = False) -> None:
+    def __init__(self, tok: TokenizerLike, stops: Sequence[str] = (), include_stop: bool = False) -> None:
         self.tok, self.stops, self.include_stop = tok, [s for s in stops if s], include_stop
         self.ids: list[int] = []
         self.sent = 0
