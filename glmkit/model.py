@@ -95,15 +95,16 @@ class GLM(nn.Module):
         if not any(p.is_meta for p in self.parameters()):
             self.reset_parameters()
 
-    def reset_parameters(self) -> None:
+    def reset_parameters(self, reference: bool = False) -> None:
         """GLM's init: N(0, σ) weights, output projections scaled by 1/sqrt(2·n_layer), zero biases (§1.4) — except
         the block-position table, which starts at zero. The reference draws it from N(0, σ) too, but its row 0 is
         then one random vector added to every Part-A token, as large as its own word embedding;
-        at small scale that costs ~0.25 nats after 300 steps against starting from zero (benchmarks/RESULTS.md)."""
+        at small scale that costs ~0.25 nats after 300 steps against starting from zero (benchmarks/RESULTS.md).
+        ``reference=True`` draws it as the reference does."""
         std = self.config.initializer_range
         out_std = std / math.sqrt(2.0 * self.config.n_layer)
         for name, p in self.named_parameters():
-            if name.endswith("bias") or name.startswith("wbpe"):
+            if name.endswith("bias") or (name.startswith("wbpe") and not reference):
                 nn.init.zeros_(p)
             elif ".norm_" in name or name.startswith("ln_f"):
                 nn.init.ones_(p)

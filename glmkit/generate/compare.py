@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from ..masks import find_blanks
-from .blanks import GLMTokenizer
+from ..tokenizer import TokenizerLike
 from .cli import DTYPES, prompt_ids
 from .engine import generate
 from .fast import optimize_for_decode
@@ -140,7 +140,7 @@ def _score(
     settings: dict[str, Any],
     spans: list[list[int]],
     nlls: list[float],
-    tokenizer: GLMTokenizer,
+    tokenizer: TokenizerLike,
     timing: tuple[float, int] | None,
 ) -> StrategyResult:
     seconds, steps = timing if timing is not None else (0.0, 0)
@@ -161,7 +161,7 @@ def _score(
 
 def compare_decoding(
     model: torch.nn.Module,
-    tokenizer: GLMTokenizer,
+    tokenizer: TokenizerLike,
     prompts: Sequence[str],
     references: Sequence[str] | None = None,
     *,

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).parent / "csrc" / "linear.cpp"
-CFLAGS = ["-O3", "-std=c++20"]
+CFLAGS = ["-O3", "-std=c++20", "-fopenmp"]
 
 _lock = threading.Lock()
 _loaded: bool | None = None

@@ -12,6 +12,11 @@ from glmkit.train_tokenizer import train_tokenizer
 WORDS = "the king said unto them go and see what the lord hath done in the land of egypt for ever".split()
 
 
+class _ConstructOnly(GLM):
+    def reset_parameters(self, reference: bool = False) -> None:
+        pass
+
+
 def build_tiny_model_dir(root: Path) -> Path:
     rng = random.Random(0)
     text = "\n".join(" ".join(rng.choice(WORDS) for _ in range(12)) for _ in range(200))
@@ -22,7 +27,10 @@ def build_tiny_model_dir(root: Path) -> Path:
         n_layer=2, n_embd=32, n_head=4, vocab_size=tok.vocab_size, max_sequence_length=64, special_tokens=tok.special
     )
     torch.manual_seed(0)
-    GLM(config).eval().save_pretrained(folder)
+    model = _ConstructOnly(config)
+    # the reference init drawn right after the constructors: random weights whose greedy outputs are visible words
+    GLM.reset_parameters(model, reference=True)
+    model.eval().save_pretrained(folder)
     return folder
 
 

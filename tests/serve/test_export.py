@@ -96,7 +96,7 @@ def test_decoupled_llm_streams_then_final(repo, model_and_tokenizer):
         bad = pb.InferenceRequest({"text_input": text("x")}, {"max_tokens": -1})
         cancelled = pb.InferenceRequest(
             {"text_input": text("a"), "stream": pb.Tensor("stream", np.array([True]))},
-            {"max_tokens": 40, "temperature": 0},
+            {"max_tokens": 40, "temperature": 0, "ignore_eos": True},
             pb.ResponseSender(cancel_after=2),
         )
         assert m.execute([streamed, whole, bad, cancelled]) is None

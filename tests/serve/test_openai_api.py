@@ -50,7 +50,7 @@ def test_n_stop_logprobs_echo_seed_top_k(cli, model_and_tokenizer):
         len(t) <= 2 for t in lp.top_logprobs
     )
     text, _ = reference(model_and_tokenizer, "in the land", max_new_tokens=10)
-    stop = text[2:4]
+    stop = next(text[i : i + 2] for i in range(1, len(text) - 1) if not text[i : i + 2].isspace())
     res = cli.completions.create(model="llm", prompt="in the land", max_tokens=10, temperature=0, stop=[stop])
     assert res.choices[0].text == text[: text.index(stop)] and res.choices[0].finish_reason == "stop"
     kw = dict(model="llm", prompt="the lord", max_tokens=8, temperature=1.0, seed=7, extra_body={"top_k": 5})
