@@ -92,38 +92,31 @@ class Scorer:
         cache = KVCache.for_model(self.model, ids.shape[0], ids.shape[1], dtype=cache_dtype(self.model))
         mask = batch["attention_mask"].to(self.device)
         hidden = self.forward(ids, batch["position_ids"].to(self.device), mask, cache, True)  # (B, S, C)
-        # every row's scored positions through the head, log-softmax and gather at once, then plain Python lists:
-        # per-row tensor calls would cost more than the head itself at small model sizes
-        spans, at = [], 0
+        # every row's scored positions through the model's own head (kernels, quantized embeddings), log-softmax
+        # and gather at once, then plain Python lists: per-row tensor calls would cost more than the head itself
+        spans, targets, at = [], [], 0
         for row, sample in zip(rows, samples, strict=True):
-            n = {"embedding": 0, "logits": 1, "loglikelihood": len(row.continuation)}[row.kind]
-            spans.append((sample.sep, at, n))
-            at += n
-        raw = F.linear(
-            torch.cat([hidden[b, sep : sep + n] for b, (sep, _, n) in enumerate(spans)]), self.model.wte.weight
-        )
-        logp = torch.log_softmax(raw.float(), dim=-1)
-        where = [
-            at + i for row, (_, at, n) in zip(rows, spans, strict=True) if row.kind == "loglikelihood" for i in range(n)
-        ]
-        targets = torch.tensor(
-            [t for row in rows if row.kind == "loglikelihood" for t in row.continuation], dtype=torch.long
-        )
-        where_t = torch.tensor(where, dtype=torch.long, device=logp.device)
-        token_lp = logp[where_t, targets.to(logp.device)].tolist()
-        greedy = (logp[where_t].argmax(-1).cpu() == targets).tolist()
-        results, k = [], 0
+            scored = {"embedding": [], "logits": [0], "loglikelihood": row.continuation}[row.kind]
+            spans.append((sample.sep, at, len(scored)))
+            targets += scored
+            at += len(scored)
+        picked = torch.cat([hidden[b, sep : sep + n] for b, (sep, _, n) in enumerate(spans)])
+        raw = self.model.lm_head(picked, self.model.wte).float()
+        logp = torch.log_softmax(raw, dim=-1)
+        target = torch.tensor(targets, dtype=torch.long, device=logp.device)
+        token_lp = logp.gather(1, target[:, None])[:, 0].tolist()
+        greedy = (logp.argmax(-1) == target).tolist()
+        results = []
         for b, (row, (sep, at, n)) in enumerate(zip(rows, spans, strict=True)):
             res = ScoreResult()
             if row.kind == "embedding":
                 res.embedding = F.normalize(hidden[b, :sep].mean(0).float(), dim=0).cpu()
             elif row.kind == "logits":
-                res.logits = raw[at].float().cpu()
+                res.logits = raw[at].cpu()
             else:
-                res.token_logprobs = token_lp[k : k + n]
+                res.token_logprobs = token_lp[at : at + n]
                 res.logprob = float(sum(res.token_logprobs))
-                res.is_greedy = all(greedy[k : k + n])
-                k += n
+                res.is_greedy = all(greedy[at : at + n])
             results.append(res)
         out, i = [], 0
         for req in requests:

@@ -194,3 +194,25 @@ def test_scorer_agrees_with_generation(model_and_tokenizer):
     assert abs(float(together[1][1].embedding.norm()) - 1) < 1e-5
     with pytest.raises(ValueError, match="continuation"):
         scorer.check(ScoreRow("loglikelihood", ctx[0], []))
+
+
+def test_scorer_uses_the_models_head_quantized_embeddings_too(model_and_tokenizer):
+    """The head goes through the model's own module, so an int8 tied head scores close to full precision."""
+    import copy
+
+    from glmkit.quantize import quantize_model
+    from glmkit.quantize.modules import QuantScheme
+    from glmkit.serve.scoring import Scorer, ScoreRow
+
+    model, tok = model_and_tokenizer
+    quantized = copy.deepcopy(model)
+    quantize_model(quantized, QuantScheme(8, embeddings=True))
+    ctx = [tok.special.cls] + tok.encode("the king said")
+    results = []
+    for m in (model, quantized):
+        scorer = Scorer(m, tok.special)
+        rows = [ScoreRow("loglikelihood", ctx, tok.encode(" unto them")), ScoreRow("logits", ctx)]
+        results.append(scorer([[scorer.check(r) for r in rows]])[0])
+    (full_ll, full_logits), (q_ll, q_logits) = results
+    assert abs(full_ll.logprob - q_ll.logprob) < 0.05 * abs(full_ll.logprob)
+    assert (full_logits.logits - q_logits.logits).abs().max() < 0.05 * full_logits.logits.abs().max()
