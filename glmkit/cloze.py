@@ -25,8 +25,6 @@ from pathlib import Path
 
 import torch
 
-from .masks import collate, make_block_data
-
 _WORD = re.compile(r"^[A-Za-z]+$")
 _STRIP = re.compile(r"^[^A-Za-z]+|[^A-Za-z]+$")
 
@@ -139,25 +137,17 @@ class WordFiller:
         return self.tok.decode(out)
 
 
-@torch.inference_mode()
 def choice_scores(model: torch.nn.Module, tokenizer, item: ClozeItem) -> list[float]:
-    """Log-likelihood of each candidate filling the blank: Σ log p over ``word <eop>`` in Part B."""
+    """Log-likelihood of each candidate filling the blank: Σ log p over ``word <eop>`` in Part B, every candidate
+    in one batch of the serving scorer."""
+    from .serve.scoring import Scorer, ScoreRow
+
     sp = tokenizer.special
     left, right = item.text.split("[MASK]")
-    before = [sp.cls] + tokenizer.encode(left.rstrip())
-    after = tokenizer.encode(right) + [sp.eos]
-    samples = []
-    for word in item.choices:
-        fill = tokenizer.encode(" " + word)
-        text = before + fill + after
-        span = [(len(before), len(before) + len(fill))]
-        samples.append(make_block_data(text, span, mask_id=sp.mask, sop_id=sp.sop, eop_id=sp.eop))
-    b = collate(samples, pad_id=sp.pad)
-    keep = b["loss_mask"] > 0
-    logits = model(b["input_ids"], b["position_ids"], b["attention_mask"], logits_mask=keep).float()
-    logp = logits.log_softmax(-1).gather(-1, b["targets"][keep][:, None])[:, 0]
-    rows = torch.arange(len(samples))[:, None].expand_as(keep)[keep]
-    return torch.zeros(len(samples)).index_add_(0, rows, logp).tolist()
+    context = [sp.cls] + tokenizer.encode(left.rstrip()) + [sp.mask] + tokenizer.encode(right) + [sp.eos]
+    scorer = Scorer(model, sp)
+    rows = [ScoreRow("loglikelihood", context, tokenizer.encode(" " + word) + [sp.eop]) for word in item.choices]
+    return [res.logprob for res in scorer([rows])[0]]
 
 
 def evaluate_cloze(
@@ -166,7 +156,6 @@ def evaluate_cloze(
     """Both tasks on ``items`` (built with ``counts``, the training word frequencies)."""
     baseline = unigram_word(counts)
     fill = WordFiller(model, tokenizer, max_new_tokens)
-    model.eval()
     n = len(items)
     open_right = sum(first_word(fill(item.text)) == item.answer.lower() for item in items)
     choice_right = base_right = 0
