@@ -85,3 +85,54 @@ def test_optimize_for_decode_swaps_modules_and_keeps_the_function():
     fp32 = fixture_model()
     optimize_for_decode(fp32)
     assert type(fp32.blocks[0].mlp.fc) is torch.nn.Linear  # only bf16 weights are swapped
+
+
+def _steps(model, rows, blanks, tokens, fused: bool, slots=None):
+    """``step_logits`` through ``DecodeStep`` with the fused op on or off; ``slots``: rows of a bigger pool."""
+    dtype = cache_dtype(model)
+    cache = KVCache.for_model(model, 4, 16, dtype=dtype).rows(slots) if slots else None
+    cache = cache or KVCache.for_model(model, len(rows), 16, dtype=dtype)
+    with torch.inference_mode():
+        prefill(model, rows, cache)
+        stepper = GLMStepper(model, cache, torch.tensor(blanks), SPECIAL.sop)
+        assert stepper.decode.fused is not None
+        if not fused:
+            stepper.decode.fused = None
+        out = torch.stack([stepper.step(None)] + [stepper.step(t) for t in tokens]).float()
+    return out, cache.host_lengths()
+
+
+@pytest.mark.parametrize("bits", [None, 8, 4])
+def test_fused_decode_blocks_compute_the_python_step(bits):
+    """``decode_blocks`` (every block in one C++ call) == the per-op Python step on the same kernels: ragged rows,
+    rows of a pool (serving's slots), bf16 / int8 / int4 weights. Only attention's summation order differs."""
+    from glmkit import kernels
+    from glmkit.quantize import QuantScheme, quantize_model
+
+    if not kernels.available():
+        pytest.skip(f"kernels unavailable: {kernels.unavailable_reason()}")
+    model = optimize_for_decode(fixture_model().to(torch.bfloat16))
+    if bits:
+        quantize_model(model, QuantScheme(bits, 32 if bits == 4 else None))
+    tokens = torch.randint(0, 579, (6, 2), generator=torch.Generator().manual_seed(0))
+    for slots in (None, [3, 1]):
+        fused, lengths = _steps(model, ROWS, [5, 3], tokens, True, slots)
+        plain, plain_lengths = _steps(model, ROWS, [5, 3], tokens, False, slots)
+        assert lengths == plain_lengths == [15, 11]
+        torch.testing.assert_close(fused, plain, atol=0.06, rtol=0.02)
+        assert (fused.argmax(-1) == plain.argmax(-1)).float().mean() >= 0.9
+    exact = step_logits(fixture_model(), ROWS, [5, 3], tokens)  # fp32: the fused op is as close as the plain step
+    assert (fused - exact).abs().max() <= (plain - exact).abs().max() * 1.5 + 1e-3
+
+
+def test_fused_decode_is_used_and_not_for_fp32_or_training():
+    from glmkit import kernels
+    from glmkit.generate.fast import DecodeStep
+
+    if not kernels.available():
+        pytest.skip(f"kernels unavailable: {kernels.unavailable_reason()}")
+    half = fixture_model().to(torch.bfloat16)
+    assert DecodeStep(half).fused is not None and len(DecodeStep(half).fused.tensors) == 16 * half.config.n_layer
+    assert DecodeStep(fixture_model()).fused is None  # fp32 attends in SDPA over its own cache
+    assert DecodeStep(half, compile="eager").fused is None  # a compiled step stays in Python
+    assert DecodeStep(half.train()).fused is None

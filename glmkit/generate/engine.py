@@ -21,10 +21,10 @@ import torch
 
 from ..config import SpecialTokens
 from ..kv_cache import KVCache, KVCacheRows
-from ..masks import find_blanks, mask_with_cache, part_a_positions, part_b_step_positions, prefix_lm_mask
+from ..masks import find_blanks, part_a_positions, part_b_step_positions, prefix_lm_mask
 from .beam import beam_search
 from .config import GenerationConfig
-from .fast import cache_dtype, forward_for
+from .fast import DecodeStep, cache_dtype, forward_for
 from .processors import build_processors
 from .sampling import SampleRun, Stepper
 from .stopping import Decoder, FinishReason, StopCriteria, StopStrings
@@ -70,23 +70,14 @@ class GLMStepper:
     ) -> None:
         self.model, self.cache, self.blank_positions, self.sop_id = model, cache, blank_positions, sop_id
         self.block = 0
-        self.forward = forward_for(model)
-        if compile:
-            self.forward = torch.compile(self.forward, backend="inductor" if compile is True else compile, dynamic=True)
+        self.decode = DecodeStep(model, compile)
 
     def step(self, tokens: torch.Tensor | None) -> torch.Tensor:
         if tokens is None:
             tokens = torch.full_like(self.blank_positions, self.sop_id)
         self.block += 1
         positions = part_b_step_positions(self.blank_positions, self.block)
-        # the key mask is built here, outside a compiled forward: per-row lengths as Python ints would be baked
-        # into the graph and recompile it every step. Rows of equal length see every key: no mask.
-        lengths = self.cache.host_lengths()
-        mask = None
-        if min(lengths) != max(lengths):
-            one = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=tokens.device)
-            mask = mask_with_cache(one, lengths, len(tokens))
-        return self.forward(tokens[:, None], positions, mask, self.cache)[:, -1]
+        return self.decode(tokens[:, None], positions, self.cache)
 
     def reorder(self, index: torch.Tensor) -> None:
         self.cache.reorder(index)

@@ -10,6 +10,10 @@ weights stream from memory (cpu-notes.md); everything else in the step is overhe
 - On this CPU the bf16 attention kernels are ~10x slower than the fp32 ones at decode shapes, so a half-precision
   model attends in fp32, over a KV cache the engine keeps in fp32 (``cache_dtype``): converting a bf16 cache every
   step would cost more than reading the wider one.
+- ``DecodeStep`` is the one-token step generation and serving run. For a bf16 model on the kernels' CPU it runs every
+  block in one C++ call (``glmkit_kernels::decode_blocks``: the same LayerNorm/GELU/add ops, the kernels' matmuls,
+  attention over each row's cache in a loop), which removes the ~3 ms of per-op Python dispatch a GLM-Large step
+  otherwise spends around its ~15 ms of weight streaming; rows may hold different numbers of tokens.
 - ``optimize_for_decode`` swaps the linear layers and the tied LM head of a bf16 model for ``glmkit.kernels``'
   weight-only GEMV modules (the stock bf16 GEMV reaches a fraction of the memory bandwidth). It is applied from
   outside: model.py stays the network only, and the swapped model computes the same function.
@@ -18,12 +22,17 @@ weights stream from memory (cpu-notes.md); everything else in the step is overhe
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
-from ..kv_cache import KVCache
+from .. import kernels
+from ..kv_cache import KVCache, KVCacheRows
+from ..masks import mask_with_cache
 from ..model import GLM, Block
+from ..quantize.modules import QuantizedLinear
 
 # (input_ids, position_ids, attention_mask, cache, hidden) -> logits, or final hidden states when hidden
 Forward = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None, object, bool], torch.Tensor]
@@ -93,14 +102,112 @@ def forward_for(model: torch.nn.Module) -> Forward:
     return lambda ids, pos, mask, cache, hidden=False: model(ids, pos, mask, cache=cache, return_hidden=hidden)
 
 
+@dataclass
+class _FusedBlocks:
+    """The arguments of ``decode_blocks`` for a model's blocks: 16 tensors and 8 ints per block."""
+
+    tensors: list[torch.Tensor]
+    meta: list[int]
+    n_head: int
+    eps: float
+    gelu: str
+
+
+def _fused_linear(module: nn.Module) -> tuple[list[torch.Tensor], list[int]] | None:
+    """(weight, scales, bias), empty tensors for "none", and (kind, group size); None if the op cannot run it."""
+    none = torch.empty(0)
+    if isinstance(module, QuantizedLinear):
+        w, s, b = module.weight, module.weight_scale, module.bias
+        ok = s.dtype in (torch.float32, torch.bfloat16) and s.is_contiguous()
+        ok = ok and (module.bits == 8 or module.group_size in (32, 64, 128))
+        kind, group = (1, 0) if module.bits == 8 else (2, module.group_size)
+    elif type(module) in (nn.Linear, kernels.FastLinear) and module.weight.dtype == torch.bfloat16:
+        w, s, b, ok = module.weight, none, module.bias, True
+        kind, group = 0, 0
+    else:
+        return None
+    ok = ok and w.is_contiguous() and (b is None or (b.dtype in (torch.float32, torch.bfloat16) and b.is_contiguous()))
+    return ([w, s, none if b is None else b], [kind, group]) if ok else None
+
+
+def _fused_blocks(model: torch.nn.Module) -> _FusedBlocks | None:
+    """The fused op's view of ``model``, or None where it does not run (not a bf16 GLM on the kernels' CPU)."""
+    if type(model) is not GLM or model.training or not _fp32_attention(model) or not kernels.available():
+        return None
+    if next(model.parameters()).dtype != torch.bfloat16:
+        return None
+    tensors: list[torch.Tensor] = []
+    meta: list[int] = []
+    for block in model.blocks:
+        norms = [block.norm_1, block.norm_2]
+        if any(n.weight is None or n.bias is None or n.weight.dtype != torch.bfloat16 for n in norms):
+            return None
+        tensors += [block.norm_1.weight, block.norm_1.bias, block.norm_2.weight, block.norm_2.bias]
+        for linear in (block.attn.qkv, block.attn.proj, block.mlp.fc, block.mlp.proj):
+            entry = _fused_linear(linear)
+            if entry is None:
+                return None
+            tensors += entry[0]
+            meta += entry[1]
+    first = model.blocks[0]
+    return _FusedBlocks(tensors, meta, first.attn.n_head, first.norm_1.eps, first.mlp.approximate)
+
+
+def _slots(cache) -> tuple[KVCache, list[int]] | None:
+    """The fp32 pool and the rows ``cache`` stands for, when the fused op can write to them in place."""
+    pool, slots = (cache, list(range(cache.batch_size))) if isinstance(cache, KVCache) else (None, None)
+    if isinstance(cache, KVCacheRows):
+        pool, slots = cache.pool, cache.slots
+    if pool is None or pool.k.dtype != torch.float32 or not (pool.k.is_contiguous() and pool.v.is_contiguous()):
+        return None
+    return pool, slots
+
+
+class DecodeStep:
+    """One new token per row, each row attending to every token its cache row holds (rows may differ in length):
+    the step of generation (``GLMStepper``) and of serving (``ModelRunner``). Returns logits ``[N, V]`` (or the
+    final hidden states with ``hidden``) and advances the cache by one token.
+
+    A bf16 GLM on the kernels' CPU runs in ``decode_blocks``; anything else (fp32, CUDA, wrappers, a compiled
+    step) in ``cached_forward`` with the ragged-length mask built here, outside any compiled code: per-row
+    lengths as Python ints inside a compiled forward would recompile it every step."""
+
+    def __init__(self, model: torch.nn.Module, compile: bool | str = False) -> None:
+        self.model = model
+        self.forward = forward_for(model)
+        if compile:
+            self.forward = torch.compile(self.forward, backend="inductor" if compile is True else compile, dynamic=True)
+        self.fused = None if compile else _fused_blocks(model)
+
+    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, cache, hidden: bool = False) -> torch.Tensor:
+        """``tokens [N, 1]``, ``positions [N, 2, 1]``."""
+        rows = _slots(cache) if self.fused is not None and not torch.is_grad_enabled() else None
+        lengths = cache.host_lengths()
+        if rows is None:
+            mask = None
+            if min(lengths) != max(lengths):
+                one = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=tokens.device)
+                mask = mask_with_cache(one, lengths, len(tokens))
+            return self.forward(tokens, positions, mask, cache, hidden)[:, -1]
+        model, f = self.model, self.fused
+        cache.check_room(1)
+        x = model.wte(tokens[:, 0]) + model.wpe(positions[:, 0, 0])
+        if model.wbpe is not None:
+            x = x + model.wbpe(positions[:, 1, 0])
+        pool, slots = rows
+        op = torch.ops.glmkit_kernels.decode_blocks.default
+        x = op(x, f.tensors, f.meta, pool.k, pool.v, slots, lengths, f.n_head, f.eps, f.gelu)
+        cache.advance(1)
+        x = model.ln_f(x)
+        return x if hidden else model.lm_head(x, model.wte)
+
+
 def optimize_for_decode(model: torch.nn.Module) -> torch.nn.Module:
     """Put ``model`` in eval mode and, for bf16 weights where ``glmkit.kernels`` runs, swap its linear layers and
     tied LM head for the kernels' GEMV modules (in place, same tensors); returns it.
 
     Other dtypes and machines keep the stock layers (no compiler, a CPU without AVX-512 BF16, CUDA).
     """
-    from .. import kernels
-
     p = next(model.parameters())
     if p.dtype == torch.bfloat16 and kernels.available(p.device):
         kernels.replace_linear(model)

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).parent / "csrc" / "linear.cpp"
+CSRC = Path(__file__).parent / "csrc"
+SOURCES = [CSRC / "linear.cpp", CSRC / "decode.cpp"]
 CFLAGS = ["-O3", "-std=c++20", "-fopenmp"]
 
 _lock = threading.Lock()
@@ -60,7 +61,7 @@ def _try_load() -> str | None:
     compiler = os.environ.get("CXX", "c++")
     if shutil.which(compiler) is None:
         return f"no C++ compiler ({compiler}) on PATH"
-    source = SOURCE.read_bytes()
+    source = b"".join(p.read_bytes() for p in [*SOURCES, CSRC / "linear.h"])
     tag = hashlib.sha256(source + torch.__version__.encode() + " ".join(CFLAGS).encode()).hexdigest()[:12]
     name = f"glmkit_kernels_{tag}"
     build_dir = cache_dir() / name
@@ -70,7 +71,7 @@ def _try_load() -> str | None:
 
         load_extension(
             name=name,
-            sources=[str(SOURCE)],
+            sources=[str(p) for p in SOURCES],
             extra_cflags=CFLAGS,
             build_directory=str(build_dir),
             is_python_module=False,

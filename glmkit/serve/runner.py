@@ -12,10 +12,9 @@ from __future__ import annotations
 import torch
 
 from ..generate.engine import prefill
-from ..generate.fast import cache_dtype, forward_for
+from ..generate.fast import DecodeStep, cache_dtype
 from ..generate.processors import apply_processors
 from ..kv_cache import KVCache
-from ..masks import mask_with_cache
 from .request import Request, TokenLogprob
 from .scheduler import RunnerOutput, SchedulerOutput
 
@@ -27,7 +26,7 @@ class ModelRunner:
         self.model = model.eval()
         self.device = next(model.parameters()).device
         self.cache = KVCache.for_model(model, num_slots, max_model_len, dtype=cache_dtype(model))
-        self.forward = forward_for(model)  # the lean cached forward generation uses
+        self.decode = DecodeStep(model)  # the one-token step generation uses
 
     @torch.inference_mode()
     def execute(self, scheduled: SchedulerOutput) -> RunnerOutput:
@@ -43,11 +42,7 @@ class ModelRunner:
         tokens = torch.tensor([[t] for t, _, _ in inputs], device=self.device)  # (N, 1)
         positions = torch.tensor([[[p], [b]] for _, p, b in inputs], device=self.device)  # (N, 2, 1)
         view = self.cache.rows([r.slot for r in requests])
-        lengths = view.host_lengths()
-        mask = None  # rows of equal length see their whole cache: no mask needed
-        if min(lengths) != max(lengths):
-            mask = mask_with_cache(torch.ones(1, 1, 1, 1, dtype=torch.bool, device=self.device), lengths, len(requests))
-        logits = self.forward(tokens, positions, mask, view, False)[:, -1].float()  # (N, V)
+        logits = self.decode(tokens, positions, view).float()  # (N, V)
         return self.sample(requests, logits)
 
     def sample(self, requests: list[Request], logits: torch.Tensor) -> RunnerOutput:

@@ -105,16 +105,26 @@ def slow_server(model_and_tokenizer):
     server.stop()
 
 
+def wait_until(reached) -> None:
+    """Poll the server's state (a loaded machine may take a while to deliver a request) for up to 10 s."""
+    for _ in range(1000):
+        if reached():
+            return
+        time.sleep(0.01)
+    assert reached()
+
+
 def test_backpressure_429_and_503_with_retry_after(slow_server):
     base = f"http://{slow_server.url}"
-    body = {"model": "llm", "prompt": "a", "max_tokens": 20, "extra_body": None}
+    body = {"model": "llm", "prompt": "a", "max_tokens": 40, "ignore_eos": True}  # >= 0.8 s each at 20 ms a step
     threads = [
         threading.Thread(target=httpx.post, args=(f"{base}/v1/completions",), kwargs={"json": body, "timeout": 30})
         for _ in range(2)
     ]
-    for t in threads:
-        t.start()
-        time.sleep(0.1)  # the first runs, the second waits
+    scheduler = slow_server.state.engine.engine.scheduler
+    for t, reached in zip(threads, (lambda: len(scheduler.running) == 1, lambda: scheduler.num_waiting == 1)):
+        t.start()  # the first runs, the second waits
+        wait_until(reached)
     cli = OpenAI(base_url=f"{base}/v1", api_key="x", max_retries=0)
     with pytest.raises(openai.RateLimitError) as e:
         cli.completions.create(model="llm", prompt="a", max_tokens=2)
@@ -148,13 +158,13 @@ def test_graceful_shutdown_drains_in_flight(slow_server):
     result = {}
 
     def stream():
-        body = {"model": "llm", "prompt": "a", "max_tokens": 15, "stream": True}
+        body = {"model": "llm", "prompt": "a", "max_tokens": 15, "stream": True, "ignore_eos": True}
         with httpx.stream("POST", f"{base}/v1/completions", json=body, timeout=30) as r:
             result["text"] = r.read().decode()
 
     t = threading.Thread(target=stream)
     t.start()
-    time.sleep(0.1)
+    wait_until(lambda: len(slow_server.state.engine.engine.scheduler.running) == 1)
     slow_server.state.draining = True  # what SIGTERM sets before uvicorn stops listening
     assert httpx.get(f"{base}/v2/health/ready").status_code == 400
     r = httpx.post(f"{base}/v1/completions", json={"model": "llm", "prompt": "a", "max_tokens": 2})

@@ -24,6 +24,8 @@
 #include <cstdint>
 #include <vector>
 
+#include "linear.h"
+
 #define KERNEL __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx512vnni,fma")))
 
 namespace {
@@ -300,7 +302,11 @@ at::Tensor launch(const at::Tensor& x, int64_t N, const c10::optional<at::Tensor
   return y;
 }
 
+}  // namespace
+
 // ---- ops -------------------------------------------------------------------------------------------------------
+
+namespace glmkit {
 
 at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias) {
   TORCH_CHECK(w.scalar_type() == at::kBFloat16 && w.dim() == 2, "weight: expected bf16 [N, K]");
@@ -379,18 +385,22 @@ at::Tensor linear_int4(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   return launch(x, N, bias, f32_scales ? 0 : ng, row, [](int64_t, int64_t, float d) { return d; });
 }
 
-}  // namespace
+}  // namespace glmkit
 
 TORCH_LIBRARY(glmkit_kernels, m) {
   m.def("supported() -> bool");
   m.def("linear_bf16(Tensor x, Tensor w, Tensor? bias) -> Tensor");
   m.def("linear_int8(Tensor x, Tensor w, Tensor scales, Tensor? bias) -> Tensor");
   m.def("linear_int4(Tensor x, Tensor w, Tensor scales, int group_size, Tensor? bias) -> Tensor");
+  m.def(
+      "decode_blocks(Tensor x, Tensor[] tensors, int[] linear_meta, Tensor(a!) k_cache, Tensor(b!) v_cache, int[] slots, "
+      "int[] lengths, int n_head, float eps, str gelu) -> Tensor");
   m.impl("supported", &cpu_supported);
 }
 
 TORCH_LIBRARY_IMPL(glmkit_kernels, CPU, m) {
-  m.impl("linear_bf16", &linear_bf16);
-  m.impl("linear_int8", &linear_int8);
-  m.impl("linear_int4", &linear_int4);
+  m.impl("linear_bf16", &glmkit::linear_bf16);
+  m.impl("linear_int8", &glmkit::linear_int8);
+  m.impl("linear_int4", &glmkit::linear_int4);
+  m.impl("decode_blocks", &glmkit::decode_blocks);
 }

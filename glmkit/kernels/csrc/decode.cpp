@@ -1,0 +1,154 @@
+// Every GLM block of one decode step in one call (glmkit.generate.fast): one new token per row, bf16 activations.
+//
+// A decode step of GLM-Large is ~15 ms of weight streaming plus, in Python, ~3 ms of everything else: 24 layers of
+// LayerNorm, attention over the cache, GELU and residual adds, each a Python-dispatched op costing more than its
+// arithmetic (benchmarks/RESULTS.md). Here that glue runs in C++: LayerNorm, GELU and the adds are the same ATen ops
+// (same numerics as the Python path), the matmuls are linear.cpp's kernels called directly, and attention of the
+// single new query per row is a small loop over that row's cache — written into the fp32 cache in place, then
+// read back with an AVX-512 softmax. Rows may hold different numbers of cached tokens (continuous batching).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "linear.h"
+
+#define KERNEL __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma")))
+
+namespace {
+
+constexpr int64_t PER_BLOCK = 16;  // tensors per block: ln1 w, b; ln2 w, b; qkv, proj, fc, mlp proj as (w, scales, bias)
+constexpr int64_t META_PER_BLOCK = 8;  // (kind, group size) for each of the 4 linears
+
+enum Kind : int64_t { BF16 = 0, INT8 = 1, INT4 = 2 };
+
+c10::optional<at::Tensor> present(const at::Tensor& t) {
+  return t.numel() ? c10::optional<at::Tensor>(t) : c10::nullopt;
+}
+
+// w, scales, bias = t[0], t[1], t[2]; empty tensors stand for "none"
+at::Tensor run_linear(const at::Tensor* t, int64_t kind, int64_t group, const at::Tensor& x) {
+  switch (kind) {
+    case BF16:  // above 8 rows oneDNN's GEMM beats the GEMV kernel (glmkit/kernels/ops.py, BF16_MAX_ROWS)
+      return x.size(0) > 8 ? at::linear(x, t[0], present(t[2])) : glmkit::linear_bf16(x, t[0], present(t[2]));
+    case INT8:
+      return glmkit::linear_int8(x, t[0], t[1], present(t[2]));
+    default:
+      return glmkit::linear_int4(x, t[0], t[1], group, present(t[2]));
+  }
+}
+
+// e^x for x <= 0 (softmax after subtracting the max): 2^n * p(r), |r| <= ln2 / 2, degree-6 Taylor (rel. err < 1e-7)
+KERNEL inline __m512 exp_nonpositive(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504089f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);  // ln 2 in two parts (Cody-Waite)
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860677e-06f), r);
+  __m512 p = _mm512_set1_ps(1.f / 720);
+  for (float c : {1.f / 120, 1.f / 24, 1.f / 6, 1.f / 2, 1.f, 1.f}) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+  return _mm512_scalef_ps(p, n);
+}
+
+KERNEL inline float dot(const float* a, const float* b, int64_t D) {
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t d = 0; d < D; d += 16) {
+    const __mmask16 m = D - d >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (D - d)) - 1);
+    acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + d), _mm512_maskz_loadu_ps(m, b + d), acc);
+  }
+  return _mm512_reduce_add_ps(acc);
+}
+
+// y = softmax(q . K[t] * scale over t < T) @ V for one head; s: T floats of scratch
+KERNEL void attend_head(const float* q, const float* K, const float* V, int64_t T, int64_t D, float scale, float* s,
+                        float* y) {
+  float mx = -std::numeric_limits<float>::infinity();
+  for (int64_t t = 0; t < T; t++) {
+    s[t] = dot(q, K + t * D, D) * scale;
+    mx = std::max(mx, s[t]);
+  }
+  __m512 sum = _mm512_setzero_ps();
+  for (int64_t t = 0; t < T; t += 16) {
+    const __mmask16 m = T - t >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (T - t)) - 1);
+    const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, s + t), _mm512_set1_ps(mx)));
+    _mm512_mask_storeu_ps(s + t, m, e);
+    sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(m, e));
+  }
+  const float inv = 1.f / _mm512_reduce_add_ps(sum);
+  for (int64_t d = 0; d < D; d += 16) {
+    const __mmask16 m = D - d >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (D - d)) - 1);
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t t = 0; t < T; t++)
+      acc = _mm512_fmadd_ps(_mm512_set1_ps(s[t]), _mm512_maskz_loadu_ps(m, V + t * D + d), acc);
+    _mm512_mask_storeu_ps(y + d, m, _mm512_mul_ps(acc, _mm512_set1_ps(inv)));
+  }
+}
+
+// qkv [B, 3C] (bf16, rows Q | K | V head-major); writes each row's k, v at its length in its cache slot, attends
+// over the slot's tokens 0..length, returns y [B, C] in bf16 (what SDPA then .to(bf16) gives the Python path)
+at::Tensor attend(const at::Tensor& qkv, at::Tensor& kc, at::Tensor& vc, int64_t layer, at::IntArrayRef slots,
+                  at::IntArrayRef lengths, int64_t H) {
+  const int64_t B = qkv.size(0), C = qkv.size(1) / 3, D = C / H, P = kc.size(1), Tmax = kc.size(3);
+  const auto q3 = qkv.to(at::kFloat);
+  const float* qp = q3.data_ptr<float>();
+  float* kp = kc.data_ptr<float>() + layer * P * H * Tmax * D;
+  float* vp = vc.data_ptr<float>() + layer * P * H * Tmax * D;
+  auto y = at::empty({B, C}, qkv.options().dtype(at::kFloat));
+  float* yp = y.data_ptr<float>();
+  const float scale = 1.f / std::sqrt(static_cast<float>(D));
+  at::parallel_for(0, B * H, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> s(Tmax);
+    for (int64_t i = i0; i < i1; i++) {
+      const int64_t b = i / H, h = i % H, n = lengths[b];
+      const float* row = qp + b * 3 * C;
+      float* K = kp + (slots[b] * H + h) * Tmax * D;
+      float* V = vp + (slots[b] * H + h) * Tmax * D;
+      std::copy(row + C + h * D, row + C + (h + 1) * D, K + n * D);
+      std::copy(row + 2 * C + h * D, row + 2 * C + (h + 1) * D, V + n * D);
+      attend_head(row + h * D, K, V, n + 1, D, scale, s.data(), yp + b * C + h * D);
+    }
+  });
+  return y.to(at::kBFloat16);
+}
+
+}  // namespace
+
+namespace glmkit {
+
+at::Tensor decode_blocks(const at::Tensor& x_in, at::TensorList tensors, at::IntArrayRef meta, at::Tensor k_cache,
+                         at::Tensor v_cache, at::IntArrayRef slots, at::IntArrayRef lengths, int64_t n_head,
+                         double eps, c10::string_view gelu) {
+  TORCH_CHECK(x_in.device().is_cpu() && x_in.scalar_type() == at::kBFloat16 && x_in.dim() == 2,
+              "decode_blocks: x must be a bf16 CPU tensor [B, C]");
+  const int64_t B = x_in.size(0), C = x_in.size(1);
+  const int64_t L = static_cast<int64_t>(tensors.size()) / PER_BLOCK;
+  TORCH_CHECK(L > 0 && static_cast<int64_t>(tensors.size()) == L * PER_BLOCK, "decode_blocks: ", PER_BLOCK,
+              " tensors per block, got ", tensors.size());
+  TORCH_CHECK(static_cast<int64_t>(meta.size()) == L * META_PER_BLOCK, "decode_blocks: linear_meta must hold ",
+              META_PER_BLOCK, " ints per block");
+  for (const auto* c : {&k_cache, &v_cache})
+    TORCH_CHECK(c->scalar_type() == at::kFloat && c->is_contiguous() && c->dim() == 5 && c->size(0) == L &&
+                    c->size(2) == n_head && c->size(2) * c->size(4) == C,
+                "decode_blocks: caches must be contiguous fp32 [L, slots, n_head, T, C / n_head]");
+  TORCH_CHECK(static_cast<int64_t>(slots.size()) == B && static_cast<int64_t>(lengths.size()) == B,
+              "decode_blocks: one slot and one length per row");
+  for (int64_t b = 0; b < B; b++)
+    TORCH_CHECK(0 <= slots[b] && slots[b] < k_cache.size(1) && 0 <= lengths[b] && lengths[b] < k_cache.size(3),
+                "decode_blocks: row ", b, " has slot ", slots[b], " and length ", lengths[b], " outside the cache");
+  at::Tensor x = x_in.contiguous();
+  for (int64_t l = 0; l < L; l++) {
+    const at::Tensor* t = tensors.data() + l * PER_BLOCK;
+    const int64_t* m = meta.data() + l * META_PER_BLOCK;
+    auto qkv = run_linear(t + 4, m[0], m[1], at::layer_norm(x, {C}, t[0], t[1], eps));
+    auto y = attend(qkv, k_cache, v_cache, l, slots, lengths, n_head);
+    x = x + run_linear(t + 7, m[2], m[3], y);
+    auto f = at::gelu(run_linear(t + 10, m[4], m[5], at::layer_norm(x, {C}, t[2], t[3], eps)), gelu);
+    x = x + run_linear(t + 13, m[6], m[7], f);
+  }
+  return x;
+}
+
+}  // namespace glmkit
