@@ -45,15 +45,19 @@ def main() -> None:
     a = ap.parse_args()
     recipe = GPU_RECIPE + a.set
     cal = Path(a.out) / "calibrate"
-    cfg = load_config("configs/glmkit-small.yaml", recipe + [f"train.out_dir={cal}", "train.max_steps=60",
-                                                            "train.log_every=10", "train.save_every=60"])
+    cfg = load_config(
+        "configs/glmkit-small.yaml",
+        recipe + [f"train.out_dir={cal}", "train.max_steps=60", "train.log_every=10", "train.save_every=60"],
+    )
     pretrain(cfg, resume=False)
     dt = step_seconds(cal / "metrics.jsonl")
     steps = max(100, int(a.budget / (dt * 1.08)))  # ~8 % for the held-out evaluations
     print(f"step {dt * 1000:.1f} ms -> {steps} steps", flush=True)
     run = Path(a.out) / "run"
-    cfg = load_config("configs/glmkit-small.yaml", recipe + [f"train.out_dir={run}", f"train.max_steps={steps}",
-                                                            f"train.save_every={steps}"])
+    cfg = load_config(
+        "configs/glmkit-small.yaml",
+        recipe + [f"train.out_dir={run}", f"train.max_steps={steps}", f"train.save_every={steps}"],
+    )
     t = time.time()
     pretrain(cfg, resume=False)
     print(f"trained {steps} steps in {time.time() - t:.0f} s", flush=True)

@@ -122,7 +122,8 @@ def test_backpressure_429_and_503_with_retry_after(slow_server):
         for _ in range(2)
     ]
     scheduler = slow_server.state.engine.engine.scheduler
-    for t, reached in zip(threads, (lambda: len(scheduler.running) == 1, lambda: scheduler.num_waiting == 1)):
+    waits = (lambda: len(scheduler.running) == 1, lambda: scheduler.num_waiting == 1)
+    for t, reached in zip(threads, waits, strict=True):
         t.start()  # the first runs, the second waits
         wait_until(reached)
     cli = OpenAI(base_url=f"{base}/v1", api_key="x", max_retries=0)

@@ -2,10 +2,11 @@
 //
 // A decode step of GLM-Large is ~15 ms of weight streaming plus, in Python, ~3 ms of everything else: 24 layers of
 // LayerNorm, attention over the cache, GELU and residual adds, each a Python-dispatched op costing more than its
-// arithmetic (benchmarks/RESULTS.md). Here that glue runs in C++: LayerNorm, GELU and the adds are the same ATen ops
-// (same numerics as the Python path), the matmuls are linear.cpp's kernels called directly, and attention of the
-// single new query per row is a small loop over that row's cache — written into the fp32 cache in place, then
-// read back with an AVX-512 softmax. Rows may hold different numbers of cached tokens (continuous batching).
+// arithmetic (benchmarks/RESULTS.md). Here that glue runs in C++ on AVX-512, with the Python path's numerics (fp32
+// math, one rounding to bf16 per op): LayerNorm, tanh-GELU (erf-GELU through ATen) and in-place residual adds; the
+// matmuls are linear.cpp's kernels called directly, and attention of the single new query per row is a small loop
+// over that row's cache, written into the fp32 cache in place. Rows may hold different numbers of cached tokens
+// (continuous batching).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -51,6 +52,69 @@ KERNEL inline __m512 exp_nonpositive(__m512 x) {
   __m512 p = _mm512_set1_ps(1.f / 720);
   for (float c : {1.f / 120, 1.f / 24, 1.f / 6, 1.f / 2, 1.f, 1.f}) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
   return _mm512_scalef_ps(p, n);
+}
+
+KERNEL inline __m512 load_bf16(const c10::BFloat16* p, __mmask16 m) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+}
+
+KERNEL inline void store_bf16(c10::BFloat16* p, __m512 v, __mmask16 m) {
+  _mm256_mask_storeu_epi16(p, m, (__m256i)_mm512_cvtneps_pbh(v));
+}
+
+inline __mmask16 tail(int64_t n, int64_t i) { return n - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - i)) - 1); }
+
+// out[m] = LayerNorm(x[m]) * w + b for rows of C bf16 values (mean and variance in fp32, two passes)
+KERNEL void layer_norm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b, double eps, at::Tensor& out) {
+  const int64_t M = x.size(0), C = x.size(1);
+  const auto *xp = x.data_ptr<c10::BFloat16>(), *wp = w.data_ptr<c10::BFloat16>(), *bp = b.data_ptr<c10::BFloat16>();
+  auto* op = out.data_ptr<c10::BFloat16>();
+  for (int64_t m = 0; m < M; m++) {
+    const c10::BFloat16* r = xp + m * C;
+    __m512 s = _mm512_setzero_ps();
+    for (int64_t i = 0; i < C; i += 16) s = _mm512_add_ps(s, load_bf16(r + i, tail(C, i)));
+    const __m512 mean = _mm512_set1_ps(_mm512_reduce_add_ps(s) / C);
+    __m512 v = _mm512_setzero_ps();
+    for (int64_t i = 0; i < C; i += 16) {
+      const __mmask16 t = tail(C, i);
+      const __m512 d = _mm512_maskz_sub_ps(t, load_bf16(r + i, t), mean);
+      v = _mm512_fmadd_ps(d, d, v);
+    }
+    const __m512 rstd = _mm512_set1_ps(1.f / std::sqrt(_mm512_reduce_add_ps(v) / C + static_cast<float>(eps)));
+    for (int64_t i = 0; i < C; i += 16) {
+      const __mmask16 t = tail(C, i);
+      const __m512 n = _mm512_mul_ps(_mm512_sub_ps(load_bf16(r + i, t), mean), rstd);
+      store_bf16(op + m * C + i, _mm512_fmadd_ps(n, load_bf16(wp + i, t), load_bf16(bp + i, t)), t);
+    }
+  }
+}
+
+// x = 0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3))) in place, tanh(u) = sign(u) (1 - e) / (1 + e), e = e^-2|u|
+KERNEL void gelu_tanh(at::Tensor& x) {
+  auto* p = x.data_ptr<c10::BFloat16>();
+  const int64_t n = x.numel();
+  const __m512 k0 = _mm512_set1_ps(0.7978845608028654f), k1 = _mm512_set1_ps(0.044715f), one = _mm512_set1_ps(1.f);
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 t = tail(n, i);
+    const __m512 v = load_bf16(p + i, t);
+    const __m512 u = _mm512_mul_ps(k0, _mm512_fmadd_ps(_mm512_mul_ps(k1, v), _mm512_mul_ps(v, v), v));
+    const __m512 e = exp_nonpositive(_mm512_mul_ps(_mm512_set1_ps(-2.f), _mm512_abs_ps(u)));
+    __m512 th = _mm512_div_ps(_mm512_sub_ps(one, e), _mm512_add_ps(one, e));
+    th = _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(th),  // sign of u
+                                             _mm512_and_si512(_mm512_castps_si512(u), _mm512_set1_epi32(INT32_MIN))));
+    store_bf16(p + i, _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(0.5f), v), _mm512_add_ps(one, th)), t);
+  }
+}
+
+// x += y (bf16, rounded once)
+KERNEL void add_into(at::Tensor& x, const at::Tensor& y) {
+  auto* xp = x.data_ptr<c10::BFloat16>();
+  const auto* yp = y.data_ptr<c10::BFloat16>();
+  const int64_t n = x.numel();
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 t = tail(n, i);
+    store_bf16(xp + i, _mm512_add_ps(load_bf16(xp + i, t), load_bf16(yp + i, t)), t);
+  }
 }
 
 KERNEL inline float dot(const float* a, const float* b, int64_t D) {
@@ -138,15 +202,26 @@ at::Tensor decode_blocks(const at::Tensor& x_in, at::TensorList tensors, at::Int
   for (int64_t b = 0; b < B; b++)
     TORCH_CHECK(0 <= slots[b] && slots[b] < k_cache.size(1) && 0 <= lengths[b] && lengths[b] < k_cache.size(3),
                 "decode_blocks: row ", b, " has slot ", slots[b], " and length ", lengths[b], " outside the cache");
-  at::Tensor x = x_in.contiguous();
+  const bool tanh_gelu = gelu == "tanh";
+  for (int64_t i = 0; i < L * 4; i++)
+    TORCH_CHECK(tensors[(i / 4) * PER_BLOCK + i % 4].scalar_type() == at::kBFloat16 &&
+                    tensors[(i / 4) * PER_BLOCK + i % 4].is_contiguous(),
+                "decode_blocks: LayerNorm weights and biases must be contiguous bf16");
+  at::Tensor x = x_in.clone(at::MemoryFormat::Contiguous);  // the residual stream, updated in place
+  at::Tensor h = at::empty_like(x);
   for (int64_t l = 0; l < L; l++) {
     const at::Tensor* t = tensors.data() + l * PER_BLOCK;
     const int64_t* m = meta.data() + l * META_PER_BLOCK;
-    auto qkv = run_linear(t + 4, m[0], m[1], at::layer_norm(x, {C}, t[0], t[1], eps));
-    auto y = attend(qkv, k_cache, v_cache, l, slots, lengths, n_head);
-    x = x + run_linear(t + 7, m[2], m[3], y);
-    auto f = at::gelu(run_linear(t + 10, m[4], m[5], at::layer_norm(x, {C}, t[2], t[3], eps)), gelu);
-    x = x + run_linear(t + 13, m[6], m[7], f);
+    layer_norm(x, t[0], t[1], eps, h);
+    auto qkv = run_linear(t + 4, m[0], m[1], h);
+    add_into(x, run_linear(t + 7, m[2], m[3], attend(qkv, k_cache, v_cache, l, slots, lengths, n_head)));
+    layer_norm(x, t[2], t[3], eps, h);
+    auto f = run_linear(t + 10, m[4], m[5], h);
+    if (tanh_gelu)
+      gelu_tanh(f);
+    else
+      f = at::gelu(f, gelu);
+    add_into(x, run_linear(t + 13, m[6], m[7], f));
   }
   return x;
 }
