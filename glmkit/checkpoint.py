@@ -33,12 +33,13 @@ def hub_key_map(config: GLMConfig, scheme: QuantScheme | None = None) -> dict[st
     ``<name>.weight_scale`` (ChatGLM's hub naming)."""
     m = {
         "word_embeddings.weight": "wte.weight",
-        "transformer.position_embeddings.weight": "wpe.weight",
         "transformer.final_layernorm.weight": "ln_f.weight",
         "transformer.final_layernorm.bias": "ln_f.bias",
     }
-    if config.block_position_encoding:
-        m["transformer.block_position_embeddings.weight"] = "wbpe.weight"
+    if config.position_encoding == "learned":
+        m["transformer.position_embeddings.weight"] = "wpe.weight"
+        if config.block_position_encoding:
+            m["transformer.block_position_embeddings.weight"] = "wbpe.weight"
     layer = {
         "input_layernorm": "norm_1",
         "attention.query_key_value": "attn.qkv",

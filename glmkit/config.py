@@ -74,6 +74,10 @@ class GLMConfig:
         embedding_dropout / attention_dropout / output_dropout: training-time dropout probabilities.
         gelu: ``"tanh"`` (the original THUDM/GLM training code) or ``"erf"`` (what the hub modeling_glm.py runs).
         block_position_encoding: add the block-position table (the 2D positional encoding); True for every release.
+        position_encoding: ``"learned"`` — position and block-position tables added at the input, as released — or
+            ``"rotary_2d"``: no tables; each head's queries and keys are rotated, the first half of the head by the
+            position and the second half by the block position (ChatGLM-6B's 2D RoPE). Relative positions are what
+            a small model learns from little data (benchmarks/RESULTS.md, "2D rotary positions").
         initializer_range: std of the normal init of embeddings and input-side linear weights.
         special_tokens: ids of [CLS], [MASK], [sMASK], [gMASK], sop, eop, eos, pad for this vocabulary; ``None``
             when the checkpoint does not say (hub configs do not; the tokenizer then supplies them).
@@ -90,6 +94,7 @@ class GLMConfig:
     output_dropout: float = 0.1
     gelu: Literal["tanh", "erf"] = "tanh"
     block_position_encoding: bool = True
+    position_encoding: Literal["learned", "rotary_2d"] = "learned"
     initializer_range: float = 0.02
     special_tokens: SpecialTokens | None = None
 
@@ -110,6 +115,10 @@ class GLMConfig:
             raise ConfigError(f"layernorm_eps: expected a small positive float, got {self.layernorm_eps!r}")
         if self.gelu not in ("tanh", "erf"):
             raise ConfigError(f"gelu: expected 'tanh' or 'erf', got {self.gelu!r}")
+        if self.position_encoding not in ("learned", "rotary_2d"):
+            raise ConfigError(f"position_encoding: expected 'learned' or 'rotary_2d', got {self.position_encoding!r}")
+        if self.position_encoding == "rotary_2d" and self.head_size % 4:
+            raise ConfigError(f"position_encoding: rotary_2d needs a head size divisible by 4, got {self.head_size}")
         if not isinstance(self.block_position_encoding, bool):
             raise ConfigError(f"block_position_encoding: expected a bool, got {self.block_position_encoding!r}")
         for k, v in (self.special_tokens.to_dict() if self.special_tokens else {}).items():
@@ -130,7 +139,8 @@ class GLMConfig:
     def num_parameters(self) -> int:
         h, v, p, n = self.n_embd, self.vocab_size, self.n_positions, self.n_layer
         per_layer = 4 * h + (3 * h * h + 3 * h) + (h * h + h) + (4 * h * h + 4 * h) + (4 * h * h + h)
-        return v * h + p * h * (2 if self.block_position_encoding else 1) + n * per_layer + 2 * h
+        tables = 0 if self.position_encoding == "rotary_2d" else (2 if self.block_position_encoding else 1)
+        return v * h + p * h * tables + n * per_layer + 2 * h
 
     # ---- hub config.json ---------------------------------------------------------------------------------
 
@@ -151,6 +161,8 @@ class GLMConfig:
         }
         if self.special_tokens is not None:
             d["glmkit_special_tokens"] = self.special_tokens.to_dict()
+        if self.position_encoding != "learned":
+            d["glmkit_position_encoding"] = self.position_encoding
         return d
 
     @classmethod
@@ -176,6 +188,8 @@ class GLMConfig:
             if d["hidden_act"] not in acts:
                 raise ConfigError(f"hidden_act: expected one of {sorted(acts)}, got {d['hidden_act']!r}")
             kwargs["gelu"] = acts[d["hidden_act"]]
+        if "glmkit_position_encoding" in d:
+            kwargs["position_encoding"] = d["glmkit_position_encoding"]
         if "glmkit_special_tokens" in d:
             kwargs["special_tokens"] = SpecialTokens.from_dict(d["glmkit_special_tokens"])
         bad = sorted(set(overrides) - {f.name for f in dataclasses.fields(cls)})
@@ -221,4 +235,4 @@ _HUB_IGNORED = {
     "bos_token_id", "eos_token_id", "pad_token_id", "mask_token_id", "gmask_token_id", "smask_token_id",
     "tokenizer_class", "_name_or_path", "use_cache",
 }  # fmt: skip
-_GLMKIT_KEYS = {"glmkit_gelu", "glmkit_special_tokens", "glmkit_quantization"}
+_GLMKIT_KEYS = {"glmkit_gelu", "glmkit_special_tokens", "glmkit_quantization", "glmkit_position_encoding"}

@@ -2,7 +2,9 @@
 
 Architecture choices (glm-reference.md §1-3):
 - input = word embedding + position embedding + block-position embedding (the 2D positional encoding);
-  positions are added only here, so cached keys/values never change (see kv_cache.py);
+  positions are added only here, so cached keys/values never change (see kv_cache.py). With
+  ``position_encoding="rotary_2d"`` (ChatGLM-6B's variant) there are no tables: queries and keys are rotated by
+  (position, block position) instead, keys before they are cached, so cached keys still never change;
 - pre-LN GPT-2/Megatron blocks with a fused QKV projection (rows Q | K | V, head-major);
 - masked attention scores are -65504 in the reference; with a boolean mask and at least one visible key per
   row this is exactly softmax with -inf, so we use ``scaled_dot_product_attention``;
@@ -26,6 +28,26 @@ from .config import GLMConfig
 from .kv_cache import KVCache
 from .masks import mask_with_cache, normalize_attention_mask
 
+Rope = tuple[torch.Tensor, torch.Tensor]  # cos, sin [B, 1, S, head_size / 2]
+
+
+def rotary_2d(position_ids: torch.Tensor, head_size: int) -> Rope:
+    """cos/sin of 2D rotary positions for ``position_ids [B, 2, S]``: dimension pair ``i`` of a head turns by
+    ``position * f_i`` in the first half of the head and ``block_position * f_i`` in the second, with the RoPE
+    frequencies ``f_i = 10000^(-2i / (head_size / 2))`` of a half."""
+    quarter = head_size // 4
+    freq = 10000.0 ** (-torch.arange(quarter, dtype=torch.float32, device=position_ids.device) / quarter)
+    angle = position_ids.float()[..., None] * freq  # [B, 2, S, quarter]
+    angle = torch.cat((angle[:, 0], angle[:, 1]), dim=-1)[:, None]  # [B, 1, S, head_size / 2]
+    return angle.cos(), angle.sin()
+
+
+def apply_rotary(x: torch.Tensor, rope: Rope) -> torch.Tensor:
+    """Rotate the pairs ``(x[..., 2i], x[..., 2i + 1])`` of ``x [B, nh, S, head_size]`` by ``rope``'s angles."""
+    cos, sin = (t.to(x.dtype) for t in rope)
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
+
 
 class Attention(nn.Module):
     def __init__(self, config: GLMConfig) -> None:
@@ -36,10 +58,14 @@ class Attention(nn.Module):
         self.attn_dropout = config.attention_dropout
         self.resid_dropout = nn.Dropout(config.output_dropout)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor, cache: KVCache | None, layer: int) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor, cache: KVCache | None, layer: int, rope: Rope | None = None
+    ) -> torch.Tensor:
         B, S, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=-1)
         q, k, v = (t.view(B, S, self.n_head, self.head_size).transpose(1, 2) for t in (q, k, v))  # (B, nh, S, hs)
+        if rope is not None:
+            q, k = apply_rotary(q, rope), apply_rotary(k, rope)
         if cache is not None:
             k, v = cache.write(layer, k, v)  # (B, nh, T, hs)
         p = self.attn_dropout if self.training else 0.0
@@ -67,8 +93,10 @@ class Block(nn.Module):
         self.norm_2 = nn.LayerNorm(config.n_embd, eps=config.layernorm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor, cache: KVCache | None, layer: int) -> torch.Tensor:
-        x = x + self.attn(self.norm_1(x), mask, cache, layer)
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor, cache: KVCache | None, layer: int, rope: Rope | None = None
+    ) -> torch.Tensor:
+        x = x + self.attn(self.norm_1(x), mask, cache, layer, rope)
         return x + self.mlp(self.norm_2(x))
 
 
@@ -85,8 +113,10 @@ class GLM(nn.Module):
         super().__init__()
         self.config = config
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
-        self.wpe = nn.Embedding(config.n_positions, config.n_embd)
-        self.wbpe = nn.Embedding(config.n_positions, config.n_embd) if config.block_position_encoding else None
+        learned = config.position_encoding == "learned"
+        self.wpe = nn.Embedding(config.n_positions, config.n_embd) if learned else None
+        with_block = learned and config.block_position_encoding
+        self.wbpe = nn.Embedding(config.n_positions, config.n_embd) if with_block else None
         self.drop = nn.Dropout(config.embedding_dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layernorm_eps)
@@ -135,6 +165,16 @@ class GLM(nn.Module):
         from .checkpoint import save_pretrained
 
         save_pretrained(self, path, metadata)
+
+    def embed(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, Rope | None]:
+        """The blocks' input for valid ``position_ids [B, 2, S]``, and the rotary angles when positions rotate."""
+        x = self.wte(input_ids)
+        if self.wpe is None:
+            return x, rotary_2d(position_ids, self.config.head_size)
+        x = x + self.wpe(position_ids[:, 0])
+        if self.wbpe is not None:
+            x = x + self.wbpe(position_ids[:, 1])
+        return x, None
 
     def forward(
         self,
@@ -194,15 +234,13 @@ class GLM(nn.Module):
         # a query row that sees nothing would give NaN in SDPA; the reference gives it a uniform average instead
         mask = mask | ~mask.any(-1, keepdim=True)
 
-        x = self.wte(input_ids) + self.wpe(position_ids[:, 0])
-        if self.wbpe is not None:
-            x = x + self.wbpe(position_ids[:, 1])
+        x, rope = self.embed(input_ids, position_ids)
         x = self.drop(x)
         for i, block in enumerate(self.blocks):
             if self.gradient_checkpointing and self.training and cache is None:
-                x = checkpoint(block, x, mask, None, i, use_reentrant=False)
+                x = checkpoint(block, x, mask, None, i, rope, use_reentrant=False)
             else:
-                x = block(x, mask, cache, i)
+                x = block(x, mask, cache, i, rope)
         if cache is not None:
             cache.advance(S)
         if logits_mask is not None:

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from .. import kernels
 from ..kv_cache import KVCache, KVCacheRows
 from ..masks import mask_with_cache
-from ..model import GLM, Block
+from ..model import GLM, Block, Rope, apply_rotary
 from ..quantize.modules import QuantizedLinear
 
 # (input_ids, position_ids, attention_mask, cache, hidden) -> logits, or final hidden states when hidden
@@ -50,7 +50,7 @@ def cache_dtype(model: torch.nn.Module) -> torch.dtype:
 
 
 def _block(
-    block: Block, x: torch.Tensor, mask: torch.Tensor | None, cache, layer: int, fp32_attention: bool
+    block: Block, x: torch.Tensor, mask: torch.Tensor | None, cache, layer: int, fp32_attention: bool, rope: Rope | None
 ) -> torch.Tensor:
     """``Block.forward`` in eval mode; attention in fp32 when ``fp32_attention``."""
     attn = block.attn
@@ -58,6 +58,8 @@ def _block(
     qkv = attn.qkv(block.norm_1(x))
     qkv = qkv.float() if fp32_attention else qkv  # one cast for q, k and v
     q, k, v = (t.view(B, S, attn.n_head, attn.head_size).transpose(1, 2) for t in qkv.split(C, dim=-1))
+    if rope is not None:
+        q, k = apply_rotary(q, rope), apply_rotary(k, rope)
     store = cache.k.dtype if isinstance(cache, KVCache) else x.dtype
     k, v = cache.write(layer, k.to(store), v.to(store))  # (B, nh, T, hs)
     y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask).to(x.dtype)
@@ -83,12 +85,10 @@ def cached_forward(
     """
     assert attention_mask is not None or input_ids.shape[1] == 1, "a mask is needed for several new tokens"
     cache.check_room(input_ids.shape[1])
-    x = model.wte(input_ids) + model.wpe(position_ids[:, 0])
-    if model.wbpe is not None:
-        x = x + model.wbpe(position_ids[:, 1])
+    x, rope = model.embed(input_ids, position_ids)
     fp32 = _fp32_attention(model)
     for i, block in enumerate(model.blocks):
-        x = _block(block, x, attention_mask, cache, i, fp32)
+        x = _block(block, x, attention_mask, cache, i, fp32, rope)
     cache.advance(input_ids.shape[1])
     x = model.ln_f(x)
     return x if hidden else model.lm_head(x, model.wte)
@@ -133,6 +133,8 @@ def _fused_linear(module: nn.Module) -> tuple[list[torch.Tensor], list[int]] | N
 def _fused_blocks(model: torch.nn.Module) -> _FusedBlocks | None:
     """The fused op's view of ``model``, or None where it does not run (not a bf16 GLM on the kernels' CPU)."""
     if type(model) is not GLM or model.training or not _fp32_attention(model) or not kernels.available():
+        return None
+    if model.wpe is None:  # rotary positions: the op adds no rotation
         return None
     if next(model.parameters()).dtype != torch.bfloat16:
         return None

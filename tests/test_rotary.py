@@ -1,0 +1,90 @@
+"""``position_encoding="rotary_2d"`` (ChatGLM-6B's 2D RoPE): no position tables, attention depends on relative
+positions only, and everything that runs a GLM — cached decoding, batching, save/load, training — computes the
+same function with it."""
+
+import pytest
+import torch
+
+from glmkit import GLM, GLMConfig, KVCache
+from glmkit.config import ConfigError
+from glmkit.generate import generate
+from glmkit.generate.engine import GLMStepper, prefill
+from glmkit.generate.fast import DecodeStep, cache_dtype
+from glmkit.train.loop import blank_infill_loss
+from tests.helpers.generation import SPECIAL, EopAfter
+
+ROWS = [[582, 5, 6, 7, 8, 583, 9, 579], [582, 40, 41, 586]]
+
+
+def rotary_model(**kw) -> GLM:
+    torch.manual_seed(0)
+    cfg = GLMConfig(n_layer=2, n_embd=64, n_head=4, max_sequence_length=64, position_encoding="rotary_2d", **kw)
+    model = GLM(cfg).eval()
+    with torch.no_grad():  # larger than the init so that attention is far from uniform and positions matter
+        for block in model.blocks:
+            block.attn.qkv.weight.mul_(8)
+    return model
+
+
+def test_config_round_trip_and_validation(tmp_path):
+    cfg = GLMConfig(n_embd=64, n_head=4, position_encoding="rotary_2d")
+    assert GLMConfig.from_hub_dict(cfg.to_hub_dict()) == cfg
+    assert "glmkit_position_encoding" not in GLMConfig().to_hub_dict()  # released configs stay as they were
+    with pytest.raises(ConfigError, match="position_encoding"):
+        GLMConfig(position_encoding="alibi")
+    with pytest.raises(ConfigError, match="divisible by 4"):
+        GLMConfig(n_embd=24, n_head=4, position_encoding="rotary_2d")
+    model = rotary_model()
+    assert model.wpe is None and model.wbpe is None
+    assert sum(p.numel() for p in model.parameters()) == model.config.num_parameters()
+    model.save_pretrained(tmp_path)
+    loaded = GLM.from_pretrained(tmp_path).eval()
+    ids, pos = torch.tensor([ROWS[0]]), torch.tensor([[list(range(8)), [0] * 8]])
+    torch.testing.assert_close(loaded(ids, pos, 8), model(ids, pos, 8), atol=0, rtol=0)
+
+
+def test_attention_sees_relative_positions_only():
+    ids = torch.tensor([ROWS[0]])
+    pos = torch.tensor([[list(range(8)), [0] * 8]])
+    shifted = pos + torch.tensor([[[5], [0]]])
+    for model, relative in ((rotary_model(), True), (GLM(GLMConfig(n_layer=2, n_embd=64, n_head=4)).eval(), False)):
+        a, b = model(ids, pos, 8), model(ids, shifted, 8)
+        assert torch.allclose(a, b, atol=1e-4) == relative
+    model = rotary_model()
+    assert not torch.allclose(model(ids, pos, 8), model(ids, pos.flip(-1), 8), atol=1e-3)  # order still matters
+
+
+def test_cached_batched_decoding_equals_the_full_forward():
+    model = rotary_model(special_tokens=SPECIAL)
+    tokens = torch.randint(0, 579, (4, 2), generator=torch.Generator().manual_seed(1))
+
+    def steps(m, rows, blanks, toks):
+        cache = KVCache.for_model(m, len(rows), 16, dtype=cache_dtype(m))
+        with torch.inference_mode():
+            prefill(m, rows, cache)
+            stepper = GLMStepper(m, cache, torch.tensor(blanks), SPECIAL.sop)
+            return torch.stack([stepper.step(None)] + [stepper.step(t) for t in toks])
+
+    fast = steps(model, ROWS, [5, 3], tokens)
+    slow = steps(EopAfter(model, {}), ROWS, [5, 3], tokens)  # GLM.forward with its own masks
+    torch.testing.assert_close(fast, slow, atol=1e-5, rtol=0)
+    for b, row in enumerate(ROWS):
+        alone = steps(model, [row], [[5, 3][b]], tokens[:, b : b + 1])
+        torch.testing.assert_close(alone[:, 0], fast[:, b], atol=1e-5, rtol=0)
+    batched = generate(model, ROWS, special_tokens=SPECIAL, max_new_tokens=5).new_tokens
+    assert batched == [generate(model, [r], special_tokens=SPECIAL, max_new_tokens=5).new_tokens[0] for r in ROWS]
+    assert DecodeStep(model.to(torch.bfloat16)).fused is None  # the fused C++ step adds no rotation
+
+
+def test_trains_with_and_without_activation_checkpointing():
+    ids, pos = torch.tensor([ROWS[0]]), torch.tensor([[list(range(8)), [0] * 8]])
+    targets = torch.roll(ids, -1, dims=1)
+    grads = []
+    for ckpt in (False, True):
+        model = rotary_model().train()
+        model.gradient_checkpointing = ckpt
+        loss = blank_infill_loss(model(ids, pos, 8), targets, torch.ones_like(ids))
+        loss.backward()
+        grads.append(model.blocks[0].attn.qkv.weight.grad.clone())
+    assert grads[0].abs().sum() > 0
+    torch.testing.assert_close(grads[0], grads[1])
