@@ -157,12 +157,14 @@ def _fused_blocks(model: torch.nn.Module) -> _FusedBlocks | None:
 
 def _slots(cache) -> tuple[KVCache, list[int]] | None:
     """The fp32 pool and the rows ``cache`` stands for, when the fused op can write to them in place."""
-    pool, slots = (cache, list(range(cache.batch_size))) if isinstance(cache, KVCache) else (None, None)
     if isinstance(cache, KVCacheRows):
         pool, slots = cache.pool, cache.slots
-    if pool is None or pool.k.dtype != torch.float32 or not (pool.k.is_contiguous() and pool.v.is_contiguous()):
+    elif isinstance(cache, KVCache):
+        pool, slots = cache, list(range(cache.batch_size))
+    else:
         return None
-    return pool, slots
+    ok = pool.k.dtype == torch.float32 and pool.k.is_contiguous() and pool.v.is_contiguous()
+    return (pool, slots) if ok else None
 
 
 class DecodeStep:
@@ -193,12 +195,10 @@ class DecodeStep:
             return self.forward(tokens, positions, mask, cache, hidden)[:, -1]
         model, f = self.model, self.fused
         cache.check_room(1)
-        x = model.wte(tokens[:, 0]) + model.wpe(positions[:, 0, 0])
-        if model.wbpe is not None:
-            x = x + model.wbpe(positions[:, 1, 0])
+        x, _ = model.embed(tokens, positions)  # learned positions only: the op runs no rotary model
         pool, slots = rows
         op = torch.ops.glmkit_kernels.decode_blocks.default
-        x = op(x, f.tensors, f.meta, pool.k, pool.v, slots, lengths, f.n_head, f.eps, f.gelu)
+        x = op(x[:, 0], f.tensors, f.meta, pool.k, pool.v, slots, lengths, f.n_head, f.eps, f.gelu)
         cache.advance(1)
         x = model.ln_f(x)
         return x if hidden else model.lm_head(x, model.wte)
