@@ -2,6 +2,8 @@
 goes through the validating ``GLM.forward``, and ``optimize_for_decode`` swaps in the kernels' modules without
 changing what the model computes."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -102,16 +104,28 @@ def _steps(model, rows, blanks, tokens, fused: bool, slots=None):
     return out, cache.host_lengths()
 
 
-@pytest.mark.parametrize("bits", [None, 8, 4])
-def test_fused_decode_blocks_compute_the_python_step(bits):
+def _fixture_or_rotary(rotary: bool) -> GLM:
+    """The fixture GLM, or the same weights with 2D rotary positions in place of its position tables."""
+    model = fixture_model()
+    if not rotary:
+        return model
+    twin = GLM(dataclasses.replace(model.config, position_encoding="rotary_2d"))
+    missing, unexpected = twin.load_state_dict(model.state_dict(), strict=False)
+    assert not missing and all(k.startswith(("wpe", "wbpe")) for k in unexpected)
+    return twin.eval()
+
+
+@pytest.mark.parametrize("bits,rotary", [(None, False), (8, False), (4, False), (None, True), (4, True)])
+def test_fused_decode_blocks_compute_the_python_step(bits, rotary):
     """``decode_blocks`` (every block in one C++ call) == the per-op Python step on the same kernels: ragged rows,
-    rows of a pool (serving's slots), bf16 / int8 / int4 weights. Only attention's summation order differs."""
+    rows of a pool (serving's slots), bf16 / int8 / int4 weights, learned or 2D rotary positions. Only attention's
+    summation order differs."""
     from glmkit import kernels
     from glmkit.quantize import QuantScheme, quantize_model
 
     if not kernels.available():
         pytest.skip(f"kernels unavailable: {kernels.unavailable_reason()}")
-    model = optimize_for_decode(fixture_model().to(torch.bfloat16))
+    model = optimize_for_decode(_fixture_or_rotary(rotary).to(torch.bfloat16))
     if bits:
         quantize_model(model, QuantScheme(bits, 32 if bits == 4 else None))
     tokens = torch.randint(0, 579, (6, 2), generator=torch.Generator().manual_seed(0))
@@ -121,7 +135,7 @@ def test_fused_decode_blocks_compute_the_python_step(bits):
         assert lengths == plain_lengths == [15, 11]
         torch.testing.assert_close(fused, plain, atol=0.06, rtol=0.02)
         assert (fused.argmax(-1) == plain.argmax(-1)).float().mean() >= 0.9
-    exact = step_logits(fixture_model(), ROWS, [5, 3], tokens)  # fp32: the fused op is as close as the plain step
+    exact = step_logits(_fixture_or_rotary(rotary), ROWS, [5, 3], tokens)  # fp32: fused as close as the plain step
     assert (fused - exact).abs().max() <= (plain - exact).abs().max() * 1.5 + 1e-3
 
 

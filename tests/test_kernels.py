@@ -14,7 +14,7 @@ from tests.helpers.generation import FIXTURE
 needs_kernels = pytest.mark.skipif(
     not kernels.available(), reason=f"C++ kernels not available: {kernels.unavailable_reason()}"
 )
-ROWS = [1, 4, 5, 32]
+ROWS = [1, 4, 5, 11, 16, 32]  # 8-16 bf16 rows: 4 x 4 tiles (with 3 left over at 11); more: oneDNN
 SHAPES = [(7, 32), (13, 96), (64, 64), (37, 160), (130, 256)]  # N, K: odd row counts, K % 64 == 32 tails
 
 
@@ -30,7 +30,7 @@ def bf16_exact(x: torch.Tensor) -> torch.Tensor:
 
 @needs_kernels
 @pytest.mark.parametrize("M", ROWS)
-@pytest.mark.parametrize("N,K", SHAPES + [(5, 33), (9, 1000)])
+@pytest.mark.parametrize("N,K", SHAPES + [(5, 33), (9, 1000), (12, 1000)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_bf16_kernel_is_the_reference_math(M, N, K, dtype):
     x, w, b = torch.randn(M, K).to(dtype), torch.randn(N, K).bfloat16(), torch.randn(N).to(dtype)

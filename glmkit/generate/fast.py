@@ -134,8 +134,6 @@ def _fused_blocks(model: torch.nn.Module) -> _FusedBlocks | None:
     """The fused op's view of ``model``, or None where it does not run (not a bf16 GLM on the kernels' CPU)."""
     if type(model) is not GLM or model.training or not _fp32_attention(model) or not kernels.available():
         return None
-    if model.wpe is None:  # rotary positions: the op adds no rotation
-        return None
     if next(model.parameters()).dtype != torch.bfloat16:
         return None
     tensors: list[torch.Tensor] = []
@@ -195,10 +193,12 @@ class DecodeStep:
             return self.forward(tokens, positions, mask, cache, hidden)[:, -1]
         model, f = self.model, self.fused
         cache.check_room(1)
-        x, _ = model.embed(tokens, positions)  # learned positions only: the op runs no rotary model
+        x, rope = model.embed(tokens, positions)
+        if rope is not None:  # cos, sin [N, 1, 1, head_size / 2] -> [N, 2, head_size / 2]
+            rope = torch.cat(rope, dim=2).flatten(1, 2).contiguous()
         pool, slots = rows
         op = torch.ops.glmkit_kernels.decode_blocks.default
-        x = op(x[:, 0], f.tensors, f.meta, pool.k, pool.v, slots, lengths, f.n_head, f.eps, f.gelu)
+        x = op(x[:, 0], f.tensors, f.meta, pool.k, pool.v, slots, lengths, rope, f.n_head, f.eps, f.gelu)
         cache.advance(1)
         x = model.ln_f(x)
         return x if hidden else model.lm_head(x, model.wte)

@@ -2,9 +2,9 @@
 
 Chosen per dtype by measurement on the project's CPU (benchmarks/RESULTS.md): the stock bf16 GEMV and
 ``torch._weight_int8pack_mm`` / ``torch._weight_int4pack_mm_for_cpu`` reach a fraction of the memory bandwidth at
-decode sizes, so every dtype runs on our kernels; only a bf16 ``x`` of more than ``BF16_MAX_ROWS`` rows (a batch
-of more than 8 sequences, a prefill) goes to the stock ``F.linear``: the GEMV kernel re-reads its weight rows per
-tile of 4 activation rows and becomes compute-bound, while oneDNN's blocked GEMM is ~1.5x faster from 16 rows.
+decode sizes, so every dtype runs on our kernels. A bf16 ``x`` of more than 16 rows (a large batch, a prefill) is
+handed by the op itself to oneDNN's GEMM (``BF16_GEMV_MAX_ROWS`` in csrc/linear.h, also used by the fused decode
+step); an fp32 ``x`` of more than ``F32_MAX_ROWS`` rows goes to the stock op here.
 CUDA tensors, autograd and dtypes the kernels do not take (fp16) use the reference: dequantize, then ``F.linear``
 (correct, not tuned).
 """
@@ -16,7 +16,6 @@ import torch.nn.functional as F
 
 from . import build, reference
 
-BF16_MAX_ROWS = 8  # bf16 activations: above this oneDNN's bf16 GEMM (same rounding: bf16 in, fp32 sums) is faster
 F32_MAX_ROWS = 64  # fp32 activations: the stock op would first need an fp32 copy of the whole weight
 _ACT_DTYPES = (torch.float32, torch.bfloat16)
 _ops: dict[str, object] = {}  # the loaded extension's op overloads, looked up once (a namespace lookup costs ~1 us)
@@ -54,8 +53,8 @@ def linear_bf16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     """``x @ weight.T + bias`` for a bf16 ``weight [N, K]``; ``x [..., K]`` fp32 or bf16, output in ``x``'s dtype.
 
     On the kernel path ``x`` is rounded to bf16 and products are summed in fp32 (what bf16 inference does)."""
-    max_rows = BF16_MAX_ROWS if x.dtype == torch.bfloat16 else F32_MAX_ROWS
-    if weight.dtype == torch.bfloat16 and x.numel() <= max_rows * weight.shape[1] and _use_kernel(x, weight, bias):
+    few_rows = x.dtype == torch.bfloat16 or x.numel() <= F32_MAX_ROWS * weight.shape[1]
+    if weight.dtype == torch.bfloat16 and few_rows and _use_kernel(x, weight, bias):
         y = _op("linear_bf16")(x.reshape(-1, x.shape[-1]), weight, bias)
         return y.view(*x.shape[:-1], weight.shape[0])
     return reference.linear_bf16(x, weight, bias)

@@ -23,6 +23,7 @@ namespace {
 
 constexpr int64_t PER_BLOCK = 16;  // tensors per block: ln1 w, b; ln2 w, b; qkv, proj, fc, mlp proj as (w, scales, bias)
 constexpr int64_t META_PER_BLOCK = 8;  // (kind, group size) for each of the 4 linears
+constexpr int64_t ELEMENTWISE_GRAIN = 16384;  // values per thread below which GELU and adds stay on one thread
 
 enum Kind : int64_t { BF16 = 0, INT8 = 1, INT4 = 2 };
 
@@ -33,8 +34,8 @@ c10::optional<at::Tensor> present(const at::Tensor& t) {
 // w, scales, bias = t[0], t[1], t[2]; empty tensors stand for "none"
 at::Tensor run_linear(const at::Tensor* t, int64_t kind, int64_t group, const at::Tensor& x) {
   switch (kind) {
-    case BF16:  // above 8 rows oneDNN's GEMM beats the GEMV kernel (glmkit/kernels/ops.py, BF16_MAX_ROWS)
-      return x.size(0) > 8 ? at::linear(x, t[0], present(t[2])) : glmkit::linear_bf16(x, t[0], present(t[2]));
+    case BF16:
+      return glmkit::linear_bf16(x, t[0], present(t[2]));
     case INT8:
       return glmkit::linear_int8(x, t[0], t[1], present(t[2]));
     default:
@@ -64,12 +65,10 @@ KERNEL inline void store_bf16(c10::BFloat16* p, __m512 v, __mmask16 m) {
 
 inline __mmask16 tail(int64_t n, int64_t i) { return n - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - i)) - 1); }
 
-// out[m] = LayerNorm(x[m]) * w + b for rows of C bf16 values (mean and variance in fp32, two passes)
-KERNEL void layer_norm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b, double eps, at::Tensor& out) {
-  const int64_t M = x.size(0), C = x.size(1);
-  const auto *xp = x.data_ptr<c10::BFloat16>(), *wp = w.data_ptr<c10::BFloat16>(), *bp = b.data_ptr<c10::BFloat16>();
-  auto* op = out.data_ptr<c10::BFloat16>();
-  for (int64_t m = 0; m < M; m++) {
+// out[m] = LayerNorm(x[m]) * w + b for rows m0..m1 of C bf16 values (mean and variance in fp32, two passes)
+KERNEL void layer_norm_rows(const c10::BFloat16* xp, const c10::BFloat16* wp, const c10::BFloat16* bp, float eps,
+                            int64_t C, int64_t m0, int64_t m1, c10::BFloat16* op) {
+  for (int64_t m = m0; m < m1; m++) {
     const c10::BFloat16* r = xp + m * C;
     __m512 s = _mm512_setzero_ps();
     for (int64_t i = 0; i < C; i += 16) s = _mm512_add_ps(s, load_bf16(r + i, tail(C, i)));
@@ -80,7 +79,7 @@ KERNEL void layer_norm(const at::Tensor& x, const at::Tensor& w, const at::Tenso
       const __m512 d = _mm512_maskz_sub_ps(t, load_bf16(r + i, t), mean);
       v = _mm512_fmadd_ps(d, d, v);
     }
-    const __m512 rstd = _mm512_set1_ps(1.f / std::sqrt(_mm512_reduce_add_ps(v) / C + static_cast<float>(eps)));
+    const __m512 rstd = _mm512_set1_ps(1.f / std::sqrt(_mm512_reduce_add_ps(v) / C + eps));
     for (int64_t i = 0; i < C; i += 16) {
       const __mmask16 t = tail(C, i);
       const __m512 n = _mm512_mul_ps(_mm512_sub_ps(load_bf16(r + i, t), mean), rstd);
@@ -89,13 +88,20 @@ KERNEL void layer_norm(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   }
 }
 
-// x = 0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3))) in place, tanh(u) = sign(u) (1 - e) / (1 + e), e = e^-2|u|
-KERNEL void gelu_tanh(at::Tensor& x) {
-  auto* p = x.data_ptr<c10::BFloat16>();
-  const int64_t n = x.numel();
+void layer_norm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b, double eps, at::Tensor& out) {
+  const int64_t C = x.size(1);
+  const auto *xp = x.data_ptr<c10::BFloat16>(), *wp = w.data_ptr<c10::BFloat16>(), *bp = b.data_ptr<c10::BFloat16>();
+  auto* op = out.data_ptr<c10::BFloat16>();
+  at::parallel_for(0, x.size(0), ELEMENTWISE_GRAIN / C + 1, [&](int64_t m0, int64_t m1) {
+    layer_norm_rows(xp, wp, bp, static_cast<float>(eps), C, m0, m1, op);
+  });
+}
+
+// p[i0..i1) = 0.5 p (1 + tanh(sqrt(2 / pi) (p + 0.044715 p^3))), tanh(u) = sign(u) (1 - e) / (1 + e), e = e^-2|u|
+KERNEL void gelu_tanh_range(c10::BFloat16* p, int64_t i0, int64_t i1) {
   const __m512 k0 = _mm512_set1_ps(0.7978845608028654f), k1 = _mm512_set1_ps(0.044715f), one = _mm512_set1_ps(1.f);
-  for (int64_t i = 0; i < n; i += 16) {
-    const __mmask16 t = tail(n, i);
+  for (int64_t i = i0; i < i1; i += 16) {
+    const __mmask16 t = tail(i1, i);
     const __m512 v = load_bf16(p + i, t);
     const __m512 u = _mm512_mul_ps(k0, _mm512_fmadd_ps(_mm512_mul_ps(k1, v), _mm512_mul_ps(v, v), v));
     const __m512 e = exp_nonpositive(_mm512_mul_ps(_mm512_set1_ps(-2.f), _mm512_abs_ps(u)));
@@ -106,15 +112,31 @@ KERNEL void gelu_tanh(at::Tensor& x) {
   }
 }
 
-// x += y (bf16, rounded once)
-KERNEL void add_into(at::Tensor& x, const at::Tensor& y) {
+// x[i0..i1) += y[i0..i1) (bf16, rounded once)
+KERNEL void add_range(c10::BFloat16* x, const c10::BFloat16* y, int64_t i0, int64_t i1) {
+  for (int64_t i = i0; i < i1; i += 16) {
+    const __mmask16 t = tail(i1, i);
+    store_bf16(x + i, _mm512_add_ps(load_bf16(x + i, t), load_bf16(y + i, t)), t);
+  }
+}
+
+// f(i0, i1) over [0, n) in chunks of whole 16-value vectors, on several threads once n is large enough
+template <typename F>
+void elementwise(int64_t n, const F& f) {
+  at::parallel_for(0, (n + 15) / 16, ELEMENTWISE_GRAIN / 16, [&](int64_t c0, int64_t c1) {
+    f(c0 * 16, std::min(n, c1 * 16));
+  });
+}
+
+void gelu_tanh(at::Tensor& x) {
+  auto* p = x.data_ptr<c10::BFloat16>();
+  elementwise(x.numel(), [&](int64_t i0, int64_t i1) { gelu_tanh_range(p, i0, i1); });
+}
+
+void add_into(at::Tensor& x, const at::Tensor& y) {
   auto* xp = x.data_ptr<c10::BFloat16>();
   const auto* yp = y.data_ptr<c10::BFloat16>();
-  const int64_t n = x.numel();
-  for (int64_t i = 0; i < n; i += 16) {
-    const __mmask16 t = tail(n, i);
-    store_bf16(xp + i, _mm512_add_ps(load_bf16(xp + i, t), load_bf16(yp + i, t)), t);
-  }
+  elementwise(x.numel(), [&](int64_t i0, int64_t i1) { add_range(xp, yp, i0, i1); });
 }
 
 KERNEL inline float dot(const float* a, const float* b, int64_t D) {
@@ -151,13 +173,24 @@ KERNEL void attend_head(const float* q, const float* K, const float* V, int64_t 
   }
 }
 
-// qkv [B, 3C] (bf16, rows Q | K | V head-major); writes each row's k, v at its length in its cache slot, attends
+// (x[2i], x[2i + 1]) turned by the angle of cos c[i], sin s[i] for i < D / 2, rounded as the Python path's
+// apply_rotary rounds (each product, then the sum: no fused multiply-add)
+__attribute__((optimize("fp-contract=off"))) void rotate(float* x, const float* c, const float* s, int64_t D) {
+  for (int64_t i = 0; i < D / 2; i++) {
+    const float a = x[2 * i], b = x[2 * i + 1];
+    x[2 * i] = a * c[i] - b * s[i];
+    x[2 * i + 1] = a * s[i] + b * c[i];
+  }
+}
+
+// qkv [B, 3C] (bf16, rows Q | K | V head-major); rope: none, or fp32 [B, 2, D / 2] (cos, sin of 2D rotary positions)
+// turning each head's q and k before k is cached; writes each row's k, v at its length in its cache slot, attends
 // over the slot's tokens 0..length, returns y [B, C] in bf16 (what SDPA then .to(bf16) gives the Python path)
 at::Tensor attend(const at::Tensor& qkv, at::Tensor& kc, at::Tensor& vc, int64_t layer, at::IntArrayRef slots,
-                  at::IntArrayRef lengths, int64_t H) {
+                  at::IntArrayRef lengths, int64_t H, const float* rope) {
   const int64_t B = qkv.size(0), C = qkv.size(1) / 3, D = C / H, P = kc.size(1), Tmax = kc.size(3);
   const auto q3 = qkv.to(at::kFloat);
-  const float* qp = q3.data_ptr<float>();
+  float* qp = q3.data_ptr<float>();
   float* kp = kc.data_ptr<float>() + layer * P * H * Tmax * D;
   float* vp = vc.data_ptr<float>() + layer * P * H * Tmax * D;
   auto y = at::empty({B, C}, qkv.options().dtype(at::kFloat));
@@ -167,7 +200,12 @@ at::Tensor attend(const at::Tensor& qkv, at::Tensor& kc, at::Tensor& vc, int64_t
     std::vector<float> s(Tmax);
     for (int64_t i = i0; i < i1; i++) {
       const int64_t b = i / H, h = i % H, n = lengths[b];
-      const float* row = qp + b * 3 * C;
+      float* row = qp + b * 3 * C;
+      if (rope) {
+        const float* c = rope + b * D;
+        rotate(row + h * D, c, c + D / 2, D);
+        rotate(row + C + h * D, c, c + D / 2, D);
+      }
       float* K = kp + (slots[b] * H + h) * Tmax * D;
       float* V = vp + (slots[b] * H + h) * Tmax * D;
       std::copy(row + C + h * D, row + C + (h + 1) * D, K + n * D);
@@ -183,8 +221,8 @@ at::Tensor attend(const at::Tensor& qkv, at::Tensor& kc, at::Tensor& vc, int64_t
 namespace glmkit {
 
 at::Tensor decode_blocks(const at::Tensor& x_in, at::TensorList tensors, at::IntArrayRef meta, at::Tensor k_cache,
-                         at::Tensor v_cache, at::IntArrayRef slots, at::IntArrayRef lengths, int64_t n_head,
-                         double eps, c10::string_view gelu) {
+                         at::Tensor v_cache, at::IntArrayRef slots, at::IntArrayRef lengths,
+                         const c10::optional<at::Tensor>& rope, int64_t n_head, double eps, c10::string_view gelu) {
   TORCH_CHECK(x_in.device().is_cpu() && x_in.scalar_type() == at::kBFloat16 && x_in.dim() == 2,
               "decode_blocks: x must be a bf16 CPU tensor [B, C]");
   const int64_t B = x_in.size(0), C = x_in.size(1);
@@ -202,6 +240,11 @@ at::Tensor decode_blocks(const at::Tensor& x_in, at::TensorList tensors, at::Int
   for (int64_t b = 0; b < B; b++)
     TORCH_CHECK(0 <= slots[b] && slots[b] < k_cache.size(1) && 0 <= lengths[b] && lengths[b] < k_cache.size(3),
                 "decode_blocks: row ", b, " has slot ", slots[b], " and length ", lengths[b], " outside the cache");
+  if (rope)
+    TORCH_CHECK(rope->scalar_type() == at::kFloat && rope->is_contiguous() && rope->dim() == 3 && rope->size(0) == B &&
+                    rope->size(1) == 2 && rope->size(2) * 2 * n_head == C,
+                "decode_blocks: rope must be contiguous fp32 [B, 2, head_size / 2] (cos, sin)");
+  const float* rp = rope ? rope->data_ptr<float>() : nullptr;
   const bool tanh_gelu = gelu == "tanh";
   for (int64_t i = 0; i < L * 4; i++)
     TORCH_CHECK(tensors[(i / 4) * PER_BLOCK + i % 4].scalar_type() == at::kBFloat16 &&
@@ -214,7 +257,7 @@ at::Tensor decode_blocks(const at::Tensor& x_in, at::TensorList tensors, at::Int
     const int64_t* m = meta.data() + l * META_PER_BLOCK;
     layer_norm(x, t[0], t[1], eps, h);
     auto qkv = run_linear(t + 4, m[0], m[1], h);
-    add_into(x, run_linear(t + 7, m[2], m[3], attend(qkv, k_cache, v_cache, l, slots, lengths, n_head)));
+    add_into(x, run_linear(t + 7, m[2], m[3], attend(qkv, k_cache, v_cache, l, slots, lengths, n_head, rp)));
     layer_norm(x, t[2], t[3], eps, h);
     auto f = run_linear(t + 10, m[4], m[5], h);
     if (tanh_gelu)

@@ -4,6 +4,10 @@
 
 namespace glmkit {
 
+// bf16 activations of more rows go to oneDNN's GEMM (at::linear): same rounding (bf16 in, fp32 sums), and faster
+// from 32 rows on this project's CPU (benchmarks/RESULTS.md); at 16 rows the tiled kernel is 5-10 % faster.
+constexpr int64_t BF16_GEMV_MAX_ROWS = 16;
+
 at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias);
 at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
                        const c10::optional<at::Tensor>& bias);
@@ -11,6 +15,6 @@ at::Tensor linear_int4(const at::Tensor& x, const at::Tensor& w, const at::Tenso
                        const c10::optional<at::Tensor>& bias);
 at::Tensor decode_blocks(const at::Tensor& x, at::TensorList tensors, at::IntArrayRef linear_meta,
                          at::Tensor k_cache, at::Tensor v_cache, at::IntArrayRef slots, at::IntArrayRef lengths,
-                         int64_t n_head, double eps, c10::string_view gelu);
+                         const c10::optional<at::Tensor>& rope, int64_t n_head, double eps, c10::string_view gelu);
 
 }  // namespace glmkit
