@@ -150,6 +150,8 @@ def _fused_blocks(model: torch.nn.Module) -> _FusedBlocks | None:
             tensors += entry[0]
             meta += entry[1]
     first = model.blocks[0]
+    if first.attn.head_size > 128:  # the op holds a head's query in registers (MAX_HEAD_SIZE in csrc/decode.cpp)
+        return None
     return _FusedBlocks(tensors, meta, first.attn.n_head, first.norm_1.eps, first.mlp.approximate)
 
 

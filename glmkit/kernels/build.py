@@ -61,7 +61,7 @@ def _try_load() -> str | None:
     compiler = os.environ.get("CXX", "c++")
     if shutil.which(compiler) is None:
         return f"no C++ compiler ({compiler}) on PATH"
-    source = b"".join(p.read_bytes() for p in [*SOURCES, CSRC / "linear.h"])
+    source = b"".join(p.read_bytes() for p in [*SOURCES, *sorted(CSRC.glob("*.h"))])
     tag = hashlib.sha256(source + torch.__version__.encode() + " ".join(CFLAGS).encode()).hexdigest()[:12]
     name = f"glmkit_kernels_{tag}"
     build_dir = cache_dir() / name

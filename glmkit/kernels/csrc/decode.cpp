@@ -16,13 +16,14 @@
 #include <vector>
 
 #include "linear.h"
+#include "simd.h"
 
-#define KERNEL __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma")))
 
 namespace {
 
 constexpr int64_t PER_BLOCK = 16;  // tensors per block: ln1 w, b; ln2 w, b; qkv, proj, fc, mlp proj as (w, scales, bias)
 constexpr int64_t META_PER_BLOCK = 8;  // (kind, group size) for each of the 4 linears
+constexpr int64_t MAX_HEAD_SIZE = 128;  // attend_head holds a head's query in 8 vectors
 constexpr int64_t ELEMENTWISE_GRAIN = 16384;  // values per thread below which GELU and adds stay on one thread
 
 enum Kind : int64_t { BF16 = 0, INT8 = 1, INT4 = 2 };
@@ -139,37 +140,65 @@ void add_into(at::Tensor& x, const at::Tensor& y) {
   elementwise(x.numel(), [&](int64_t i0, int64_t i1) { add_range(xp, yp, i0, i1); });
 }
 
-KERNEL inline float dot(const float* a, const float* b, int64_t D) {
-  __m512 acc = _mm512_setzero_ps();
-  for (int64_t d = 0; d < D; d += 16) {
-    const __mmask16 m = D - d >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (D - d)) - 1);
-    acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + d), _mm512_maskz_loadu_ps(m, b + d), acc);
+// y = softmax(q . K[t] * scale over t < T) @ V for one head of ND * 16 values (the last 16 masked by dm); s: T floats
+// of scratch. Scores go 16 keys at a time, their dot products reduced together (sum16); the weighted sum of V runs
+// over t with the ND output vectors held in registers.
+template <int ND>
+KERNEL void attend_head(const float* q, const float* K, const float* V, int64_t T, int64_t D, __mmask16 dm,
+                        float scale, float* s, float* y) {
+  auto dmask = [dm](int d) { return d == ND - 1 ? dm : __mmask16(0xFFFF); };
+  __m512 qv[ND];
+#pragma GCC unroll 8
+  for (int d = 0; d < ND; d++) qv[d] = _mm512_maskz_loadu_ps(dmask(d), q + 16 * d);
+  __m512 mx = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  for (int64_t t0 = 0; t0 < T; t0 += 16) {
+    __m512 acc[16];
+#pragma GCC unroll 16
+    for (int j = 0; j < 16; j++) {
+      const float* k = K + std::min<int64_t>(t0 + j, T - 1) * D;  // past T: a repeat, masked out below
+      __m512 a = _mm512_mul_ps(qv[0], _mm512_maskz_loadu_ps(dmask(0), k));
+#pragma GCC unroll 8
+      for (int d = 1; d < ND; d++) a = _mm512_fmadd_ps(qv[d], _mm512_maskz_loadu_ps(dmask(d), k + 16 * d), a);
+      acc[j] = a;
+    }
+    const __mmask16 m = tail(T, t0);
+    const __m512 sc = _mm512_mul_ps(glmkit::sum16(acc), _mm512_set1_ps(scale));
+    _mm512_mask_storeu_ps(s + t0, m, sc);
+    mx = _mm512_mask_max_ps(mx, m, mx, sc);
   }
-  return _mm512_reduce_add_ps(acc);
-}
-
-// y = softmax(q . K[t] * scale over t < T) @ V for one head; s: T floats of scratch
-KERNEL void attend_head(const float* q, const float* K, const float* V, int64_t T, int64_t D, float scale, float* s,
-                        float* y) {
-  float mx = -std::numeric_limits<float>::infinity();
-  for (int64_t t = 0; t < T; t++) {
-    s[t] = dot(q, K + t * D, D) * scale;
-    mx = std::max(mx, s[t]);
-  }
+  const __m512 mxv = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
   __m512 sum = _mm512_setzero_ps();
   for (int64_t t = 0; t < T; t += 16) {
-    const __mmask16 m = T - t >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (T - t)) - 1);
-    const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, s + t), _mm512_set1_ps(mx)));
+    const __mmask16 m = tail(T, t);
+    const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, s + t), mxv));
     _mm512_mask_storeu_ps(s + t, m, e);
     sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(m, e));
   }
-  const float inv = 1.f / _mm512_reduce_add_ps(sum);
-  for (int64_t d = 0; d < D; d += 16) {
-    const __mmask16 m = D - d >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (D - d)) - 1);
-    __m512 acc = _mm512_setzero_ps();
-    for (int64_t t = 0; t < T; t++)
-      acc = _mm512_fmadd_ps(_mm512_set1_ps(s[t]), _mm512_maskz_loadu_ps(m, V + t * D + d), acc);
-    _mm512_mask_storeu_ps(y + d, m, _mm512_mul_ps(acc, _mm512_set1_ps(inv)));
+  const __m512 inv = _mm512_set1_ps(1.f / _mm512_reduce_add_ps(sum));
+  __m512 out[ND];
+#pragma GCC unroll 8
+  for (int d = 0; d < ND; d++) out[d] = _mm512_setzero_ps();
+  for (int64_t t = 0; t < T; t++) {
+    const __m512 p = _mm512_set1_ps(s[t]);
+#pragma GCC unroll 8
+    for (int d = 0; d < ND; d++) out[d] = _mm512_fmadd_ps(p, _mm512_maskz_loadu_ps(dmask(d), V + t * D + 16 * d), out[d]);
+  }
+#pragma GCC unroll 8
+  for (int d = 0; d < ND; d++) _mm512_mask_storeu_ps(y + 16 * d, dmask(d), _mm512_mul_ps(out[d], inv));
+}
+
+void attend_head_any(const float* q, const float* K, const float* V, int64_t T, int64_t D, float scale, float* s,
+                     float* y) {
+  const __mmask16 dm = tail(D, (D - 1) / 16 * 16);
+  switch ((D + 15) / 16) {
+    case 1: return attend_head<1>(q, K, V, T, D, dm, scale, s, y);
+    case 2: return attend_head<2>(q, K, V, T, D, dm, scale, s, y);
+    case 3: return attend_head<3>(q, K, V, T, D, dm, scale, s, y);
+    case 4: return attend_head<4>(q, K, V, T, D, dm, scale, s, y);
+    case 5: return attend_head<5>(q, K, V, T, D, dm, scale, s, y);
+    case 6: return attend_head<6>(q, K, V, T, D, dm, scale, s, y);
+    case 7: return attend_head<7>(q, K, V, T, D, dm, scale, s, y);
+    default: return attend_head<8>(q, K, V, T, D, dm, scale, s, y);
   }
 }
 
@@ -210,7 +239,7 @@ at::Tensor attend(const at::Tensor& qkv, at::Tensor& kc, at::Tensor& vc, int64_t
       float* V = vp + (slots[b] * H + h) * Tmax * D;
       std::copy(row + C + h * D, row + C + (h + 1) * D, K + n * D);
       std::copy(row + 2 * C + h * D, row + 2 * C + (h + 1) * D, V + n * D);
-      attend_head(row + h * D, K, V, n + 1, D, scale, s.data(), yp + b * C + h * D);
+      attend_head_any(row + h * D, K, V, n + 1, D, scale, s.data(), yp + b * C + h * D);
     }
   });
   return y.to(at::kBFloat16);
@@ -227,6 +256,8 @@ at::Tensor decode_blocks(const at::Tensor& x_in, at::TensorList tensors, at::Int
               "decode_blocks: x must be a bf16 CPU tensor [B, C]");
   const int64_t B = x_in.size(0), C = x_in.size(1);
   const int64_t L = static_cast<int64_t>(tensors.size()) / PER_BLOCK;
+  TORCH_CHECK(n_head > 0 && C % n_head == 0 && C / n_head <= MAX_HEAD_SIZE, "decode_blocks: head size above ",
+              MAX_HEAD_SIZE);
   TORCH_CHECK(L > 0 && static_cast<int64_t>(tensors.size()) == L * PER_BLOCK, "decode_blocks: ", PER_BLOCK,
               " tensors per block, got ", tensors.size());
   TORCH_CHECK(static_cast<int64_t>(meta.size()) == L * META_PER_BLOCK, "decode_blocks: linear_meta must hold ",

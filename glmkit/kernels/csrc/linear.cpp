@@ -27,8 +27,8 @@
 #include <vector>
 
 #include "linear.h"
+#include "simd.h"
 
-#define KERNEL __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx512vnni,fma")))
 
 namespace {
 
@@ -147,21 +147,6 @@ KERNEL void row_bf16(const uint16_t* w, int64_t K, const uint16_t* x, float* out
   reduce_rows<NM>(acc, out);
 }
 
-// lane i of the result = the sum of v[i]'s 16 lanes (a transposing add tree: 45 instructions for 16 sums)
-KERNEL inline __m512 sum16(const __m512* v) {
-  __m512 a[8], b[4], c[2];
-  for (int i = 0; i < 8; i++)  // per 128-bit lane: v[2i], v[2i+1], v[2i], v[2i+1]
-    a[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
-  for (int i = 0; i < 4; i++) {  // per 128-bit lane: v[4i] .. v[4i+3]
-    const __m512d p = _mm512_castps_pd(a[2 * i]), q = _mm512_castps_pd(a[2 * i + 1]);
-    b[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(p, q)), _mm512_castpd_ps(_mm512_unpackhi_pd(p, q)));
-  }
-  for (int i = 0; i < 2; i++)  // 128-bit lanes: v[8i..8i+3] twice, v[8i+4..8i+7] twice
-    c[i] = _mm512_add_ps(_mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], 0x88),
-                         _mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], 0xDD));
-  return _mm512_add_ps(_mm512_shuffle_f32x4(c[0], c[1], 0x88), _mm512_shuffle_f32x4(c[0], c[1], 0xDD));
-}
-
 template <bool MASKED>
 KERNEL inline __m512bh load_bh(const uint16_t* p, __mmask32 mask) {
   if constexpr (MASKED) return (__m512bh)_mm512_maskz_loadu_epi16(mask, p);
@@ -194,7 +179,7 @@ KERNEL void tile_bf16(const uint16_t* w, int64_t K, const uint16_t* x, float* ou
   int64_t k = 0;
   for (; k + 32 <= K; k += 32) tile_step<NM, false>(acc, w, K, x, k, 0);
   if (k < K) tile_step<NM, true>(acc, w, K, x, k, (__mmask32)((1u << (K - k)) - 1));
-  _mm512_storeu_ps(out, sum16(acc));
+  _mm512_storeu_ps(out, glmkit::sum16(acc));
 }
 
 // x: int16 fixed point; blocks of 4096 inputs keep the int32 sums exact (|q| <= 128, |x| <= 32767)
