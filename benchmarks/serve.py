@@ -75,14 +75,17 @@ def serve_main(args: argparse.Namespace) -> None:
     model = model.to(getattr(torch, args.dtype))
     options = ServeOptions(
         scheduler=SchedulerConfig(
-            max_num_seqs=args.max_num_seqs, max_num_batched_tokens=4096, max_model_len=96, max_queue_size=1024
+            max_num_seqs=args.max_num_seqs,
+            max_num_batched_tokens=4096,
+            max_model_len=64 + args.max_tokens,
+            max_queue_size=1024,
         ),
         batching=DynamicBatchingConfig(
             max_batch_size=args.max_batch_size,
             max_queue_delay_microseconds=args.max_queue_delay_us,
             default_queue_policy=QueuePolicy(max_queue_size=1024),
         ),
-        server=ServerConfig(limits=Limits(max_tokens=64, max_prompt_tokens=64)),
+        server=ServerConfig(limits=Limits(max_tokens=args.max_tokens, max_prompt_tokens=64)),
     )
     app = build_app(build_state(model, tok, options))
     uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="error")
@@ -105,6 +108,7 @@ def start_server(args: argparse.Namespace, port: int, max_batch_size: int, delay
     cmd = [sys.executable, "-m", "benchmarks.serve", "--serve", "--port", str(port), "--model", args.model]
     cmd += ["--tokenizer", args.tokenizer, "--threads", str(args.threads), "--max-num-seqs", str(args.max_num_seqs)]
     cmd += ["--max-batch-size", str(max_batch_size), "--max-queue-delay-us", str(delay_us), "--dtype", args.dtype]
+    cmd += ["--max-tokens", str(args.max_tokens)]
     proc = subprocess.Popen(cmd, cwd=Path(__file__).parent.parent)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300
