@@ -1,13 +1,16 @@
 """Generation speed of a GLM-Large-shaped model on this CPU, beside Hugging Face GPT-2 of the same shape.
 
 One run measures everything it compares, because this shared machine's speed moves by up to 2x between runs:
-- the ceilings: memory read bandwidth (before and after; the higher is used) and the bf16/fp32 matmul peaks;
+- the ceilings: memory read bandwidth (before and after the run, and right before each glmkit decode) and the
+  bf16/fp32 matmul peaks;
 - single-stream greedy decoding, 32-token prompt, 64 new tokens, in bf16 and fp32: glmkit ``generate()`` (bf16
   through ``optimize_for_decode``) and transformers ``GPT2LMHeadModel.generate()`` (random weights, 24 layers,
   hidden 1024, 16 heads, vocab 30592), interleaved, medians of ``--repeats``. Both are timed end to end (prefill
   included) and per decoded token (from a streamer's timestamps, first token excluded);
 - the decode roofline: measured bandwidth / weight bytes read per token (every parameter but the position tables,
-  of which a step reads two rows; the KV cache adds ~2 % at these lengths and is not counted);
+  of which a step reads two rows; the KV cache adds ~2 % at these lengths and is not counted), against the higher
+  of the before/after readings and, because this machine's bandwidth flips between ~50 and ~80 GB/s from minute
+  to minute, also per round against the reading taken just before that round's decode (median of the rounds);
 - aggregate decode tokens/s at batch 8 and 32, and prefill tokens/s of a 512-token prompt against the matmul peak
   (FLOPs = 2 · matmul parameters · tokens + 4 · layers · tokens² · hidden for the attention).
 
@@ -132,21 +135,28 @@ def main() -> None:
         "fp32": (optimize_for_decode(glm32), hf32),
     }
     prompt, hf_ids = glm_prompt(rng, PROMPT), torch.randint(0, V, (1, PROMPT), generator=rng)
-    runs: dict[str, dict[str, list]] = {d: {"glmkit": [], "hf": []} for d in models}
+    runs: dict[str, dict[str, list]] = {d: {"glmkit": [], "hf": [], "bandwidth": []} for d in models}
     for _ in range(args.repeats + 1):  # the first round warms up
         for d, (glm, hf) in models.items():
             runs[d]["hf"].append(run_hf(hf, hf_ids))
+            runs[d]["bandwidth"].append(memory_bandwidth_gbs(seconds=1.0))
             runs[d]["glmkit"].append(run_glm(glm, [prompt]))
     single = {}
     for d, (glm, _) in models.items():
-        med = {k: [statistics.median(x[i] for x in v[1:]) for i in (0, 1)] for k, v in runs[d].items()}
+        med = {k: [statistics.median(x[i] for x in runs[d][k][1:]) for i in (0, 1)] for k in ("glmkit", "hf")}
+        nbytes = weight_bytes(glm)
+        rounds = zip(runs[d]["glmkit"][1:], runs[d]["bandwidth"][1:], strict=True)
+        paired = [g[1] * nbytes / (bw * 1e9) for g, bw in rounds]
         single[d] = {
             "glmkit_tokens_per_s": med["glmkit"][0],
             "glmkit_decode_tokens_per_s": med["glmkit"][1],
             "hf_tokens_per_s": med["hf"][0],
             "hf_decode_tokens_per_s": med["hf"][1],
             "speedup_vs_hf": med["glmkit"][0] / med["hf"][0],
-            "weight_bytes_per_token": weight_bytes(glm),
+            "weight_bytes_per_token": nbytes,
+            "paired_bandwidth_gbs": runs[d]["bandwidth"][1:],
+            "paired_roofline_fractions": paired,
+            "paired_roofline_fraction": statistics.median(paired),
         }
     batches = {d: {b: batch_rates(glm, [glm_prompt(rng, PROMPT) for _ in range(b)]) for b in (8, 32)}
                for d, (glm, _) in models.items()}  # fmt: skip
@@ -178,7 +188,9 @@ def report(r: dict) -> None:
         b, p = r["batch"][d], r["prefill_512"][d]
         print(
             f"{d}: glmkit {s['glmkit_tokens_per_s']:.1f} tok/s, decode {s['glmkit_decode_tokens_per_s']:.1f} = "
-            f"{s['roofline_fraction']:.0%} of the {s['roofline_tokens_per_s']:.1f} tok/s roofline | HF GPT-2 "
+            f"{s['roofline_fraction']:.0%} of the {s['roofline_tokens_per_s']:.1f} tok/s roofline "
+            f"({s['paired_roofline_fraction']:.0%} against each round's own bandwidth reading, "
+            f"{' / '.join(f'{b:.0f}' for b in s['paired_bandwidth_gbs'])} GB/s) | HF GPT-2 "
             f"{s['hf_tokens_per_s']:.1f}, decode {s['hf_decode_tokens_per_s']:.1f} | {s['speedup_vs_hf']:.2f}x HF"
         )
         batch = " / ".join(f"{b[n]['decode_tokens_per_s']:.0f}" for n in (8, 32))

@@ -228,7 +228,9 @@ def engine_alone(args: argparse.Namespace) -> dict[str, float]:
     torch.set_num_threads(args.threads)
     model, tok = _model(args.model, args.tokenizer)
     model = model.to(getattr(torch, args.dtype))
-    engine = LLMEngine(model, tok, SchedulerConfig(max_num_seqs=64, max_num_batched_tokens=4096, max_model_len=96))
+    engine = LLMEngine(
+        model, tok, SchedulerConfig(max_num_seqs=64, max_num_batched_tokens=4096, max_model_len=64 + args.max_tokens)
+    )
     rng = random.Random(0)
     out: dict[str, float] = {}
     for n in (1, 32, 1, 32):  # the second pass is the measurement

@@ -212,37 +212,43 @@ __attribute__((optimize("fp-contract=off"))) void rotate(float* x, const float* 
   }
 }
 
-// qkv [B, 3C] (bf16, rows Q | K | V head-major); rope: none, or fp32 [B, 2, D / 2] (cos, sin of 2D rotary positions)
+// qkv [B, 3C] (bf16, rows Q | K | V head-major); rope: none, or [B, 2, D / 2] (cos, sin of 2D rotary positions)
 // turning each head's q and k before k is cached; writes each row's k, v at its length in its cache slot, attends
 // over the slot's tokens 0..length, returns y [B, C] in bf16 (what SDPA then .to(bf16) gives the Python path)
 at::Tensor attend(const at::Tensor& qkv, at::Tensor& kc, at::Tensor& vc, int64_t layer, at::IntArrayRef slots,
                   at::IntArrayRef lengths, int64_t H, const float* rope) {
   const int64_t B = qkv.size(0), C = qkv.size(1) / 3, D = C / H, P = kc.size(1), Tmax = kc.size(3);
-  const auto q3 = qkv.to(at::kFloat);
-  float* qp = q3.data_ptr<float>();
+  const auto* qp = qkv.data_ptr<c10::BFloat16>();
   float* kp = kc.data_ptr<float>() + layer * P * H * Tmax * D;
   float* vp = vc.data_ptr<float>() + layer * P * H * Tmax * D;
-  auto y = at::empty({B, C}, qkv.options().dtype(at::kFloat));
-  float* yp = y.data_ptr<float>();
+  auto y = at::empty({B, C}, qkv.options());
+  auto* yp = y.data_ptr<c10::BFloat16>();
   const float scale = 1.f / std::sqrt(static_cast<float>(D));
+  // bf16 <-> fp32 per head here rather than two ATen casts of the whole rows: each costs more than a head's work
+  auto widen = [](const c10::BFloat16* src, float* dst, int64_t n) {
+    for (int64_t d = 0; d < n; d++) dst[d] = static_cast<float>(src[d]);
+  };
   at::parallel_for(0, B * H, 1, [&](int64_t i0, int64_t i1) {
     std::vector<float> s(Tmax);
+    float q[MAX_HEAD_SIZE], out[MAX_HEAD_SIZE];
     for (int64_t i = i0; i < i1; i++) {
       const int64_t b = i / H, h = i % H, n = lengths[b];
-      float* row = qp + b * 3 * C;
-      if (rope) {
-        const float* c = rope + b * D;
-        rotate(row + h * D, c, c + D / 2, D);
-        rotate(row + C + h * D, c, c + D / 2, D);
-      }
+      const c10::BFloat16* row = qp + b * 3 * C;
       float* K = kp + (slots[b] * H + h) * Tmax * D;
       float* V = vp + (slots[b] * H + h) * Tmax * D;
-      std::copy(row + C + h * D, row + C + (h + 1) * D, K + n * D);
-      std::copy(row + 2 * C + h * D, row + 2 * C + (h + 1) * D, V + n * D);
-      attend_head_any(row + h * D, K, V, n + 1, D, scale, s.data(), yp + b * C + h * D);
+      widen(row + h * D, q, D);
+      widen(row + C + h * D, K + n * D, D);
+      widen(row + 2 * C + h * D, V + n * D, D);
+      if (rope) {
+        const float* c = rope + b * D;
+        rotate(q, c, c + D / 2, D);
+        rotate(K + n * D, c, c + D / 2, D);
+      }
+      attend_head_any(q, K, V, n + 1, D, scale, s.data(), out);
+      for (int64_t d = 0; d < D; d++) yp[b * C + h * D + d] = c10::BFloat16(out[d]);
     }
   });
-  return y.to(at::kBFloat16);
+  return y;
 }
 
 }  // namespace
