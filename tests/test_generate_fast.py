@@ -187,3 +187,28 @@ def test_fused_attention_over_long_rows_and_any_head_size(n_embd, n_head, rotary
     fused, plain = steps(True), steps(False)
     torch.testing.assert_close(fused, plain, atol=0.06, rtol=0.02)
     assert (fused.argmax(-1) == plain.argmax(-1)).float().mean() >= 0.9
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cached_forward_skips_right_padding(dtype):
+    """With ``lengths`` the token-wise layers run on real tokens only: the same hidden states and cache there,
+    zeros at the padding (whose outputs nobody reads)."""
+    from glmkit.masks import part_a_positions
+
+    model = optimize_for_decode(fixture_model().to(dtype))
+    rows = [[582, 5, 6, 7, 8, 583, 9], [582, 40, 586]]
+    lengths, S = [7, 3], 7
+    ids = torch.tensor([r + [r[-1]] * (S - len(r)) for r in rows])
+    mask = prefix_lm_mask(lengths, S, valid_lengths=lengths)
+    out = {}
+    with torch.inference_mode():
+        for unpad in (False, True):
+            cache = KVCache.for_model(model, 2, 8, dtype=cache_dtype(model))
+            h = cached_forward(model, ids, part_a_positions(lengths, S), mask, cache, True, lengths if unpad else None)
+            out[unpad] = (h, cache.k[:, 0].clone(), cache.k[:, 1, :, :3].clone())
+    tol = dict(atol=1e-5, rtol=0) if dtype == torch.float32 else dict(atol=0.05, rtol=0.02)
+    torch.testing.assert_close(out[True][0][0], out[False][0][0], **tol)
+    torch.testing.assert_close(out[True][0][1, :3], out[False][0][1, :3], **tol)
+    assert out[True][0][1, 3:].abs().max() == 0
+    for a, b in zip(out[True][1:], out[False][1:], strict=True):  # the real tokens' keys in the cache
+        torch.testing.assert_close(a, b, **tol)

@@ -154,7 +154,7 @@ def prefill(model: torch.nn.Module, rows: list[list[int]], cache: KVCache | KVCa
     S = max(lengths)
     ids = torch.tensor([r + [r[-1]] * (S - len(r)) for r in rows], device=device)
     mask = prefix_lm_mask(lengths, S, valid_lengths=lengths, device=device)
-    forward_for(model)(ids, part_a_positions(lengths, S, device=device), mask, cache, True)
+    forward_for(model)(ids, part_a_positions(lengths, S, device=device), mask, cache, True, lengths)
     cache.set_lengths(lengths)
 
 

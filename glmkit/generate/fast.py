@@ -34,8 +34,9 @@ from ..masks import mask_with_cache
 from ..model import GLM, Block, Rope, apply_rotary
 from ..quantize.modules import QuantizedLinear
 
-# (input_ids, position_ids, attention_mask, cache, hidden) -> logits, or final hidden states when hidden
-Forward = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None, object, bool], torch.Tensor]
+# (input_ids, position_ids, attention_mask, cache, hidden[, lengths]) -> logits, or final hidden states when hidden;
+# lengths: valid tokens per right-padded row (cached_forward)
+Forward = Callable[..., torch.Tensor]
 
 
 def _fp32_attention(model: torch.nn.Module) -> bool:
@@ -49,22 +50,50 @@ def cache_dtype(model: torch.nn.Module) -> torch.dtype:
     return torch.float32 if _fp32_attention(model) else p.dtype
 
 
+class _Unpadded:
+    """Right-padded rows ``[B, S, ...]`` as their valid tokens only, ``[N, ...]``: LayerNorms, linears and the MLP
+    run on real tokens alone (a batch of ragged prompts wastes no work on padding); attention unpacks to rows."""
+
+    def __init__(self, lengths: list[int], S: int, device: torch.device) -> None:
+        self.B, self.S = len(lengths), S
+        self.index = torch.cat([torch.arange(b * S, b * S + n, device=device) for b, n in enumerate(lengths)])
+
+    def pack(self, t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(self.B * self.S, t.shape[-1]).index_select(0, self.index)
+
+    def unpack(self, t: torch.Tensor) -> torch.Tensor:
+        full = t.new_zeros(self.B * self.S, t.shape[-1]).index_copy_(0, self.index, t)
+        return full.view(self.B, self.S, t.shape[-1])
+
+
 def _block(
-    block: Block, x: torch.Tensor, mask: torch.Tensor | None, cache, layer: int, fp32_attention: bool, rope: Rope | None
+    block: Block,
+    x: torch.Tensor,
+    mask: torch.Tensor | None,
+    cache,
+    layer: int,
+    fp32_attention: bool,
+    rope: Rope | None,
+    rows: _Unpadded | None,
 ) -> torch.Tensor:
-    """``Block.forward`` in eval mode; attention in fp32 when ``fp32_attention``."""
+    """``Block.forward`` in eval mode; attention in fp32 when ``fp32_attention``; ``x`` packed by ``rows`` if given."""
     attn = block.attn
-    B, S, C = x.shape
     qkv = attn.qkv(block.norm_1(x))
     qkv = qkv.float() if fp32_attention else qkv  # one cast for q, k and v
+    if rows is not None:
+        qkv = rows.unpack(qkv)
+    B, S, C3 = qkv.shape
+    C = C3 // 3
     q, k, v = (t.view(B, S, attn.n_head, attn.head_size).transpose(1, 2) for t in qkv.split(C, dim=-1))
     if rope is not None:
         q, k = apply_rotary(q, rope), apply_rotary(k, rope)
     store = cache.k.dtype if isinstance(cache, KVCache) else x.dtype
     k, v = cache.write(layer, k.to(store), v.to(store))  # (B, nh, T, hs)
     y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask).to(x.dtype)
-    x = x + attn.proj(y.transpose(1, 2).reshape(B, S, C))
-    return x + block.mlp(block.norm_2(x))
+    y = y.transpose(1, 2).reshape(B, S, C)
+    x = x + attn.proj(y if rows is None else rows.pack(y))
+    mlp = block.mlp
+    return x + mlp.proj(kernels.gelu(mlp.fc(block.norm_2(x)), mlp.approximate))
 
 
 def cached_forward(
@@ -74,6 +103,7 @@ def cached_forward(
     attention_mask: torch.Tensor | None,
     cache,
     hidden: bool = False,
+    lengths: list[int] | None = None,
 ) -> torch.Tensor:
     """``GLM.forward`` of new tokens appended to ``cache`` (a ``KVCache`` or rows of one), without its input checks.
 
@@ -82,24 +112,35 @@ def cached_forward(
         attention_mask: a boolean ``[B, 1, S, cached + S]`` mask in which every query sees at least one key, or
             ``None`` for one new token per row that sees every cached token (rows of equal length).
         hidden: return the final hidden states instead of the logits.
+        lengths: the new tokens of row ``b`` are its first ``lengths[b]`` (right padding, which ``attention_mask``
+            hides): the token-wise layers then skip the padding, whose outputs come back as zeros.
     """
     assert attention_mask is not None or input_ids.shape[1] == 1, "a mask is needed for several new tokens"
-    cache.check_room(input_ids.shape[1])
+    B, S = input_ids.shape
+    cache.check_room(S)
     x, rope = model.embed(input_ids, position_ids)
+    rows = _Unpadded(lengths, S, x.device) if lengths is not None and min(lengths) < S else None
+    if rows is not None:
+        x = rows.pack(x)
     fp32 = _fp32_attention(model)
     for i, block in enumerate(model.blocks):
-        x = _block(block, x, attention_mask, cache, i, fp32, rope)
-    cache.advance(input_ids.shape[1])
+        x = _block(block, x, attention_mask, cache, i, fp32, rope, rows)
+    cache.advance(S)
     x = model.ln_f(x)
-    return x if hidden else model.lm_head(x, model.wte)
+    x = x if hidden else model.lm_head(x, model.wte)
+    return x if rows is None else rows.unpack(x)
 
 
 def forward_for(model: torch.nn.Module) -> Forward:
     """The cached forward the engine uses for ``model``: ``cached_forward`` for a GLM in eval mode, else a call of
     the module itself (wrappers, test doubles), which must accept ``GLM.forward``'s arguments."""
     if type(model) is GLM and not model.training:
-        return lambda ids, pos, mask, cache, hidden=False: cached_forward(model, ids, pos, mask, cache, hidden)
-    return lambda ids, pos, mask, cache, hidden=False: model(ids, pos, mask, cache=cache, return_hidden=hidden)
+        return lambda ids, pos, mask, cache, hidden=False, lengths=None: cached_forward(
+            model, ids, pos, mask, cache, hidden, lengths
+        )
+    return lambda ids, pos, mask, cache, hidden=False, lengths=None: model(
+        ids, pos, mask, cache=cache, return_hidden=hidden
+    )
 
 
 @dataclass

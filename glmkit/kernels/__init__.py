@@ -7,12 +7,13 @@ first use) stream the weights near the bandwidth; without them everything still 
 
 from .build import unavailable_reason
 from .modules import FastLinear, FastTiedHead, replace_linear
-from .ops import available, linear, linear_bf16, linear_int4, linear_int8
+from .ops import available, gelu, linear, linear_bf16, linear_int4, linear_int8
 
 __all__ = [
     "FastLinear",
     "FastTiedHead",
     "available",
+    "gelu",
     "linear",
     "linear_bf16",
     "linear_int4",

@@ -24,7 +24,7 @@ _ops: dict[str, object] = {}  # the loaded extension's op overloads, looked up o
 def _op(name: str):
     if not _ops:
         ns = torch.ops.glmkit_kernels
-        _ops.update({n: getattr(ns, n).default for n in ("linear_bf16", "linear_int8", "linear_int4")})
+        _ops.update({n: getattr(ns, n).default for n in ("linear_bf16", "linear_int8", "linear_int4", "gelu_tanh")})
     return _ops[name]
 
 
@@ -94,3 +94,12 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if weight.dtype == torch.bfloat16:
         return linear_bf16(x, weight, bias)
     return F.linear(x, weight, bias)
+
+
+def gelu(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
+    """``F.gelu``; a bf16 CPU tensor with ``approximate="tanh"`` takes the kernels' AVX-512 GELU (fp32 math, one
+    rounding: ~10x ATen's bf16 GELU on this CPU, the same values within one bf16 rounding)."""
+    fits = x.is_cpu and x.dtype == torch.bfloat16 and not (torch.is_grad_enabled() and x.requires_grad)
+    if approximate == "tanh" and fits and build.load():
+        return _op("gelu_tanh")(x)
+    return F.gelu(x, approximate=approximate)

@@ -91,7 +91,8 @@ class Scorer:
         # generate's lean forward over a throw-away cache: no input re-checks, fp32 attention for bf16 on CPU
         cache = KVCache.for_model(self.model, ids.shape[0], ids.shape[1], dtype=cache_dtype(self.model))
         mask = batch["attention_mask"].to(self.device)
-        hidden = self.forward(ids, batch["position_ids"].to(self.device), mask, cache, True)  # (B, S, C)
+        lengths = batch["lengths"].tolist()
+        hidden = self.forward(ids, batch["position_ids"].to(self.device), mask, cache, True, lengths)  # (B, S, C)
         # every row's scored positions through the model's own head (kernels, quantized embeddings), log-softmax
         # and gather at once, then plain Python lists: per-row tensor calls would cost more than the head itself
         spans, targets, at = [], [], 0

@@ -306,4 +306,11 @@ at::Tensor decode_blocks(const at::Tensor& x_in, at::TensorList tensors, at::Int
   return x;
 }
 
+at::Tensor gelu_tanh_bf16(const at::Tensor& x) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kBFloat16, "gelu_tanh: x must be a bf16 CPU tensor");
+  at::Tensor y = x.clone(at::MemoryFormat::Contiguous);
+  gelu_tanh(y);
+  return y;
+}
+
 }  // namespace glmkit

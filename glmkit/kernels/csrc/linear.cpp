@@ -443,6 +443,7 @@ TORCH_LIBRARY(glmkit_kernels, m) {
   m.def(
       "decode_blocks(Tensor x, Tensor[] tensors, int[] linear_meta, Tensor(a!) k_cache, Tensor(b!) v_cache, int[] slots, "
       "int[] lengths, Tensor? rope, int n_head, float eps, str gelu) -> Tensor");
+  m.def("gelu_tanh(Tensor x) -> Tensor");
   m.impl("supported", &cpu_supported);
 }
 
@@ -451,4 +452,5 @@ TORCH_LIBRARY_IMPL(glmkit_kernels, CPU, m) {
   m.impl("linear_int8", &glmkit::linear_int8);
   m.impl("linear_int4", &glmkit::linear_int4);
   m.impl("decode_blocks", &glmkit::decode_blocks);
+  m.impl("gelu_tanh", &glmkit::gelu_tanh_bf16);
 }
