@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from ..generate.engine import prefill
-from ..generate.fast import DecodeStep, cache_dtype
+from ..generate.fast import DecodeStep, cache_dtype, optimize_for_decode
 from ..generate.processors import apply_processors
 from ..kv_cache import KVCache
 from .request import Request, TokenLogprob
@@ -23,7 +23,7 @@ class ModelRunner:
     """Owns the model and the slot cache (``num_slots`` rows of ``max_model_len`` tokens)."""
 
     def __init__(self, model: torch.nn.Module, num_slots: int, max_model_len: int) -> None:
-        self.model = model.eval()
+        self.model = optimize_for_decode(model)  # eval; bf16 on CPU: the kernels' linears and LM head, in place
         self.device = next(model.parameters()).device
         self.cache = KVCache.for_model(model, num_slots, max_model_len, dtype=cache_dtype(model))
         self.decode = DecodeStep(model)  # the one-token step generation uses

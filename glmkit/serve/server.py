@@ -44,7 +44,7 @@ class ServeOptions:
 def build_state(model: torch.nn.Module, tokenizer: Any, options: ServeOptions | None = None) -> ServerState:
     """Start the engines over ``model`` and return the state ``build_app`` serves."""
     options = options or ServeOptions()
-    model.eval()
+    model.eval()  # the engine's runner also puts a bf16 model's linears and LM head on the kernels (in place)
     llm_stats = ModelStats("llm")
     engine = AsyncLLMEngine(LLMEngine(model, tokenizer, options.scheduler, stats=llm_stats), options.max_jobs).start()
     service = GenerationService(engine, tokenizer, options.server.limits)

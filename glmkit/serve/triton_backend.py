@@ -36,6 +36,7 @@ def load(args: dict[str, str]) -> tuple[Any, Any, dict[str, str], dict[str, Any]
     import torch
 
     from ..bundled import load_model_and_tokenizer
+    from ..generate.fast import optimize_for_decode
 
     config = json.loads(args["model_config"])
     params = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
@@ -47,7 +48,7 @@ def load(args: dict[str, str]) -> tuple[Any, Any, dict[str, str], dict[str, Any]
         device = f"cuda:{args.get('model_instance_device_id', '0')}"
     dtype = getattr(torch, params.get("dtype", "float32"))
     model, tok = load_model_and_tokenizer(folder, dtype=dtype, device=device)
-    return model.eval(), tok, params, config
+    return optimize_for_decode(model), tok, params, config  # eval mode; bf16 on CPU: the kernels' linears
 
 
 class TritonLLM:
