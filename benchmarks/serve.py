@@ -31,6 +31,8 @@ from pathlib import Path
 
 import httpx
 
+from benchmarks.common import memory_bandwidth_gbs
+
 RESULTS = Path(__file__).parent / "RESULTS.md"
 SECTION = "## Serving (issue 6)"
 WORDS = "and the lord said unto moses go in to pharaoh king of egypt let my people go that they may serve me".split()
@@ -325,6 +327,7 @@ def main(argv: list[str] | None = None) -> int:
         serve_main(args)
         return 0
 
+    bandwidth = [memory_bandwidth_gbs(seconds=1.0)]  # the machine's state: decode speed follows it
     server = start_server(args, args.port, 16, 2000)
     try:
         asyncio.run(closed_loop(server.url, one_generation, 2, 4, 60, args.max_tokens))  # warm-up
@@ -352,6 +355,7 @@ def main(argv: list[str] | None = None) -> int:
             server.stop()
 
     alone = engine_alone(args)
+    bandwidth.append(memory_bandwidth_gbs(seconds=1.0))
     by_c = {r["concurrency"]: r for r in gen_rows}
     lines = [
         f"### {args.model} model, {datetime.date.today().isoformat()}",
@@ -359,6 +363,8 @@ def main(argv: list[str] | None = None) -> int:
         f"`python -m benchmarks.serve {' '.join(argv if argv is not None else sys.argv[1:])}` — server and client on",
         f"127.0.0.1 in separate processes; server: {args.dtype}, {args.threads} torch thread(s),",
         f"{args.max_num_seqs} KV slots; each request streams {args.max_tokens} tokens (`ignore_eos`), greedy.",
+        f"Memory read bandwidth before / after: {bandwidth[0]:.0f} / {bandwidth[1]:.0f} GB/s (one stream's decode is",
+        "bound by it, many streams' by compute, so the 32/1 ratio is higher when the bandwidth is low).",
         "",
         "Generation (continuous batching, streamed `/v1/completions`):",
         "",
