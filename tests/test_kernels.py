@@ -14,7 +14,7 @@ from tests.helpers.generation import FIXTURE
 needs_kernels = pytest.mark.skipif(
     not kernels.available(), reason=f"C++ kernels not available: {kernels.unavailable_reason()}"
 )
-ROWS = [1, 4, 5, 11, 16, 32]  # 8-16 bf16 rows: 4 x 4 tiles (with 3 left over at 11); more: oneDNN
+ROWS = [1, 4, 5, 11, 32, 61]  # 8-56 bf16 rows: 4 x 4 tiles (with 3 left over at 11); more: oneDNN
 SHAPES = [(7, 32), (13, 96), (64, 64), (37, 160), (130, 256)]  # N, K: odd row counts, K % 64 == 32 tails
 
 

@@ -4,9 +4,9 @@
 
 namespace glmkit {
 
-// bf16 activations of more rows go to oneDNN's GEMM (at::linear): same rounding (bf16 in, fp32 sums), and faster
-// from 32 rows on this project's CPU (benchmarks/RESULTS.md); at 16 rows the tiled kernel is 5-10 % faster.
-constexpr int64_t BF16_GEMV_MAX_ROWS = 16;
+// bf16 activations of more rows go to oneDNN's GEMM (at::linear): same rounding (bf16 in, fp32 sums); the tiled
+// kernel is 10-30 % faster from 8 to 56 rows on this project's CPU and even at 64 (benchmarks/RESULTS.md).
+constexpr int64_t BF16_GEMV_MAX_ROWS = 56;
 
 at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias);
 at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
