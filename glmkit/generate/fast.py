@@ -8,8 +8,8 @@ weights stream from memory (cpu-notes.md); everything else in the step is overhe
   model's own modules directly; ``GLM.forward`` is unchanged for every other caller.
 - Rows of equal length (one prompt, the beams of a prompt, equal prompts) need no attention mask at all.
 - On this CPU the bf16 attention kernels are ~10x slower than the fp32 ones at decode shapes, so a half-precision
-  model attends in fp32: over an fp32 KV cache in ``cached_forward`` (converting a bf16 cache every step would cost
-  more than reading the wider one), over a bf16 cache converted on the fly in the fused step (``cache_dtype``).
+  model attends in fp32, over a KV cache the engine keeps in fp32 (``cache_dtype``): converting a bf16 cache every
+  step would cost more than reading the wider one.
 - ``DecodeStep`` is the one-token step generation and serving run. For a bf16 model on the kernels' CPU it runs every
   block in one C++ call (``glmkit_kernels::decode_blocks``: the same LayerNorm/GELU/add ops, the kernels' matmuls,
   attention over each row's cache in a loop), which removes the ~3 ms of per-op Python dispatch a GLM-Large step
@@ -45,12 +45,8 @@ def _fp32_attention(model: torch.nn.Module) -> bool:
 
 
 def cache_dtype(model: torch.nn.Module) -> torch.dtype:
-    """The dtype of the KV cache the engine allocates for ``model``: bf16 where the fused step decodes it (it attends
-    in fp32 over a bf16 cache: half the bytes, which batched decoding over long rows reads more of than weights),
-    else fp32 where ``cached_forward`` attends in fp32, else the model's dtype."""
+    """The dtype of the KV cache the engine allocates for ``model``: fp32 where ``cached_forward`` attends in fp32."""
     p = next(model.parameters())
-    if _fused_blocks(model) is not None:
-        return torch.bfloat16
     return torch.float32 if _fp32_attention(model) else p.dtype
 
 
@@ -208,7 +204,7 @@ def _slots(cache) -> tuple[KVCache, list[int]] | None:
         pool, slots = cache, list(range(cache.batch_size))
     else:
         return None
-    ok = pool.k.dtype in (torch.float32, torch.bfloat16) and pool.k.is_contiguous() and pool.v.is_contiguous()
+    ok = pool.k.dtype == torch.float32 and pool.k.is_contiguous() and pool.v.is_contiguous()
     return (pool, slots) if ok else None
 
 

@@ -15,7 +15,7 @@ import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import torch
@@ -161,18 +161,10 @@ class LLMEngine:
 
 
 class AsyncLLMEngine:
-    """Steps an ``LLMEngine`` on a background thread; ``generate`` is an async stream of a request's outputs.
+    """Steps an ``LLMEngine`` on a background thread; ``generate`` is an async stream of a request's outputs."""
 
-    The thread is the server's one compute thread: ``call`` runs other model work (the dynamic batchers' batches)
-    on it between steps. With libgomp, every thread that starts OpenMP work keeps its own team, and once the teams'
-    threads outnumber the cores, all of them stop spinning between parallel regions: a GLM-Large decode step (~120
-    regions) then ran 25-35 % slower than on a single team (benchmarks/RESULTS.md)."""
-
-    def __init__(self, engine: LLMEngine, max_jobs: int = 8, threads: int | None = None) -> None:
+    def __init__(self, engine: LLMEngine, max_jobs: int = 8) -> None:
         self.engine = engine
-        self._threads = threads or torch.get_num_threads()
-        self._calls: list[tuple[Callable[[], Any], Future]] = []
-        self._calls_lock = threading.Lock()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue[RequestOutput]]] = {}
         self._wake = threading.Event()
         self._stop = False
@@ -186,45 +178,15 @@ class AsyncLLMEngine:
         return self
 
     def _run(self) -> None:
-        torch.set_num_threads(self._threads)  # this thread's OpenMP team (a thread's own setting)
         while not self._stop:
-            self._wake.clear()
-            self._run_calls()
             if not self.engine.has_unfinished_requests():
                 self._wake.wait(0.05)
+                self._wake.clear()
                 continue
             try:
                 self._deliver(self.engine.step())
             except Exception:  # keep the loop alive: a failed step already failed its own requests
                 log.exception("engine step failed")
-        self._fail_calls()
-
-    def call(self, fn: Callable[[], T]) -> T:
-        """``fn()`` on the engine thread between two steps; blocks the calling thread until it returns."""
-        if threading.current_thread() is self._thread:
-            return fn()
-        future: Future = Future()
-        with self._calls_lock:
-            if self._stop:
-                raise EngineClosedError("the server is shutting down")
-            self._calls.append((fn, future))
-        self._wake.set()
-        return future.result()
-
-    def _run_calls(self) -> None:
-        with self._calls_lock:
-            calls, self._calls = self._calls, []
-        for fn, future in calls:
-            try:
-                future.set_result(fn())
-            except Exception as e:  # the caller gets it; the loop goes on
-                future.set_exception(e)
-
-    def _fail_calls(self) -> None:
-        with self._calls_lock:
-            calls, self._calls = self._calls, []
-        for _, future in calls:
-            future.set_exception(EngineClosedError("the server is shutting down"))
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
         """Hand a step's outputs to their streams: one wake-up per event loop, not one per token."""
@@ -295,8 +257,7 @@ class AsyncLLMEngine:
 
     def shutdown(self) -> None:
         self._accepting = False
-        with self._calls_lock:
-            self._stop = True
+        self._stop = True
         self._wake.set()
         if self._thread.is_alive():
             self._thread.join(timeout=10)

@@ -9,7 +9,6 @@ finish (up to ``--drain-timeout`` s) and then stops the engines.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,7 +39,6 @@ class ServeOptions:
     )
     server: ServerConfig = field(default_factory=ServerConfig)
     max_jobs: int = 8
-    threads: int | None = None  # the engine thread's torch threads (default: torch.get_num_threads() at start)
 
 
 def build_state(model: torch.nn.Module, tokenizer: Any, options: ServeOptions | None = None) -> ServerState:
@@ -48,19 +46,14 @@ def build_state(model: torch.nn.Module, tokenizer: Any, options: ServeOptions | 
     options = options or ServeOptions()
     model.eval()  # the engine's runner also puts a bf16 model's linears and LM head on the kernels (in place)
     llm_stats = ModelStats("llm")
-    engine = AsyncLLMEngine(
-        LLMEngine(model, tokenizer, options.scheduler, stats=llm_stats), options.max_jobs, options.threads
-    ).start()
+    engine = AsyncLLMEngine(LLMEngine(model, tokenizer, options.scheduler, stats=llm_stats), options.max_jobs).start()
     service = GenerationService(engine, tokenizer, options.server.limits)
     models: dict[str, Any] = {"llm": LLMModel(llm_spec(), service)}
     scorer = Scorer(model, engine.engine.special)
     batchers = []
     for spec in one_shot_specs(options.batching, model.config.n_embd, model.config.vocab_size):
         stats = ModelStats(spec.name)
-        # batches run on the engine's thread, the one thread that does model work (see AsyncLLMEngine)
-        batcher = DynamicBatcher(
-            options.batching, lambda rows: engine.call(lambda: scorer(rows)), stats=stats, name=spec.name
-        ).start()
+        batcher = DynamicBatcher(options.batching, scorer, stats=stats, name=spec.name).start()
         batchers.append(batcher)
         models[spec.name] = OneShotModel(spec, scorer, tokenizer, batcher, stats)
     state = ServerState(options.server, engine, service, models, batchers)
@@ -81,9 +74,7 @@ def serve(
     from ..bundled import load_model_and_tokenizer
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    options = dataclasses.replace(options or ServeOptions())
-    options.threads = options.threads or torch.get_num_threads()
-    torch.set_num_threads(1)  # the main thread (loading, then HTTP) starts no OpenMP team: see AsyncLLMEngine
+    options = options or ServeOptions()
     model, tokenizer = load_model_and_tokenizer(model_path, dtype=getattr(torch, dtype))
     state = build_state(model, tokenizer, options)
     config = uvicorn.Config(
