@@ -72,10 +72,11 @@ def serve_main(args: argparse.Namespace) -> None:
     from glmkit.serve.scheduler import SchedulerConfig
     from glmkit.serve.server import ServeOptions, build_state
 
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(1)  # as glmkit serve: only the engine thread starts an OpenMP team
     model, tok = _model(args.model, args.tokenizer)
     model = model.to(getattr(torch, args.dtype))
     options = ServeOptions(
+        threads=args.threads,
         scheduler=SchedulerConfig(
             max_num_seqs=args.max_num_seqs,
             max_num_batched_tokens=4096,

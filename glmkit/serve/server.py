@@ -9,6 +9,7 @@ finish (up to ``--drain-timeout`` s) and then stops the engines.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,6 +40,7 @@ class ServeOptions:
     )
     server: ServerConfig = field(default_factory=ServerConfig)
     max_jobs: int = 8
+    threads: int | None = None  # the engine thread's torch threads (None: whatever the process has)
 
 
 def build_state(model: torch.nn.Module, tokenizer: Any, options: ServeOptions | None = None) -> ServerState:
@@ -46,7 +48,9 @@ def build_state(model: torch.nn.Module, tokenizer: Any, options: ServeOptions | 
     options = options or ServeOptions()
     model.eval()  # the engine's runner also puts a bf16 model's linears and LM head on the kernels (in place)
     llm_stats = ModelStats("llm")
-    engine = AsyncLLMEngine(LLMEngine(model, tokenizer, options.scheduler, stats=llm_stats), options.max_jobs).start()
+    engine = AsyncLLMEngine(
+        LLMEngine(model, tokenizer, options.scheduler, stats=llm_stats), options.max_jobs, options.threads
+    ).start()
     service = GenerationService(engine, tokenizer, options.server.limits)
     models: dict[str, Any] = {"llm": LLMModel(llm_spec(), service)}
     scorer = Scorer(model, engine.engine.special)
@@ -74,7 +78,9 @@ def serve(
     from ..bundled import load_model_and_tokenizer
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    options = options or ServeOptions()
+    options = dataclasses.replace(options or ServeOptions())
+    options.threads = options.threads or torch.get_num_threads()
+    torch.set_num_threads(1)  # the main thread (loading, then HTTP) starts no OpenMP team: see AsyncLLMEngine._run
     model, tokenizer = load_model_and_tokenizer(model_path, dtype=getattr(torch, dtype))
     state = build_state(model, tokenizer, options)
     config = uvicorn.Config(
