@@ -4,7 +4,8 @@
 // weights stream from memory; the stock CPU kernels reach a fraction of that (benchmarks/RESULTS.md). Here every
 // weight row is read front to back as one sequential stream (interleaving several rows' streams measured ~2x slower
 // from DRAM on this CPU) into U independent accumulators per activation row, against MT activation rows at a time;
-// with more activation rows, blocks of rows are re-read from L2 (run_rows). Row blocks are split over threads.
+// with more activation rows, each weight row meets every tile of MT rows while it is in L1 (run_rows). Blocks of RB
+// rows are split over threads.
 //   bf16: vdpbf16ps on the plain nn.Linear weight [N, K] (no repacking); x rounded to bf16. From 8 rows, tiles of
 //         4 weight rows x 4 activation rows share their loads in registers (tile_bf16); above
 //         BF16_GEMV_MAX_ROWS bf16 rows oneDNN's blocked GEMM takes over.
@@ -28,7 +29,6 @@
 
 #include "linear.h"
 #include "simd.h"
-
 
 namespace {
 
