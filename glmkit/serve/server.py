@@ -120,7 +120,9 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-prompt-tokens", type=int, default=2048)
     p.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024)
     p.add_argument("--drain-timeout", type=float, default=30.0, help="seconds in-flight requests get on shutdown")
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
+    p.add_argument(
+        "--threads", type=int, default=None, help="the engine's torch threads (default: torch's choice, the cores)"
+    )
     p.add_argument(
         "--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weights and KV cache dtype"
     )
