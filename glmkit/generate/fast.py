@@ -177,6 +177,8 @@ def _fused_blocks(model: torch.nn.Module) -> _FusedBlocks | None:
         return None
     if next(model.parameters()).dtype != torch.bfloat16:
         return None
+    if model.config.head_size > 128:  # the op holds a head's query in registers (MAX_HEAD_SIZE in csrc/decode.cpp)
+        return None
     tensors: list[torch.Tensor] = []
     meta: list[int] = []
     for block in model.blocks:
@@ -191,8 +193,6 @@ def _fused_blocks(model: torch.nn.Module) -> _FusedBlocks | None:
             tensors += entry[0]
             meta += entry[1]
     first = model.blocks[0]
-    if first.attn.head_size > 128:  # the op holds a head's query in registers (MAX_HEAD_SIZE in csrc/decode.cpp)
-        return None
     return _FusedBlocks(tensors, meta, first.attn.n_head, first.norm_1.eps, first.mlp.approximate)
 
 

@@ -132,8 +132,6 @@ def run(args: argparse.Namespace) -> int:
     from ..bundled import model_path
     from ..config import GLMConfig
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     n_positions = GLMConfig.from_file(model_path(args.model) / "config.json").n_positions
     options = ServeOptions(
         scheduler=SchedulerConfig(
@@ -153,6 +151,7 @@ def run(args: argparse.Namespace) -> int:
             limits=Limits(max_tokens=args.max_tokens, max_prompt_tokens=args.max_prompt_tokens),
             drain_timeout=args.drain_timeout,
         ),
+        threads=args.threads,
     )
     serve(args.model, args.host, args.port, options, args.dtype)
     return 0

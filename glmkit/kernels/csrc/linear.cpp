@@ -391,13 +391,9 @@ at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& w, const c10::opti
   const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.data_ptr());
   const int64_t M = x.size(0);
   if (M >= TILE_MIN_ROWS && N % TR == 0) {
-    std::vector<float> b32;
-    if (bias) {
-      const auto bf = bias->to(at::kFloat).contiguous();
-      b32.assign(bf.data_ptr<float>(), bf.data_ptr<float>() + N);
-    }
+    const at::Tensor b32 = bias ? bias->to(at::kFloat).contiguous() : at::Tensor();
     auto y = at::empty({M, N}, x.options());
-    const float* bp = bias ? b32.data() : nullptr;
+    const float* bp = bias ? b32.data_ptr<float>() : nullptr;
     if (x.scalar_type() == at::kFloat)
       run_tiles_bf16(wp, xp, bp, M, N, K, y.data_ptr<float>());
     else
