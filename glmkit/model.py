@@ -7,7 +7,8 @@ Architecture choices (glm-reference.md §1-3):
   (position, block position) instead, keys before they are cached, so cached keys still never change;
 - pre-LN GPT-2/Megatron blocks with a fused QKV projection (rows Q | K | V, head-major);
 - masked attention scores are -65504 in the reference; with a boolean mask and at least one visible key per
-  row this is exactly softmax with -inf, so we use ``scaled_dot_product_attention``;
+  row this is exactly softmax with -inf, so we use ``scaled_dot_product_attention`` (in CPU training with
+  dropout, glmkit's kernels with its semantics: kernels/training.py);
 - GELU in its tanh form (the original training code) or erf form (the hub modeling_glm.py);
 - final LayerNorm and an LM head tied to the word embeddings, without bias.
 
@@ -26,6 +27,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .config import GLMConfig
+from .kernels.training import Dropout, attention
 from .kv_cache import KVCache
 from .masks import mask_with_cache, normalize_attention_mask
 
@@ -63,7 +65,7 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd)
         self.proj = nn.Linear(config.n_embd, config.n_embd)
         self.attn_dropout = config.attention_dropout
-        self.resid_dropout = nn.Dropout(config.output_dropout)
+        self.resid_dropout = Dropout(config.output_dropout)
 
     def forward(
         self, x: torch.Tensor, mask: torch.Tensor, cache: KVCache | None, layer: int, rope: Rope | None = None
@@ -76,7 +78,7 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.write(layer, k, v)  # (B, nh, T, hs)
         p = self.attn_dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+        y = attention(q, k, v, mask, p)
         return self.resid_dropout(self.proj(y.transpose(1, 2).reshape(B, S, C)))
 
 
@@ -86,7 +88,7 @@ class MLP(nn.Module):
         self.fc = nn.Linear(config.n_embd, 4 * config.n_embd)
         self.proj = nn.Linear(4 * config.n_embd, config.n_embd)
         self.approximate = "tanh" if config.gelu == "tanh" else "none"
-        self.dropout = nn.Dropout(config.output_dropout)
+        self.dropout = Dropout(config.output_dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.dropout(self.proj(F.gelu(self.fc(x), approximate=self.approximate)))
@@ -124,7 +126,7 @@ class GLM(nn.Module):
         self.wpe = nn.Embedding(config.n_positions, config.n_embd) if learned else None
         with_block = learned and config.block_position_encoding
         self.wbpe = nn.Embedding(config.n_positions, config.n_embd) if with_block else None
-        self.drop = nn.Dropout(config.embedding_dropout)
+        self.drop = Dropout(config.embedding_dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layernorm_eps)
         self.lm_head = TiedLMHead()

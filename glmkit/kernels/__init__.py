@@ -3,11 +3,23 @@
 A decode step reads every weight once per token, so its speed is the memory bandwidth divided by the weight bytes;
 the stock PyTorch CPU kernels stay far below that (cpu-notes.md). glmkit's C++ kernels (csrc/linear.cpp, built on
 first use) stream the weights near the bandwidth; without them everything still runs on the PyTorch reference.
+Training uses their attention and dropout (training.py).
 """
 
 from .build import unavailable_reason
-from .modules import FastLinear, FastTiedHead, replace_linear
 from .ops import available, gelu, linear, linear_bf16, linear_int4, linear_int8
+
+_MODULES = ("FastLinear", "FastTiedHead", "replace_linear")
+
+
+def __getattr__(name: str):
+    # modules.py subclasses the model's layers and model.py imports training.py from this package: load it lazily
+    if name in _MODULES:
+        from . import modules
+
+        return getattr(modules, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "FastLinear",
