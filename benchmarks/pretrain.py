@@ -1,9 +1,11 @@
 """Training throughput of a GLM-Large-shaped model on this machine, beside Hugging Face GPT-2 of the same shape.
 
 Same run, same batch (2 x 512 tokens), same dtype (bf16 autocast over fp32 master weights), same optimizer
-(AdamW), interleaved: glmkit's blank-infilling step (real collated batches: Part A bidirectional, shuffled Part B)
-against ``GPT2LMHeadModel`` doing causal LM. Model FLOPs utilisation is counted against a bf16 matmul peak
-measured in the same run: 6 · params · tokens + the attention matmuls (12 · layers · seq · hidden per token).
+(AdamW), dropout 0.1 (both configs' default, the paper's): glmkit's blank-infilling step (real collated batches:
+Part A bidirectional, shuffled Part B) against ``GPT2LMHeadModel`` doing causal LM. Model FLOPs utilisation is
+counted against a bf16 matmul peak measured in the same run, from the FLOPs each objective needs: 6 · non-embedding
+params · tokens, + 6 · vocab · hidden per position that gets logits (every position for GPT-2, Part B for GLM),
++ the attention matmuls (12 · layers · seq · hidden per token).
 
     python -m benchmarks.pretrain [--steps 3] [--compile] [--json out.json]
 """
@@ -90,14 +92,18 @@ def main() -> None:
         hf_opt.zero_grad(set_to_none=True)
 
     results = {}
-    for name, step, data, model in (("glmkit", glm_step, batches, glm), ("hf_gpt2", hf_step, hf_batches, hf)):
+    glm_logit_rows = statistics.mean(float((b["loss_mask"] > 0).sum()) for b in batches)
+    runs = (("glmkit", glm_step, batches, glm, glm_logit_rows), ("hf_gpt2", hf_step, hf_batches, hf, tokens))
+    for name, step, data, model, logit_rows in runs:
         params = sum(p.numel() for p in model.parameters())
+        tables = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Embedding))
         sec = time_steps(step, data, args.steps)
-        flops = 6 * params * tokens + 12 * L * SEQ * H * tokens
+        flops = 6 * (params - tables) * tokens + 6 * V * H * logit_rows + 12 * L * SEQ * H * tokens
         results[name] = {
             "params": params,
             "sec_per_step": sec,
             "tokens_per_s": tokens / sec,
+            "logit_rows": logit_rows,
             "mfu": flops / sec / 1e9 / peak,
         }
         print(f"{name:8s} {params / 1e6:6.1f} M params  {tokens / sec:7.1f} tok/s  MFU {results[name]['mfu']:.1%}")
