@@ -84,9 +84,15 @@ def test_optimize_for_decode_swaps_modules_and_keeps_the_function():
         assert type(model.blocks[0].mlp.fc) is kernels.FastLinear and type(model.lm_head) is kernels.FastTiedHead
     after = step_logits(model, ROWS, [5, 3], torch.tensor(before.new_tokens).T[:-1])
     torch.testing.assert_close(after.float(), logits.float(), atol=0.05, rtol=0.02)
-    fp32 = fixture_model()
+    fp32, half = fixture_model(), fixture_model().half()
+    fp32_logits = step_logits(fp32, ROWS, [5, 3], torch.tensor(before.new_tokens).T[:-1])
     optimize_for_decode(fp32)
-    assert type(fp32.blocks[0].mlp.fc) is torch.nn.Linear  # only bf16 weights are swapped
+    optimize_for_decode(half)
+    assert type(half.blocks[0].mlp.fc) is torch.nn.Linear  # fp16: no kernels, the stock layers stay
+    if kernels.available():  # fp32 weights run the kernels' fp32 GEMV: the same logits up to summation order
+        assert type(fp32.blocks[0].mlp.fc) is kernels.FastLinear
+    fp32_after = step_logits(fp32, ROWS, [5, 3], torch.tensor(before.new_tokens).T[:-1])
+    torch.testing.assert_close(fp32_after, fp32_logits, atol=1e-4, rtol=1e-4)
 
 
 def _steps(model, rows, blanks, tokens, fused: bool, slots=None):

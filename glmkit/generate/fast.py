@@ -14,9 +14,9 @@ weights stream from memory (cpu-notes.md); everything else in the step is overhe
   block in one C++ call (``glmkit_kernels::decode_blocks``: the same LayerNorm/GELU/add ops, the kernels' matmuls,
   attention over each row's cache in a loop), which removes the ~3 ms of per-op Python dispatch a GLM-Large step
   otherwise spends around its ~15 ms of weight streaming; rows may hold different numbers of tokens.
-- ``optimize_for_decode`` swaps the linear layers and the tied LM head of a bf16 model for ``glmkit.kernels``'
-  weight-only GEMV modules (the stock bf16 GEMV reaches a fraction of the memory bandwidth). It is applied from
-  outside: model.py stays the network only, and the swapped model computes the same function.
+- ``optimize_for_decode`` swaps the linear layers and the tied LM head of a bf16 or fp32 model for
+  ``glmkit.kernels``' GEMV modules (the stock bf16 and fp32 GEMVs reach a fraction of the memory bandwidth). It is
+  applied from outside: model.py stays the network only, and the swapped model computes the same function.
 """
 
 from __future__ import annotations
@@ -248,12 +248,12 @@ class DecodeStep:
 
 
 def optimize_for_decode(model: torch.nn.Module) -> torch.nn.Module:
-    """Put ``model`` in eval mode and, for bf16 weights where ``glmkit.kernels`` runs, swap its linear layers and
-    tied LM head for the kernels' GEMV modules (in place, same tensors); returns it.
+    """Put ``model`` in eval mode and, for bf16 or fp32 weights where ``glmkit.kernels`` runs, swap its linear
+    layers and tied LM head for the kernels' GEMV modules (in place, same tensors); returns it.
 
     Other dtypes and machines keep the stock layers (no compiler, a CPU without AVX-512 BF16, CUDA).
     """
     p = next(model.parameters())
-    if p.dtype == torch.bfloat16 and kernels.available(p.device):
+    if p.dtype in (torch.bfloat16, torch.float32) and kernels.available(p.device):
         kernels.replace_linear(model)
     return model.eval()

@@ -1,6 +1,6 @@
 """Drop-in modules that route a model's matmuls through glmkit.kernels, swapped in from outside the model.
 
-``FastLinear`` is an ``nn.Linear`` (same parameters, same state dict) whose forward uses the bf16 GEMV kernel, and
+``FastLinear`` is an ``nn.Linear`` (same parameters, same state dict) whose forward uses the GEMV kernels, and
 ``FastTiedHead`` does the same for GLM's tied LM head. ``replace_linear`` swaps them into a model in place, sharing
 the existing tensors, so the swapped model computes the same function and saves and loads exactly as before.
 """
@@ -11,11 +11,11 @@ import torch
 import torch.nn as nn
 
 from ..model import TiedLMHead
-from .ops import linear, linear_bf16
+from .ops import linear
 
 
 class FastLinear(nn.Linear):
-    """``nn.Linear`` for inference: a bf16 weight runs on ``linear_bf16``, any other dtype on ``F.linear``."""
+    """``nn.Linear`` for inference on ``glmkit.kernels.linear`` (bf16 and fp32 weights on the kernels)."""
 
     @classmethod
     def from_linear(cls, module: nn.Linear) -> FastLinear:
@@ -24,11 +24,11 @@ class FastLinear(nn.Linear):
         return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear_bf16(x, self.weight, self.bias) if self.weight.dtype == torch.bfloat16 else super().forward(x)
+        return linear(x, self.weight, self.bias)
 
 
 class FastTiedHead(TiedLMHead):
-    """The tied LM head on ``linear_bf16`` (the vocabulary GEMV is the largest matmul of a decode step)."""
+    """The tied LM head on the GEMV kernels (the vocabulary GEMV is the largest matmul of a decode step)."""
 
     def forward(self, x: torch.Tensor, wte: nn.Module) -> torch.Tensor:
         return linear(x, wte.weight)

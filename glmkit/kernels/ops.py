@@ -1,5 +1,7 @@
 """Weight-only linear layers for decoding: glmkit's C++ kernels where they run, else the PyTorch reference.
 
+fp32 weights (``linear``) take the kernels' fp32 GEMV for a few fp32 rows.
+
 Chosen per dtype by measurement on the project's CPU (benchmarks/RESULTS.md): the stock bf16 GEMV and
 ``torch._weight_int8pack_mm`` / ``torch._weight_int4pack_mm_for_cpu`` reach a fraction of the memory bandwidth at
 decode sizes, so every dtype runs on our kernels. A bf16 ``x`` of more than 56 rows (a large batch, a prefill) is
@@ -24,7 +26,8 @@ _ops: dict[str, object] = {}  # the loaded extension's op overloads, looked up o
 def _op(name: str):
     if not _ops:
         ns = torch.ops.glmkit_kernels
-        _ops.update({n: getattr(ns, n).default for n in ("linear_bf16", "linear_int8", "linear_int4", "gelu_tanh")})
+        names = ("linear_bf16", "linear_f32", "linear_int8", "linear_int4", "gelu_tanh")
+        _ops.update({n: getattr(ns, n).default for n in names})
     return _ops[name]
 
 
@@ -90,9 +93,14 @@ def linear_int4(
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear`` that takes the bf16 kernel for a bf16 ``weight`` and the stock op otherwise."""
+    """``F.linear`` on the kernels for a bf16 ``weight``, and for an fp32 one with up to ``F32_MAX_ROWS`` fp32
+    rows of ``x`` (decoding: the stock fp32 GEMV streams at a fraction of the bandwidth); the stock op otherwise."""
     if weight.dtype == torch.bfloat16:
         return linear_bf16(x, weight, bias)
+    few_rows = x.dtype == torch.float32 and x.numel() <= F32_MAX_ROWS * weight.shape[-1]
+    if weight.dtype == torch.float32 and few_rows and _use_kernel(x, weight, bias):
+        y = _op("linear_f32")(x.reshape(-1, x.shape[-1]), weight, bias)
+        return y.view(*x.shape[:-1], weight.shape[0])
     return F.linear(x, weight, bias)
 
 

@@ -1,4 +1,5 @@
 // Weight-only GEMV / small-M GEMM for decoding on x86 CPUs with AVX-512 BF16 and VNNI (glmkit.kernels).
+// (fp32 weights too: the stock fp32 GEMV streams at ~18 GB/s on this CPU, row_f32 near the bandwidth.)
 //
 // Decoding multiplies 1..~32 activation rows by each weight matrix once per token, so it is bound by how fast the
 // weights stream from memory; the stock CPU kernels reach a fraction of that (benchmarks/RESULTS.md). Here every
@@ -143,6 +144,26 @@ KERNEL void row_bf16(const uint16_t* w, int64_t K, const uint16_t* x, float* out
     __m512bh wv = (__m512bh)_mm512_maskz_loadu_epi16(mask, w + k);
     for (int m = 0; m < NM; m++)
       acc[m][0] = _mm512_dpbf16_ps(acc[m][0], wv, (__m512bh)_mm512_maskz_loadu_epi16(mask, x + m * K + k));
+  }
+  reduce_rows<NM>(acc, out);
+}
+
+template <int NM>
+KERNEL void row_f32(const float* w, int64_t K, const float* x, float* out) {
+  __m512 acc[NM][U];
+  for (int m = 0; m < NM; m++)
+    for (int u = 0; u < U; u++) acc[m][u] = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 16 * U <= K; k += 16 * U) {
+    __m512 wv[U];
+    for (int u = 0; u < U; u++) wv[u] = _mm512_loadu_ps(w + k + 16 * u);
+    for (int m = 0; m < NM; m++)
+      for (int u = 0; u < U; u++) acc[m][u] = _mm512_fmadd_ps(wv[u], _mm512_loadu_ps(x + m * K + k + 16 * u), acc[m][u]);
+  }
+  for (; k < K; k += 16) {
+    const __mmask16 mask = glmkit::tail(K, k);
+    const __m512 wv = _mm512_maskz_loadu_ps(mask, w + k);
+    for (int m = 0; m < NM; m++) acc[m][0] = _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(mask, x + m * K + k), acc[m][0]);
   }
   reduce_rows<NM>(acc, out);
 }
@@ -407,6 +428,20 @@ at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& w, const c10::opti
   return launch(x, N, bias, 0, row, finish);
 }
 
+at::Tensor linear_f32(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(w.scalar_type() == at::kFloat && w.dim() == 2, "weight: expected float32 [N, K]");
+  const int64_t N = w.size(0), K = w.size(1);
+  check_common(x, w, K, bias);
+  TORCH_CHECK(x.scalar_type() == at::kFloat, "x: float32 with a float32 weight");
+  const at::Tensor xc = x.contiguous();
+  const float* xp = xc.data_ptr<float>();
+  const float* wp = w.data_ptr<float>();
+  auto row = [&](int64_t n, int64_t m0, int nm, float* out, float*) {
+    dispatch_rows(nm, [&]<int NM>() { row_f32<NM>(wp + n * K, K, xp + m0 * K, out); });
+  };
+  return launch(x, N, bias, 0, row, [](int64_t, int64_t, float d) { return d; });
+}
+
 at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
                        const c10::optional<at::Tensor>& bias) {
   TORCH_CHECK(w.scalar_type() == at::kChar && w.dim() == 2, "weight: expected int8 [N, K]");
@@ -481,6 +516,7 @@ at::Tensor linear_int4(const at::Tensor& x, const at::Tensor& w, const at::Tenso
 TORCH_LIBRARY(glmkit_kernels, m) {
   m.def("supported() -> bool");
   m.def("linear_bf16(Tensor x, Tensor w, Tensor? bias) -> Tensor");
+  m.def("linear_f32(Tensor x, Tensor w, Tensor? bias) -> Tensor");
   m.def("linear_int8(Tensor x, Tensor w, Tensor scales, Tensor? bias) -> Tensor");
   m.def("linear_int4(Tensor x, Tensor w, Tensor scales, int group_size, Tensor? bias) -> Tensor");
   m.def(
@@ -492,6 +528,7 @@ TORCH_LIBRARY(glmkit_kernels, m) {
 
 TORCH_LIBRARY_IMPL(glmkit_kernels, CPU, m) {
   m.impl("linear_bf16", &glmkit::linear_bf16);
+  m.impl("linear_f32", &glmkit::linear_f32);
   m.impl("linear_int8", &glmkit::linear_int8);
   m.impl("linear_int4", &glmkit::linear_int4);
   m.impl("decode_blocks", &glmkit::decode_blocks);
