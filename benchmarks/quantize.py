@@ -3,7 +3,8 @@ and its prepared data, what quantization costs in accuracy.
 
 Speed and memory (default). A GLM-Large-shaped model (24 layers, hidden 1024, 16 heads, vocab 30592, random
 weights) is saved as a bf16 checkpoint and quantized with ``quantize_checkpoint`` (int8; int4 with groups of 32;
-both also with ``quantize_embeddings``, "+emb").
+both as ``glmkit quantize`` does by default, word embeddings / tied head included, and with them kept in bf16,
+"bf16 emb" = ``--no-quantize-embeddings``).
 Every variant runs in a subprocess of its own, so its resident memory (RSS) is its own; all are loaded with
 ``GLM.from_pretrained(dtype=bf16)``. "model MiB" is what RSS grows by from loading and running the model, over the
 same process after it ran the engine and kernels on a tiny model (the runtime's own libraries and caches). The
@@ -18,8 +19,8 @@ alone (every linear layer and the head on one token), "rest ms" is the remainder
 
 Accuracy (``--model DIR --data DIR``, a checkpoint folder and the ``glmkit prepare-data`` folder it was trained
 on): held-out blank-infilling loss per objective (``glmkit.train.loop.evaluate`` on ``batch_sources`` batches) in
-fp32, int8 and int4 (group 32), and how often int8 / int4 greedy outputs equal fp32's on ``--prompts`` held-out
-prompts.
+fp32, int8 and int4 (group 32), each with the word embeddings quantized (the default) and kept ("bf16 emb"), and
+how often their greedy outputs equal fp32's on ``--prompts`` held-out prompts.
 
     python -m benchmarks.quantize --model glmkit/assets/glmkit-small --data data/kjv/shards
 """
@@ -50,8 +51,8 @@ VARIANTS = {  # name: (checkpoint, glmkit kernels on)
     "bf16": ("bf16", True),
     "int8": ("int8", True),
     "int4 g32": ("int4", True),
-    "int8 +emb": ("int8-emb", True),  # --quantize-embeddings: the tied head quantized too
-    "int4 +emb": ("int4-emb", True),
+    "int8 bf16 emb": ("int8-bf16-emb", True),  # --no-quantize-embeddings: the tied head stays bf16
+    "int4 bf16 emb": ("int4-bf16-emb", True),
 }
 
 
@@ -150,8 +151,8 @@ def build_checkpoints(root: Path) -> dict[str, Path]:
     torch.manual_seed(0)
     cfg = GLMConfig(n_layer=L, n_embd=H, n_head=NH, vocab_size=V, max_sequence_length=512, special_tokens=SPECIAL)
     GLM(cfg).to(torch.bfloat16).save_pretrained(root / "bf16")
-    for emb in (False, True):
-        tag = "-emb" if emb else ""
+    for emb in (True, False):
+        tag = "" if emb else "-bf16-emb"
         quantize_checkpoint(root / "bf16", root / f"int8{tag}", bits=8, quantize_embeddings=emb)
         quantize_checkpoint(root / "bf16", root / f"int4{tag}", bits=4, group_size=32, quantize_embeddings=emb)
     return {ckpt: root / ckpt for ckpt, _ in VARIANTS.values()}
@@ -215,12 +216,12 @@ def speed(rounds: int, new: int, threads: int) -> dict:
 def print_speed(res: dict) -> None:
     bw = ", ".join(f"{b:.0f}" for b in res["bandwidth_gbs"])
     print(f"{res['threads']} thread(s); memory bandwidth (fp32 sum, GB/s) per round: {bw}; roofline uses the best")
-    head = f"{'variant':10s} {'tok/s':>6s} {'x bf16':>6s} {'roofline':>8s} {'MB/tok':>6s} {'matmul ms':>9s}"
+    head = f"{'variant':13s} {'tok/s':>6s} {'x bf16':>6s} {'roofline':>8s} {'MB/tok':>6s} {'matmul ms':>9s}"
     head += f" {'x bf16':>6s} {'rest ms':>7s} {'RSS MiB':>7s} {'x bf16':>6s} {'model MiB':>9s} {'x bf16':>6s}"
     print(f"{head}  per round")
     for name, v in res["variants"].items():
         print(
-            f"{name:10s} {v['decode_tps']:6.1f} {v['speedup_vs_bf16']:6.2f} {v['roofline_fraction']:8.0%} "
+            f"{name:13s} {v['decode_tps']:6.1f} {v['speedup_vs_bf16']:6.2f} {v['roofline_fraction']:8.0%} "
             f"{v['bytes_per_token'] / 1e6:6.0f} {v['matmul_ms']:9.2f} {v['matmul_speedup_vs_bf16']:6.2f} "
             f"{v['other_ms']:7.2f} {v['rss_mib']:7.0f} {v['rss_vs_bf16']:6.2f} {v['model_rss_mib']:9.0f} "
             f"{v['model_rss_vs_bf16']:6.2f}  {v['decode_tps_all']}"
@@ -273,7 +274,9 @@ def accuracy(model_dir: str, data: str, batches: int, prompts_n: int, new: int) 
     out: dict = {"model": model_dir, "data": data, "prompts": prompts_n, "new_tokens": new, "variants": {}}
     with tempfile.TemporaryDirectory(prefix="glmkit-quant-acc-") as tmp:
         folders = {"fp32": Path(model_dir)}
-        for name, kw in {"int8": {"bits": 8}, "int4 g32": {"bits": 4, "group_size": 32}}.items():
+        schemes = {"int8": {"bits": 8}, "int4 g32": {"bits": 4, "group_size": 32}}
+        schemes |= {f"{n} bf16 emb": kw | {"quantize_embeddings": False} for n, kw in schemes.items()}
+        for name, kw in schemes.items():
             folders[name] = Path(tmp) / name.replace(" ", "-")
             quantize_checkpoint(model_dir, folders[name], **kw)
         outputs = {}
@@ -295,7 +298,7 @@ def print_accuracy(res: dict) -> None:
     for name, v in res["variants"].items():
         losses = "  ".join(f"{o} {loss:.4f}" for o, loss in v["loss"].items())
         print(
-            f"{name:9s} {losses}  identical {v['greedy_identical']:.0%} of {res['prompts']}, "
+            f"{name:14s} {losses}  identical {v['greedy_identical']:.0%} of {res['prompts']}, "
             f"common prefix {v['mean_common_prefix']:.1f}/{res['new_tokens']} tokens"
         )
 

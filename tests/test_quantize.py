@@ -29,13 +29,13 @@ QKV = "glm.transformer.layers.0.attention.query_key_value"
 
 @pytest.fixture(scope="module")
 def quantized(tmp_path_factory):
-    """The reference fixture quantized three ways: {name: folder}."""
+    """The reference fixture quantized three ways: {name: folder}; "int8" and "int4" keep the embeddings."""
     root = tmp_path_factory.mktemp("q")
     out = {}
     for name, kw in {
-        "int8": {"bits": 8},
-        "int4": {"bits": 4},
-        "int4-emb": {"bits": 4, "quantize_embeddings": True},
+        "int8": {"bits": 8, "quantize_embeddings": False},
+        "int4": {"bits": 4, "quantize_embeddings": False},
+        "int4-emb": {"bits": 4},  # the default quantizes the word embeddings / tied head too
     }.items():
         out[name] = root / name
         quantize_checkpoint(FIXTURE, out[name], **kw)
@@ -117,7 +117,7 @@ def test_quantized_models_generate(quantized):
                 assert out.new_tokens == full.new_tokens
 
 
-def test_embeddings_quantized_on_request(quantized):
+def test_embeddings_quantized_by_default(quantized):
     model = GLM.from_pretrained(quantized["int4-emb"], dtype=torch.bfloat16)
     assert isinstance(model.wte, QuantizedEmbedding) and model.wte.weight.dtype == torch.uint8
     assert model.wpe.weight.dtype == torch.bfloat16 and model.ln_f.weight.dtype == torch.bfloat16
@@ -130,7 +130,8 @@ def test_embeddings_quantized_on_request(quantized):
     [
         ({"bits": 3}, "bits: 3 is not supported"),
         ({"bits": 4, "group_size": 48}, "group_size: 48 is not supported"),
-        ({"bits": 4, "group_size": 128}, "128 does not divide the input width 64 of blocks.0.attn.qkv"),
+        ({"bits": 4, "group_size": 128}, "128 does not divide the input width 64 of wte"),
+        ({"bits": 4, "group_size": 128, "quantize_embeddings": False}, "width 64 of blocks.0.attn.qkv"),
     ],
 )
 def test_bad_settings_are_named(tmp_path, kw, match):
@@ -203,6 +204,9 @@ def test_cli(tmp_path, capsys):
     assert "int8 per channel" in capsys.readouterr().out
     assert cli(["quantize", str(FIXTURE), str(tmp_path / "q4"), "--bits", "4", "--group-size", "64"]) == 0
     assert GLM.from_pretrained(tmp_path / "q4").blocks[0].attn.qkv.group_size == 64
+    assert isinstance(GLM.from_pretrained(tmp_path / "q8").wte, QuantizedEmbedding)  # by default
+    assert cli(["quantize", str(FIXTURE), str(tmp_path / "keep"), "--bits", "8", "--no-quantize-embeddings"]) == 0
+    assert type(GLM.from_pretrained(tmp_path / "keep").wte) is torch.nn.Embedding
     assert cli(["quantize", str(FIXTURE), str(tmp_path / "x"), "--bits", "8", "--group-size", "64"]) == 2
     assert cli(["quantize", str(FIXTURE), str(tmp_path / "x"), "--bits", "4", "--group-size", "128"]) == 2
     assert "does not divide" in capsys.readouterr().err
