@@ -8,8 +8,9 @@ weights stream from memory (cpu-notes.md); everything else in the step is overhe
   model's own modules directly; ``GLM.forward`` is unchanged for every other caller.
 - Rows of equal length (one prompt, the beams of a prompt, equal prompts) need no attention mask at all.
 - On this CPU the bf16 attention kernels are ~10x slower than the fp32 ones at decode shapes, so a half-precision
-  model attends in fp32, over a KV cache the engine keeps in fp32 (``cache_dtype``): converting a bf16 cache every
-  step would cost more than reading the wider one.
+  model attends in fp32. Where the fused step below runs, it reads a bf16 KV cache itself (a bf16 model's keys and
+  values are bf16 already; 32 rows of 160 tokens: ~8 ms less per GLM-Large step); elsewhere the cache is fp32
+  (``cache_dtype``): converting a bf16 cache every step would cost more than reading the wider one.
 - ``DecodeStep`` is the one-token step generation and serving run. For a bf16 model on the kernels' CPU it runs every
   block in one C++ call (``glmkit_kernels::decode_blocks``: the same LayerNorm/GELU/add ops, the kernels' matmuls,
   attention over each row's cache in a loop), which removes the ~3 ms of per-op Python dispatch a GLM-Large step
@@ -37,6 +38,7 @@ from ..quantize.modules import QuantizedLinear
 # (input_ids, position_ids, attention_mask, cache, hidden[, lengths]) -> logits, or final hidden states when hidden;
 # lengths: valid tokens per right-padded row (cached_forward)
 Forward = Callable[..., torch.Tensor]
+MAX_HEAD_SIZE = 128  # the fused step holds a head's query in registers (MAX_HEAD_SIZE in csrc/decode.cpp)
 
 
 def _fp32_attention(model: torch.nn.Module) -> bool:
@@ -45,8 +47,13 @@ def _fp32_attention(model: torch.nn.Module) -> bool:
 
 
 def cache_dtype(model: torch.nn.Module) -> torch.dtype:
-    """The dtype of the KV cache the engine allocates for ``model``: fp32 where ``cached_forward`` attends in fp32."""
+    """The dtype of the KV cache the engine allocates for ``model``: bf16 where the fused step runs (it reads the
+    cache in bf16: half the bytes, and a bf16 model's keys and values are bf16 anyway), fp32 where
+    ``cached_forward`` attends in fp32, else the model's dtype."""
     p = next(model.parameters())
+    if p.dtype == torch.bfloat16 and _fp32_attention(model) and model.config.head_size <= MAX_HEAD_SIZE:
+        if kernels.available(p.device):
+            return torch.bfloat16
     return torch.float32 if _fp32_attention(model) else p.dtype
 
 
@@ -177,7 +184,7 @@ def _fused_blocks(model: torch.nn.Module) -> _FusedBlocks | None:
         return None
     if next(model.parameters()).dtype != torch.bfloat16:
         return None
-    if model.config.head_size > 128:  # the op holds a head's query in registers (MAX_HEAD_SIZE in csrc/decode.cpp)
+    if model.config.head_size > MAX_HEAD_SIZE:
         return None
     tensors: list[torch.Tensor] = []
     meta: list[int] = []
@@ -197,14 +204,14 @@ def _fused_blocks(model: torch.nn.Module) -> _FusedBlocks | None:
 
 
 def _slots(cache) -> tuple[KVCache, list[int]] | None:
-    """The fp32 pool and the rows ``cache`` stands for, when the fused op can write to them in place."""
+    """The fp32 or bf16 pool and the rows ``cache`` stands for, when the fused op can write to them in place."""
     if isinstance(cache, KVCacheRows):
         pool, slots = cache.pool, cache.slots
     elif isinstance(cache, KVCache):
         pool, slots = cache, list(range(cache.batch_size))
     else:
         return None
-    ok = pool.k.dtype == torch.float32 and pool.k.is_contiguous() and pool.v.is_contiguous()
+    ok = pool.k.dtype in (torch.float32, torch.bfloat16) and pool.k.is_contiguous() and pool.v.is_contiguous()
     return (pool, slots) if ok else None
 
 

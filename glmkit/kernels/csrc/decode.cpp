@@ -123,11 +123,15 @@ void add_into(at::Tensor& x, const at::Tensor& y) {
   elementwise(x.numel(), [&](int64_t i0, int64_t i1) { add_range(xp, yp, i0, i1); });
 }
 
+// 16 cached values as fp32: the cache is fp32 or bf16
+KERNEL inline __m512 load_cached(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+KERNEL inline __m512 load_cached(const c10::BFloat16* p, __mmask16 m) { return load_bf16(p, m); }
+
 // y = softmax(q . K[t] * scale over t < T) @ V for one head of ND * 16 values (the last 16 masked by dm); s: T floats
 // of scratch. Scores go 16 keys at a time, their dot products reduced together (sum16); the weighted sum of V runs
 // over t with the ND output vectors held in registers.
-template <int ND>
-KERNEL void attend_head(const float* q, const float* K, const float* V, int64_t T, int64_t D, __mmask16 dm,
+template <int ND, typename CT>
+KERNEL void attend_head(const float* q, const CT* K, const CT* V, int64_t T, int64_t D, __mmask16 dm,
                         float scale, float* s, float* y) {
   auto dmask = [dm](int d) { return d == ND - 1 ? dm : __mmask16(0xFFFF); };
   __m512 qv[ND];
@@ -138,10 +142,18 @@ KERNEL void attend_head(const float* q, const float* K, const float* V, int64_t 
     __m512 acc[16];
 #pragma GCC unroll 16
     for (int j = 0; j < 16; j++) {
-      const float* k = K + std::min<int64_t>(t0 + j, T - 1) * D;  // past T: a repeat, masked out below
-      __m512 a = _mm512_mul_ps(qv[0], _mm512_maskz_loadu_ps(dmask(0), k));
+      const CT* k = K + std::min<int64_t>(t0 + j, T - 1) * D;  // past T: a repeat, masked out below
+      // each (row, head) streams only its own T keys and values: too short a stream for the hardware prefetcher
+      // to get ahead of, so fetch the keys 16 ahead and this block's values (read in the second pass) by hand
+      const char* pk = reinterpret_cast<const char*>(K + std::min<int64_t>(t0 + 16 + j, T - 1) * D);
+      const char* pv = reinterpret_cast<const char*>(V + std::min<int64_t>(t0 + j, T - 1) * D);
+      for (int64_t o = 0; o < D * int64_t(sizeof(CT)); o += 64) {
+        _mm_prefetch(pk + o, _MM_HINT_T0);
+        _mm_prefetch(pv + o, _MM_HINT_T0);
+      }
+      __m512 a = _mm512_mul_ps(qv[0], load_cached(k, dmask(0)));
 #pragma GCC unroll 8
-      for (int d = 1; d < ND; d++) a = _mm512_fmadd_ps(qv[d], _mm512_maskz_loadu_ps(dmask(d), k + 16 * d), a);
+      for (int d = 1; d < ND; d++) a = _mm512_fmadd_ps(qv[d], load_cached(k + 16 * d, dmask(d)), a);
       acc[j] = a;
     }
     const __mmask16 m = tail(T, t0);
@@ -164,14 +176,14 @@ KERNEL void attend_head(const float* q, const float* K, const float* V, int64_t 
   for (int64_t t = 0; t < T; t++) {
     const __m512 p = _mm512_set1_ps(s[t]);
 #pragma GCC unroll 8
-    for (int d = 0; d < ND; d++) out[d] = _mm512_fmadd_ps(p, _mm512_maskz_loadu_ps(dmask(d), V + t * D + 16 * d), out[d]);
+    for (int d = 0; d < ND; d++) out[d] = _mm512_fmadd_ps(p, load_cached(V + t * D + 16 * d, dmask(d)), out[d]);
   }
 #pragma GCC unroll 8
   for (int d = 0; d < ND; d++) _mm512_mask_storeu_ps(y + 16 * d, dmask(d), _mm512_mul_ps(out[d], inv));
 }
 
-void attend_head_any(const float* q, const float* K, const float* V, int64_t T, int64_t D, float scale, float* s,
-                     float* y) {
+template <typename CT>
+void attend_head_any(const float* q, const CT* K, const CT* V, int64_t T, int64_t D, float scale, float* s, float* y) {
   const __mmask16 dm = tail(D, (D - 1) / 16 * 16);
   switch ((D + 15) / 16) {
     case 1: return attend_head<1>(q, K, V, T, D, dm, scale, s, y);
@@ -196,14 +208,17 @@ __attribute__((optimize("fp-contract=off"))) void rotate(float* x, const float* 
 }
 
 // qkv [B, 3C] (bf16, rows Q | K | V head-major); rope: none, or [B, 2, D / 2] (cos, sin of 2D rotary positions)
-// turning each head's q and k before k is cached; writes each row's k, v at its length in its cache slot, attends
-// over the slot's tokens 0..length, returns y [B, C] in bf16 (what SDPA then .to(bf16) gives the Python path)
+// turning each head's q and k before k is cached; writes each row's k, v at its length in its cache slot (an fp32 or
+// bf16 cache: bf16 holds a bf16 model's k and v exactly, rotated k rounded once, and halves the bytes attention
+// reads), attends over the slot's tokens 0..length, returns y [B, C] in bf16 (what SDPA then .to(bf16) gives the
+// Python path)
+template <typename CT>
 at::Tensor attend(const at::Tensor& qkv, at::Tensor& kc, at::Tensor& vc, int64_t layer, at::IntArrayRef slots,
                   at::IntArrayRef lengths, int64_t H, const float* rope) {
   const int64_t B = qkv.size(0), C = qkv.size(1) / 3, D = C / H, P = kc.size(1), Tmax = kc.size(3);
   const auto* qp = qkv.data_ptr<c10::BFloat16>();
-  float* kp = kc.data_ptr<float>() + layer * P * H * Tmax * D;
-  float* vp = vc.data_ptr<float>() + layer * P * H * Tmax * D;
+  CT* kp = kc.data_ptr<CT>() + layer * P * H * Tmax * D;
+  CT* vp = vc.data_ptr<CT>() + layer * P * H * Tmax * D;
   auto y = at::empty({B, C}, qkv.options());
   auto* yp = y.data_ptr<c10::BFloat16>();
   const float scale = 1.f / std::sqrt(static_cast<float>(D));
@@ -213,19 +228,22 @@ at::Tensor attend(const at::Tensor& qkv, at::Tensor& kc, at::Tensor& vc, int64_t
   };
   at::parallel_for(0, B * H, 1, [&](int64_t i0, int64_t i1) {
     std::vector<float> s(Tmax);
-    float q[MAX_HEAD_SIZE], out[MAX_HEAD_SIZE];
+    float q[MAX_HEAD_SIZE], k[MAX_HEAD_SIZE], out[MAX_HEAD_SIZE];
     for (int64_t i = i0; i < i1; i++) {
       const int64_t b = i / H, h = i % H, n = lengths[b];
       const c10::BFloat16* row = qp + b * 3 * C;
-      float* K = kp + (slots[b] * H + h) * Tmax * D;
-      float* V = vp + (slots[b] * H + h) * Tmax * D;
+      CT* K = kp + (slots[b] * H + h) * Tmax * D;
+      CT* V = vp + (slots[b] * H + h) * Tmax * D;
       widen(row + h * D, q, D);
-      widen(row + C + h * D, K + n * D, D);
-      widen(row + 2 * C + h * D, V + n * D, D);
+      widen(row + C + h * D, k, D);
       if (rope) {
         const float* c = rope + b * D;
         rotate(q, c, c + D / 2, D);
-        rotate(K + n * D, c, c + D / 2, D);
+        rotate(k, c, c + D / 2, D);
+      }
+      for (int64_t d = 0; d < D; d++) {
+        K[n * D + d] = CT(k[d]);
+        V[n * D + d] = CT(static_cast<float>(row[2 * C + h * D + d]));
       }
       attend_head_any(q, K, V, n + 1, D, scale, s.data(), out);
       for (int64_t d = 0; d < D; d++) yp[b * C + h * D + d] = c10::BFloat16(out[d]);
@@ -252,9 +270,10 @@ at::Tensor decode_blocks(const at::Tensor& x_in, at::TensorList tensors, at::Int
   TORCH_CHECK(static_cast<int64_t>(meta.size()) == L * META_PER_BLOCK, "decode_blocks: linear_meta must hold ",
               META_PER_BLOCK, " ints per block");
   for (const auto* c : {&k_cache, &v_cache})
-    TORCH_CHECK(c->scalar_type() == at::kFloat && c->is_contiguous() && c->dim() == 5 && c->size(0) == L &&
-                    c->size(2) == n_head && c->size(2) * c->size(4) == C,
-                "decode_blocks: caches must be contiguous fp32 [L, slots, n_head, T, C / n_head]");
+    TORCH_CHECK((c->scalar_type() == at::kFloat || c->scalar_type() == at::kBFloat16) &&
+                    c->scalar_type() == k_cache.scalar_type() && c->is_contiguous() && c->dim() == 5 &&
+                    c->size(0) == L && c->size(2) == n_head && c->size(2) * c->size(4) == C,
+                "decode_blocks: caches must be contiguous fp32 or bf16 [L, slots, n_head, T, C / n_head]");
   TORCH_CHECK(static_cast<int64_t>(slots.size()) == B && static_cast<int64_t>(lengths.size()) == B,
               "decode_blocks: one slot and one length per row");
   for (int64_t b = 0; b < B; b++)
@@ -277,7 +296,10 @@ at::Tensor decode_blocks(const at::Tensor& x_in, at::TensorList tensors, at::Int
     const int64_t* m = meta.data() + l * META_PER_BLOCK;
     layer_norm(x, t[0], t[1], eps, h);
     auto qkv = run_linear(t + 4, m[0], m[1], h);
-    add_into(x, run_linear(t + 7, m[2], m[3], attend(qkv, k_cache, v_cache, l, slots, lengths, n_head, rp)));
+    const at::Tensor y = k_cache.scalar_type() == at::kFloat
+                             ? attend<float>(qkv, k_cache, v_cache, l, slots, lengths, n_head, rp)
+                             : attend<c10::BFloat16>(qkv, k_cache, v_cache, l, slots, lengths, n_head, rp);
+    add_into(x, run_linear(t + 7, m[2], m[3], y));
     layer_norm(x, t[2], t[3], eps, h);
     auto f = run_linear(t + 10, m[4], m[5], h);
     if (tanh_gelu)
