@@ -11,7 +11,7 @@
 namespace glmkit {
 
 // lane i of the result = the sum of v[i]'s 16 lanes (a transposing add tree: 45 instructions for 16 sums)
-KERNEL inline __m512 sum16(const __m512* v) {
+__attribute__((always_inline)) KERNEL inline __m512 sum16(const __m512* v) {
   __m512 a[8], b[4], c[2];
   for (int i = 0; i < 8; i++)  // per 128-bit lane: v[2i], v[2i+1], v[2i], v[2i+1]
     a[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
