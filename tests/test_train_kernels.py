@@ -160,3 +160,20 @@ def test_glm_training_step_with_dropout_kernels_matches_pytorch_without_dropout(
             block.attn.attn_dropout = 1e-9  # the kernel path, keeping (almost surely) every probability
         loss1 = F.cross_entropy(model(ids, attention_mask=mask).float().flatten(0, 1), ids.flatten())
     assert abs(loss0.item() - loss1.item()) < 2e-2
+
+
+def test_activation_checkpointing_replays_the_same_dropout_masks():
+    """The recomputed forward draws the same seeds (checkpoint restores the RNG state): identical gradients."""
+    cfg = GLMConfig(n_layer=2, n_embd=64, n_head=4, vocab_size=100, max_sequence_length=32)
+    torch.manual_seed(0)
+    model = GLM(cfg).train()
+    ids, mask = torch.randint(0, 100, (2, 32)), glm_mask(2, 32, seps=(10, 20), lengths=(32, 32))
+    grads = []
+    for checkpointing in (False, True):
+        model.gradient_checkpointing = checkpointing
+        torch.manual_seed(5)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model(ids, attention_mask=mask).float().logsumexp(-1).mean().backward()
+        grads.append(model.blocks[0].attn.qkv.weight.grad.clone())
+        model.zero_grad()
+    assert grads[0].abs().sum() > 0 and torch.equal(grads[0], grads[1])
