@@ -143,7 +143,7 @@ def test_dropout_module(dtype, n):
 
 def test_dropout_rejects_probability_one_in_the_op():
     with pytest.raises(RuntimeError, match="dropout probability must be in"):
-        torch.ops.glmkit_kernels.dropout(torch.ones(4), 1.0, 0)
+        torch.ops.glmkit_kernels.dropout(torch.ones(4), 1.0, torch.tensor(0))
     assert (Dropout(1.0).train()(torch.ones(4)) == 0).all()  # the module hands p = 1 to PyTorch
 
 

@@ -26,11 +26,23 @@ import torch.nn.functional as F
 from . import build
 
 
-def _seed() -> int:
-    return int(torch.randint(0, 2**62, (), dtype=torch.int64))
+def _seed() -> torch.Tensor:
+    # a tensor, not an int: reading it on the host would break a torch.compile graph at every call
+    return torch.randint(0, 2**62, (), dtype=torch.int64)
+
+
+_fakes_registered = False
 
 
 def _ops():
+    global _fakes_registered
+    if not _fakes_registered:  # shapes for torch.compile's tracing
+        _fakes_registered = True
+        torch.library.register_fake("glmkit_kernels::attention_probs_")(
+            lambda scores, mask, scale, p, seed: scores.new_empty(scores.shape[:2], dtype=torch.float32)
+        )
+        torch.library.register_fake("glmkit_kernels::attention_probs_backward_")(lambda *args: None)
+        torch.library.register_fake("glmkit_kernels::dropout")(lambda x, p, seed: torch.empty_like(x))
     return torch.ops.glmkit_kernels
 
 
@@ -43,19 +55,19 @@ class _Attention(torch.autograd.Function):
         probs = torch.bmm(q, k.transpose(1, 2))
         lse = _ops().attention_probs_(probs, mask, scale, p, seed)
         out = torch.bmm(probs, v)
-        ctx.save_for_backward(q, k, v, out, lse, mask)
-        ctx.p, ctx.scale, ctx.seed, ctx.shape = p, scale, seed, (B, H, S, D)
+        ctx.save_for_backward(q, k, v, out, lse, mask, seed)
+        ctx.p, ctx.scale, ctx.shape = p, scale, (B, H, S, D)
         return out.view(B, H, S, D)
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, v, out, lse, mask = ctx.saved_tensors
+        q, k, v, out, lse, mask, seed = ctx.saved_tensors
         B, H, S, D = ctx.shape
         grad_out = grad_out.reshape(B * H, S, D).to(torch.bfloat16)
         delta = (grad_out.float() * out.float()).sum(-1)
         probs = torch.bmm(q, k.transpose(1, 2))
         grad = torch.bmm(grad_out, v.transpose(1, 2))
-        _ops().attention_probs_backward_(probs, grad, lse, delta, mask, ctx.scale, ctx.p, ctx.seed)
+        _ops().attention_probs_backward_(probs, grad, lse, delta, mask, ctx.scale, ctx.p, seed)
         dq = torch.bmm(grad, k).view(B, H, S, D)
         dk = torch.bmm(grad.transpose(1, 2), q).view(B, H, -1, D)
         dv = torch.bmm(probs.transpose(1, 2), grad_out).view(B, H, -1, D)
@@ -87,12 +99,15 @@ def attention(
 class _Dropout(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, p: float):
-        ctx.p, ctx.seed = p, _seed()
-        return _ops().dropout(x, p, ctx.seed)
+        seed = _seed()
+        ctx.p = p
+        ctx.save_for_backward(seed)
+        return _ops().dropout(x, p, seed)
 
     @staticmethod
     def backward(ctx, grad):
-        return _ops().dropout(grad.contiguous(), ctx.p, ctx.seed), None
+        (seed,) = ctx.saved_tensors
+        return _ops().dropout(grad.contiguous(), ctx.p, seed), None
 
 
 class Dropout(nn.Dropout):

@@ -131,8 +131,17 @@ const bool* mask_row(const at::Tensor& mask, int64_t BH, int64_t S, int64_t r) {
   return mask.data_ptr<bool>() + (r / S / heads) * mask.stride(0) + (r % S) * mask.stride(1);
 }
 
-at::Tensor attention_probs(at::Tensor scores, const at::Tensor& mask, double scale, double p, int64_t seed) {
+// the seed is a 0-dim int64 tensor drawn from torch's generator (a tensor, so torch.compile traces the draw)
+int64_t seed_value(const at::Tensor& seed) {
+  TORCH_CHECK(seed.numel() == 1 && seed.scalar_type() == at::kLong && seed.device().is_cpu(),
+              "seed: expected one int64 on the CPU");
+  return seed.item<int64_t>();
+}
+
+at::Tensor attention_probs(at::Tensor scores, const at::Tensor& mask, double scale, double p,
+                           const at::Tensor& seed_t) {
   check_scores(scores, mask, "attention_probs_");
+  const int64_t seed = seed_value(seed_t);
   const int64_t BH = scores.size(0), S = scores.size(1), T = scores.size(2);
   const uint32_t thr = drop_threshold(p);
   at::Tensor lse = at::empty({BH, S}, scores.options().dtype(at::kFloat));
@@ -148,8 +157,9 @@ at::Tensor attention_probs(at::Tensor scores, const at::Tensor& mask, double sca
 }
 
 void attention_probs_backward(at::Tensor scores, at::Tensor grad, const at::Tensor& lse, const at::Tensor& delta,
-                              const at::Tensor& mask, double scale, double p, int64_t seed) {
+                              const at::Tensor& mask, double scale, double p, const at::Tensor& seed_t) {
   check_scores(scores, mask, "attention_probs_backward_");
+  const int64_t seed = seed_value(seed_t);
   TORCH_CHECK(grad.sizes() == scores.sizes() && grad.scalar_type() == at::kBFloat16 && grad.is_contiguous(),
               "attention_probs_backward_: grad must be contiguous bf16 like scores");
   const int64_t BH = scores.size(0), S = scores.size(1), T = scores.size(2);
@@ -185,7 +195,8 @@ KERNEL void dropout_rows(const T* x, T* y, int64_t n, int64_t c0, int64_t c1, in
 }
 
 // x * keep / (1 - p); the same seed gives the same keep bits, so the gradient is this op applied to dL/dy
-at::Tensor dropout(const at::Tensor& x_in, double p, int64_t seed) {
+at::Tensor dropout(const at::Tensor& x_in, double p, const at::Tensor& seed_t) {
+  const int64_t seed = seed_value(seed_t);
   TORCH_CHECK(x_in.device().is_cpu() && (x_in.scalar_type() == at::kFloat || x_in.scalar_type() == at::kBFloat16),
               "dropout: x must be an fp32 or bf16 CPU tensor");
   const uint32_t thr = drop_threshold(p);
@@ -205,11 +216,11 @@ at::Tensor dropout(const at::Tensor& x_in, double p, int64_t seed) {
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(glmkit_kernels, m) {
-  m.def("attention_probs_(Tensor(a!) scores, Tensor mask, float scale, float p, int seed) -> Tensor");
+  m.def("attention_probs_(Tensor(a!) scores, Tensor mask, float scale, float p, Tensor seed) -> Tensor");
   m.def(
       "attention_probs_backward_(Tensor(a!) scores, Tensor(b!) grad, Tensor lse, Tensor delta, Tensor mask, "
-      "float scale, float p, int seed) -> ()");
-  m.def("dropout(Tensor x, float p, int seed) -> Tensor");
+      "float scale, float p, Tensor seed) -> ()");
+  m.def("dropout(Tensor x, float p, Tensor seed) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(glmkit_kernels, CPU, m) {
