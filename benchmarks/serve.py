@@ -78,6 +78,7 @@ def serve_main(args: argparse.Namespace) -> None:
     model = model.to(getattr(torch, args.dtype))
     options = ServeOptions(
         threads=args.threads,
+        pack_weights=args.pack_weights,
         scheduler=SchedulerConfig(
             max_num_seqs=args.max_num_seqs,
             max_num_batched_tokens=4096,
@@ -112,7 +113,7 @@ def start_server(args: argparse.Namespace, port: int, max_batch_size: int, delay
     cmd = [sys.executable, "-m", "benchmarks.serve", "--serve", "--port", str(port), "--model", args.model]
     cmd += ["--tokenizer", args.tokenizer, "--threads", str(args.threads), "--max-num-seqs", str(args.max_num_seqs)]
     cmd += ["--max-batch-size", str(max_batch_size), "--max-queue-delay-us", str(delay_us), "--dtype", args.dtype]
-    cmd += ["--max-tokens", str(args.max_tokens)]
+    cmd += ["--max-tokens", str(args.max_tokens)] + (["--pack-weights"] if args.pack_weights else [])
     proc = subprocess.Popen(cmd, cwd=Path(__file__).parent.parent)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300
@@ -236,6 +237,10 @@ def engine_alone(args: argparse.Namespace) -> dict[str, float]:
     torch.set_num_threads(args.threads)
     model, tok = _model(args.model, args.tokenizer)
     model = model.to(getattr(torch, args.dtype))
+    if args.pack_weights:
+        from glmkit.generate.fast import optimize_for_decode
+
+        optimize_for_decode(model, pack=True)
     engine = LLMEngine(
         model, tok, SchedulerConfig(max_num_seqs=64, max_num_batched_tokens=4096, max_model_len=64 + args.max_tokens)
     )
@@ -324,6 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int, default=8471)
     p.add_argument("--write", action="store_true", help=f"write the tables into {RESULTS.name}")
     p.add_argument("--skip-score", action="store_true")
+    p.add_argument("--pack-weights", action="store_true", help="glmkit serve --pack-weights (bf16)")
     # server-process flags
     p.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--max-batch-size", type=int, default=16, help=argparse.SUPPRESS)
@@ -363,11 +369,12 @@ def main(argv: list[str] | None = None) -> int:
     alone = engine_alone(args)
     bandwidth.append(memory_bandwidth_gbs(seconds=1.0))
     by_c = {r["concurrency"]: r for r in gen_rows}
+    packed = " (prepacked weights)" if args.pack_weights else ""
     lines = [
         f"### {args.model} model, {datetime.date.today().isoformat()}",
         "",
         f"`python -m benchmarks.serve {' '.join(argv if argv is not None else sys.argv[1:])}` — server and client on",
-        f"127.0.0.1 in separate processes; server: {args.dtype}, {args.threads} torch thread(s),",
+        f"127.0.0.1 in separate processes; server: {args.dtype}{packed}, {args.threads} torch thread(s),",
         f"{args.max_num_seqs} KV slots; each request streams {args.max_tokens} tokens (`ignore_eos`), greedy.",
         f"Memory read bandwidth before / after: {bandwidth[0]:.0f} / {bandwidth[1]:.0f} GB/s (one stream's decode is",
         "bound by it, many streams' by compute, so the 32/1 ratio is higher when the bandwidth is low).",

@@ -136,3 +136,18 @@ def test_replace_linear_keeps_the_function_and_the_state_dict(dtype):
     assert list(model.state_dict()) == keys
     # bf16: stock and kernel sum in different orders and round differently; fp32: only the order differs
     close(after, before, 0.03 if dtype == torch.bfloat16 else 1e-5)
+
+
+@needs_kernels
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="no oneDNN in this PyTorch")
+def test_prepacked_weights_compute_the_same_linear():
+    model = GLM.from_pretrained(FIXTURE, dtype=torch.bfloat16)
+    kernels.replace_linear(model)
+    assert kernels.pack_linear(model) == 4 * len(model.blocks) + 1  # every linear and the tied head
+    fc = model.blocks[0].mlp.fc
+    for rows in (3, 16, 40):  # below PACKED_MIN_ROWS the kernels, from it oneDNN on the packed copy
+        x = torch.randn(rows, fc.in_features).bfloat16()
+        close(fc(x), F.linear(x.float(), fc.weight.float(), fc.bias.float()), 2**-7)
+        h = torch.randn(rows, model.config.n_embd).bfloat16()
+        close(model.lm_head(h, model.wte), F.linear(h.float(), model.wte.weight.float()), 2**-7)
+    assert kernels.pack_linear(GLM.from_pretrained(FIXTURE)) == 0  # fp32 weights (and no FastLinear): nothing packed

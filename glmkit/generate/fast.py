@@ -170,7 +170,8 @@ def _fused_linear(module: nn.Module) -> tuple[list[torch.Tensor], list[int]] | N
         ok = ok and (module.bits == 8 or module.group_size in (32, 64, 128))
         kind, group = (1, 0) if module.bits == 8 else (2, module.group_size)
     elif type(module) in (nn.Linear, kernels.FastLinear) and module.weight.dtype == torch.bfloat16:
-        w, s, b, ok = module.weight, none, module.bias, True
+        packed = getattr(module, "packed", None)  # in the scales' place: the op's batched matmul for 16+ rows
+        w, s, b, ok = module.weight, none if packed is None else packed, module.bias, True
         kind, group = 0, 0
     else:
         return None
@@ -254,13 +255,17 @@ class DecodeStep:
         return x if hidden else model.lm_head(x, model.wte)
 
 
-def optimize_for_decode(model: torch.nn.Module) -> torch.nn.Module:
+def optimize_for_decode(model: torch.nn.Module, pack: bool = False) -> torch.nn.Module:
     """Put ``model`` in eval mode and, for bf16 or fp32 weights where ``glmkit.kernels`` runs, swap its linear
     layers and tied LM head for the kernels' GEMV modules (in place, same tensors); returns it.
 
+    ``pack``: also keep a oneDNN-prepacked copy of every bf16 weight, which batches of 16 rows or more multiply with
+    (32 rows: ~13 % faster matmuls, the fused step included) at twice the weight memory — for servers.
     Other dtypes and machines keep the stock layers (no compiler, a CPU without AVX-512 BF16, CUDA).
     """
     p = next(model.parameters())
     if p.dtype in (torch.bfloat16, torch.float32) and kernels.available(p.device):
         kernels.replace_linear(model)
+        if pack:
+            kernels.pack_linear(model)
     return model.eval()

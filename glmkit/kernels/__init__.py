@@ -9,7 +9,7 @@ Training uses their attention and dropout (training.py).
 from .build import unavailable_reason
 from .ops import available, gelu, linear, linear_bf16, linear_int4, linear_int8
 
-_MODULES = ("FastLinear", "FastTiedHead", "replace_linear")
+_MODULES = ("FastLinear", "FastTiedHead", "pack_linear", "replace_linear")
 
 
 def __getattr__(name: str):
@@ -30,6 +30,7 @@ __all__ = [
     "linear_bf16",
     "linear_int4",
     "linear_int8",
+    "pack_linear",
     "replace_linear",
     "unavailable_reason",
 ]

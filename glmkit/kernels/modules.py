@@ -11,11 +11,16 @@ import torch
 import torch.nn as nn
 
 from ..model import TiedLMHead
-from .ops import linear
+from .ops import PACKED_MIN_ROWS, linear, linear_packed, pack_weight
 
 
 class FastLinear(nn.Linear):
-    """``nn.Linear`` for inference on ``glmkit.kernels.linear`` (bf16 and fp32 weights on the kernels)."""
+    """``nn.Linear`` for inference on ``glmkit.kernels.linear`` (bf16 and fp32 weights on the kernels).
+
+    ``packed``: an optional oneDNN-blocked copy of a bf16 weight (``pack_linear``) that batches of
+    ``PACKED_MIN_ROWS`` rows or more multiply with; it is not part of the state dict."""
+
+    packed: torch.Tensor | None = None
 
     @classmethod
     def from_linear(cls, module: nn.Linear) -> FastLinear:
@@ -24,14 +29,36 @@ class FastLinear(nn.Linear):
         return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None and x.numel() >= PACKED_MIN_ROWS * self.in_features:
+            return linear_packed(x, self.packed, self.bias)
         return linear(x, self.weight, self.bias)
 
 
 class FastTiedHead(TiedLMHead):
     """The tied LM head on the GEMV kernels (the vocabulary GEMV is the largest matmul of a decode step)."""
 
+    packed: torch.Tensor | None = None
+
     def forward(self, x: torch.Tensor, wte: nn.Module) -> torch.Tensor:
+        if self.packed is not None and x.numel() >= PACKED_MIN_ROWS * wte.weight.shape[1]:
+            return linear_packed(x, self.packed)
         return linear(x, wte.weight)
+
+
+def pack_linear(model: nn.Module) -> int:
+    """Give every bf16 ``FastLinear`` and ``FastTiedHead`` of ``model`` (after ``replace_linear``) a prepacked copy of
+    its weight for batched matmuls (twice the weight memory; for inference: the copy does not follow later changes of
+    the weight); returns how many were packed (0 where oneDNN cannot)."""
+    n = 0
+    for module in model.modules():
+        if isinstance(module, FastLinear) and (module.bias is None or module.bias.dtype == torch.bfloat16):
+            module.packed = pack_weight(module.weight)
+        elif isinstance(module, FastTiedHead) and isinstance(getattr(model, "wte", None), nn.Embedding):
+            module.packed = pack_weight(model.wte.weight)
+        else:
+            continue
+        n += module.packed is not None
+    return n
 
 
 def replace_linear(model: nn.Module) -> nn.Module:

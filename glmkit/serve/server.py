@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from ..generate.fast import optimize_for_decode
 from .app import ServerConfig, ServerState, build_app
 from .batcher import DynamicBatcher, DynamicBatchingConfig, QueuePolicy
 from .engine import AsyncLLMEngine, LLMEngine
@@ -41,12 +42,16 @@ class ServeOptions:
     server: ServerConfig = field(default_factory=ServerConfig)
     max_jobs: int = 8
     threads: int | None = None  # the engine thread's torch threads (None: whatever the process has)
+    # a oneDNN-prepacked copy of each bf16 weight for batched steps: ~10 % more tokens/s at 32 streams, 2x weight memory
+    pack_weights: bool = False
 
 
 def build_state(model: torch.nn.Module, tokenizer: Any, options: ServeOptions | None = None) -> ServerState:
     """Start the engines over ``model`` and return the state ``build_app`` serves."""
     options = options or ServeOptions()
     model.eval()  # the engine's runner also puts a bf16 model's linears and LM head on the kernels (in place)
+    if options.pack_weights:
+        optimize_for_decode(model, pack=True)
     llm_stats = ModelStats("llm")
     engine = AsyncLLMEngine(
         LLMEngine(model, tokenizer, options.scheduler, stats=llm_stats), options.max_jobs, options.threads
@@ -124,6 +129,11 @@ def configure(p: argparse.ArgumentParser) -> None:
         "--threads", type=int, default=None, help="the engine's torch threads (default: torch's choice, the cores)"
     )
     p.add_argument(
+        "--pack-weights",
+        action="store_true",
+        help="bf16: keep a oneDNN-prepacked copy of each weight for batched steps (faster, twice the weight memory)",
+    )
+    p.add_argument(
         "--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weights and KV cache dtype"
     )
 
@@ -152,6 +162,7 @@ def run(args: argparse.Namespace) -> int:
             drain_timeout=args.drain_timeout,
         ),
         threads=args.threads,
+        pack_weights=args.pack_weights,
     )
     serve(args.model, args.host, args.port, options, args.dtype)
     return 0

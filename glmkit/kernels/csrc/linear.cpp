@@ -220,3 +220,6 @@ TORCH_LIBRARY_IMPL(glmkit_kernels, CPU, m) {
   m.impl("gelu_tanh", &glmkit::gelu_tanh_bf16);
 }
 
+
+// decode_blocks' weight list may hold oneDNN-prepacked (opaque) weights, which route the call to this backend
+TORCH_LIBRARY_IMPL(glmkit_kernels, MkldnnCPU, m) { m.impl("decode_blocks", &glmkit::decode_blocks); }
