@@ -83,4 +83,7 @@ def _try_load() -> str | None:
         return reason
     if not torch.ops.glmkit_kernels.supported():
         return "this CPU lacks AVX-512 BF16 / VNNI"
+    from .training import register_fakes
+
+    register_fakes()
     return None

@@ -31,18 +31,16 @@ def _seed() -> torch.Tensor:
     return torch.randint(0, 2**62, (), dtype=torch.int64)
 
 
-_fakes_registered = False
+def register_fakes() -> None:
+    """Output shapes of the training ops for torch.compile's tracing (build.load() calls this once it loaded them)."""
+    torch.library.register_fake("glmkit_kernels::attention_probs_")(
+        lambda scores, mask, scale, p, seed: scores.new_empty(scores.shape[:2], dtype=torch.float32)
+    )
+    torch.library.register_fake("glmkit_kernels::attention_probs_backward_")(lambda *args: None)
+    torch.library.register_fake("glmkit_kernels::dropout")(lambda x, p, seed: torch.empty_like(x))
 
 
 def _ops():
-    global _fakes_registered
-    if not _fakes_registered:  # shapes for torch.compile's tracing
-        _fakes_registered = True
-        torch.library.register_fake("glmkit_kernels::attention_probs_")(
-            lambda scores, mask, scale, p, seed: scores.new_empty(scores.shape[:2], dtype=torch.float32)
-        )
-        torch.library.register_fake("glmkit_kernels::attention_probs_backward_")(lambda *args: None)
-        torch.library.register_fake("glmkit_kernels::dropout")(lambda x, p, seed: torch.empty_like(x))
     return torch.ops.glmkit_kernels
 
 
