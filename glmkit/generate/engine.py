@@ -249,7 +249,7 @@ def _start(
     repeat = config.num_beams if config.num_beams > 1 else config.num_return_sequences
     max_new = min(config.max_new_tokens, cfg.max_sequence_length)  # blocks 1..max_new are fed
     P = max(len(r) for r in rows)
-    cache = KVCache.for_model(model, len(rows), P + max_new, dtype=cache_dtype(model))
+    cache = KVCache.for_model(model, len(rows), P + max_new, dtype=cache_dtype(model, config.compile))
     prefill(model, rows, cache)
     expand = torch.arange(len(rows), device=device).repeat_interleave(repeat)
     if repeat > 1:

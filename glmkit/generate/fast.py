@@ -46,13 +46,13 @@ def _fp32_attention(model: torch.nn.Module) -> bool:
     return type(model) is GLM and p.device.type == "cpu" and p.dtype in (torch.bfloat16, torch.float16)
 
 
-def cache_dtype(model: torch.nn.Module) -> torch.dtype:
+def cache_dtype(model: torch.nn.Module, compile: bool | str = False) -> torch.dtype:
     """The dtype of the KV cache the engine allocates for ``model``: bf16 where the fused step runs (it reads the
     cache in bf16: half the bytes, and a bf16 model's keys and values are bf16 anyway), fp32 where
-    ``cached_forward`` attends in fp32, else the model's dtype."""
+    ``cached_forward`` attends in fp32 (a compiled step always does), else the model's dtype."""
     p = next(model.parameters())
     if p.dtype == torch.bfloat16 and _fp32_attention(model) and model.config.head_size <= MAX_HEAD_SIZE:
-        if kernels.available(p.device):
+        if kernels.available(p.device) and not compile:
             return torch.bfloat16
     return torch.float32 if _fp32_attention(model) else p.dtype
 
