@@ -270,3 +270,21 @@ def test_prepacked_weights_serve_the_same_tokens(model_and_tokenizer):
         assert list(half.state_dict()) == list(model.state_dict())  # the packed copies are not state
     agree = sum(served[0][k] == served[1][k] for k in served[0])
     assert agree >= 16  # bf16 sums in another order may flip a near-tie; almost every stream must agree
+
+
+def test_pack_weights_says_when_there_is_nothing_to_pack(model_and_tokenizer, caplog):
+    """An fp32 model has no bf16 weights to prepack: the server still starts, and says so in its log."""
+    import copy
+    import logging
+
+    from glmkit.serve.server import ServeOptions, build_state
+
+    model, tok = model_and_tokenizer
+    with caplog.at_level(logging.WARNING, logger="glmkit.serve"):
+        state = build_state(copy.deepcopy(model), tok, ServeOptions(pack_weights=True))
+    try:
+        assert "pack_weights: nothing packed" in caplog.text
+    finally:
+        state.engine.shutdown()
+        for batcher in state.batchers:
+            batcher.shutdown()
