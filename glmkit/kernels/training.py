@@ -40,10 +40,6 @@ def register_fakes() -> None:
     torch.library.register_fake("glmkit_kernels::dropout")(lambda x, p, seed: torch.empty_like(x))
 
 
-def _ops():
-    return torch.ops.glmkit_kernels
-
-
 class _Attention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, mask, p: float):
@@ -51,7 +47,7 @@ class _Attention(torch.autograd.Function):
         q, k, v = (t.reshape(B * H, -1, D) for t in (q, k, v))
         scale, seed = 1.0 / math.sqrt(D), _seed()
         probs = torch.bmm(q, k.transpose(1, 2))
-        lse = _ops().attention_probs_(probs, mask, scale, p, seed)
+        lse = torch.ops.glmkit_kernels.attention_probs_(probs, mask, scale, p, seed)
         out = torch.bmm(probs, v)
         ctx.save_for_backward(q, k, v, out, lse, mask, seed)
         ctx.p, ctx.scale, ctx.shape = p, scale, (B, H, S, D)
@@ -65,7 +61,7 @@ class _Attention(torch.autograd.Function):
         delta = (grad_out.float() * out.float()).sum(-1)
         probs = torch.bmm(q, k.transpose(1, 2))
         grad = torch.bmm(grad_out, v.transpose(1, 2))
-        _ops().attention_probs_backward_(probs, grad, lse, delta, mask, ctx.scale, ctx.p, seed)
+        torch.ops.glmkit_kernels.attention_probs_backward_(probs, grad, lse, delta, mask, ctx.scale, ctx.p, seed)
         dq = torch.bmm(grad, k).view(B, H, S, D)
         dk = torch.bmm(grad.transpose(1, 2), q).view(B, H, -1, D)
         dv = torch.bmm(probs.transpose(1, 2), grad_out).view(B, H, -1, D)
@@ -100,12 +96,12 @@ class _Dropout(torch.autograd.Function):
         seed = _seed()
         ctx.p = p
         ctx.save_for_backward(seed)
-        return _ops().dropout(x, p, seed)
+        return torch.ops.glmkit_kernels.dropout(x, p, seed)
 
     @staticmethod
     def backward(ctx, grad):
         (seed,) = ctx.saved_tensors
-        return _ops().dropout(grad.contiguous(), ctx.p, seed), None
+        return torch.ops.glmkit_kernels.dropout(grad.contiguous(), ctx.p, seed), None
 
 
 class Dropout(nn.Dropout):

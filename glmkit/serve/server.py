@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from .. import kernels
 from ..generate.fast import optimize_for_decode
 from .app import ServerConfig, ServerState, build_app
 from .batcher import DynamicBatcher, DynamicBatchingConfig, QueuePolicy
@@ -50,12 +51,10 @@ def build_state(model: torch.nn.Module, tokenizer: Any, options: ServeOptions | 
     """Start the engines over ``model`` and return the state ``build_app`` serves."""
     options = options or ServeOptions()
     model.eval()  # the engine's runner also puts a bf16 model's linears and LM head on the kernels (in place)
-    if options.pack_weights:
-        optimize_for_decode(model, pack=True)
-        if not any(getattr(m, "packed", None) is not None for m in model.modules()):
-            logging.getLogger("glmkit.serve").warning(
-                "pack_weights: nothing packed (it needs bf16 weights on a CPU with glmkit's kernels and oneDNN)"
-            )
+    if options.pack_weights and not kernels.pack_linear(optimize_for_decode(model)):
+        logging.getLogger("glmkit.serve").warning(
+            "pack_weights: nothing packed (it needs bf16 weights on a CPU with glmkit's kernels and oneDNN)"
+        )
     llm_stats = ModelStats("llm")
     engine = AsyncLLMEngine(
         LLMEngine(model, tokenizer, options.scheduler, stats=llm_stats), options.max_jobs, options.threads

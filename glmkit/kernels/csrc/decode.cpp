@@ -19,7 +19,6 @@
 #include "linear.h"
 #include "simd.h"
 
-
 using glmkit::exp_nonpositive;
 using glmkit::load_bf16;
 using glmkit::store_bf16;

@@ -66,8 +66,6 @@ KERNEL inline __mmask16 visible16(const bool* m, int64_t j, __mmask16 t) {
   return _mm_mask_cmpneq_epi8_mask(t, _mm_maskz_loadu_epi8(t, m + j), _mm_setzero_si128());
 }
 
-KERNEL inline float max16(__m512 v) { return _mm512_reduce_max_ps(v); }
-
 // one query row: scores s (bf16, T) -> dropped-out probabilities in place; returns the log-sum-exp (+inf: no key)
 KERNEL float probs_row(c10::BFloat16* s, const bool* m, int64_t T, float scale, uint64_t key, uint32_t thr,
                        float keep_scale, float* buf) {
@@ -78,7 +76,7 @@ KERNEL float probs_row(c10::BFloat16* s, const bool* m, int64_t T, float scale, 
     _mm512_storeu_ps(buf + j, v);
     mx = _mm512_mask_max_ps(mx, vis, mx, v);
   }
-  const float row_max = max16(mx);
+  const float row_max = _mm512_reduce_max_ps(mx);
   if (row_max == -std::numeric_limits<float>::infinity()) {
     for (int64_t j = 0; j < T; j += 16) store_bf16(s + j, _mm512_setzero_ps(), tail(T, j));
     return std::numeric_limits<float>::infinity();
