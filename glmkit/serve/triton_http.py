@@ -25,6 +25,7 @@ from .specs import ModelSpec
 from .tensors import NUMPY, TensorError, decode_input, encode_output, split_body
 
 router = APIRouter()
+MIN_COMPRESS_BYTES = 1024  # smaller responses go uncompressed whatever Accept-Encoding says (as HTTP allows)
 EXTENSIONS = [
     "binary_tensor_data",
     "parameters",
@@ -48,6 +49,71 @@ def _model(request: Request, name: str, version: str | None = None, ready: bool 
     if ready and not getattr(model, "ready", True):
         raise APIError(400, f"Request for unknown model: '{name}' has no available versions")
     return model
+
+
+async def infer(request: Request) -> Response:
+    name, version = request.path_params["name"], request.path_params.get("version")
+    state = _state(request)
+    model = _model(request, name, version)
+    if isinstance(model, LLMModel):
+        raise APIError(400, DECOUPLED)
+    if state.draining:
+        raise state.overloaded("the server is shutting down")
+    body = await _body(request)
+    length = request.headers.get("inference-header-content-length")
+    if length is not None and not length.isdigit():
+        raise APIError(400, f"Inference-Header-Content-Length: not an integer: {length!r}")
+    try:
+        head, binary = split_body(body, int(length) if length is not None else None)
+    except TensorError as e:
+        raise APIError(400, str(e)) from e
+    header = await _json(request, head)
+    params = header.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise APIError(400, "request: 'parameters' must be an object")
+    inputs = parse_inputs(model.spec, header, binary)
+    wanted = header.get("outputs")
+    names = [o.name for o in model.spec.outputs]
+    if wanted is not None:
+        if not isinstance(wanted, list) or not all(isinstance(o, dict) and o.get("name") in names for o in wanted):
+            raise APIError(400, f"request: 'outputs' must name outputs of model '{name}' ({names})")
+    try:
+        outputs = await model.infer(inputs, params)
+    except Exception as e:
+        raise translate(e, state, request.url.path) from e
+    default_binary = bool(params.get("binary_data_output", False))
+    chosen = wanted if wanted is not None else [{"name": n} for n in names]
+    entries, blobs = [], []
+    for o in chosen:
+        t = next(t for t in model.spec.outputs if t.name == o["name"])
+        binary = bool((o.get("parameters") or {}).get("binary_data", default_binary))
+        entry, blob = encode_output(t.name, t.datatype, outputs[t.name], binary)
+        entries.append(entry)
+        if blob is not None:
+            blobs.append(blob)
+    result: dict[str, Any] = {"model_name": name, "model_version": model.spec.version}
+    if "id" in header:
+        result["id"] = str(header["id"])
+    result["outputs"] = entries
+    head_out = json.dumps(result).encode()
+    headers: dict[str, str] = {}
+    media = "application/json"
+    if blobs:
+        headers["Inference-Header-Content-Length"] = str(len(head_out))
+        media = "application/octet-stream"
+    payload = head_out + b"".join(blobs)
+    accept = request.headers.get("accept-encoding", "") if len(payload) >= MIN_COMPRESS_BYTES else ""
+    if "gzip" in accept:
+        payload, headers["Content-Encoding"] = gzip.compress(payload), "gzip"
+    elif "deflate" in accept:
+        payload, headers["Content-Encoding"] = zlib.compress(payload), "deflate"
+    return Response(payload, media_type=media, headers=headers)
+
+
+# Plain Starlette routes (FastAPI's parameter solving and response merging cost ~0.2 ms of the event loop per
+# request), registered first: routing tries the routes in order, ~3 us each
+for _path in ("/v2/models/{name}/infer", "/v2/models/{name}/versions/{version}/infer"):
+    router.add_route(_path, infer, methods=["POST"])
 
 
 @router.get("/v2/health/live")
@@ -216,66 +282,6 @@ def parse_inputs(spec: ModelSpec, header: dict[str, Any], binary: bytes) -> dict
     if len(batches) > 1:
         raise APIError(400, f"inputs of model '{spec.name}' have different batch sizes {sorted(batches)}")
     return arrays
-
-
-@router.post("/v2/models/{name}/infer")
-@router.post("/v2/models/{name}/versions/{version}/infer")
-async def infer(request: Request, name: str, version: str | None = None) -> Response:
-    state = _state(request)
-    model = _model(request, name, version)
-    if isinstance(model, LLMModel):
-        raise APIError(400, DECOUPLED)
-    if state.draining:
-        raise state.overloaded("the server is shutting down")
-    body = await _body(request)
-    length = request.headers.get("inference-header-content-length")
-    if length is not None and not length.isdigit():
-        raise APIError(400, f"Inference-Header-Content-Length: not an integer: {length!r}")
-    try:
-        head, binary = split_body(body, int(length) if length is not None else None)
-    except TensorError as e:
-        raise APIError(400, str(e)) from e
-    header = await _json(request, head)
-    params = header.get("parameters") or {}
-    if not isinstance(params, dict):
-        raise APIError(400, "request: 'parameters' must be an object")
-    inputs = parse_inputs(model.spec, header, binary)
-    wanted = header.get("outputs")
-    names = [o.name for o in model.spec.outputs]
-    if wanted is not None:
-        if not isinstance(wanted, list) or not all(isinstance(o, dict) and o.get("name") in names for o in wanted):
-            raise APIError(400, f"request: 'outputs' must name outputs of model '{name}' ({names})")
-    try:
-        outputs = await model.infer(inputs, params)
-    except Exception as e:
-        raise translate(e, state, request.url.path) from e
-    default_binary = bool(params.get("binary_data_output", False))
-    chosen = wanted if wanted is not None else [{"name": n} for n in names]
-    entries, blobs = [], []
-    for o in chosen:
-        t = next(t for t in model.spec.outputs if t.name == o["name"])
-        binary = bool((o.get("parameters") or {}).get("binary_data", default_binary))
-        entry, blob = encode_output(t.name, t.datatype, outputs[t.name], binary)
-        entries.append(entry)
-        if blob is not None:
-            blobs.append(blob)
-    result: dict[str, Any] = {"model_name": name, "model_version": model.spec.version}
-    if "id" in header:
-        result["id"] = str(header["id"])
-    result["outputs"] = entries
-    head_out = json.dumps(result).encode()
-    headers: dict[str, str] = {}
-    media = "application/json"
-    if blobs:
-        headers["Inference-Header-Content-Length"] = str(len(head_out))
-        media = "application/octet-stream"
-    payload = head_out + b"".join(blobs)
-    accept = request.headers.get("accept-encoding", "")
-    if "gzip" in accept:
-        payload, headers["Content-Encoding"] = gzip.compress(payload), "gzip"
-    elif "deflate" in accept:
-        payload, headers["Content-Encoding"] = zlib.compress(payload), "deflate"
-    return Response(payload, media_type=media, headers=headers)
 
 
 def _generate_inputs(spec: ModelSpec, body: dict[str, Any]) -> tuple[dict[str, np.ndarray], dict[str, Any]]:

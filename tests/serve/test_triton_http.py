@@ -100,6 +100,17 @@ def test_embed_logits_and_compression(client, live_server):
     assert res.as_numpy("logits").shape == (1, live_server.state.service.model.config.vocab_size)
 
 
+def test_only_large_responses_are_compressed(http, live_server):
+    body = {"inputs": [{"name": "text_input", "datatype": "BYTES", "shape": [1, 1], "data": ["the land"]}]}
+    headers = {"Accept-Encoding": "gzip"}
+    small = http.post("/v2/models/glm_embed/infer", json=body, headers=headers)  # 32 floats
+    large = http.post("/v2/models/glm_logits/infer", json=body, headers=headers)  # a vocabulary of floats
+    assert small.status_code == large.status_code == 200
+    assert "content-encoding" not in small.headers and large.headers["content-encoding"] == "gzip"
+    vocab = live_server.state.service.model.config.vocab_size
+    assert len(large.json()["outputs"][0]["data"]) == vocab  # httpx decompressed it
+
+
 def test_infer_errors(client, http):
     def fails(model, inputs, match):
         with pytest.raises(InferenceServerException, match=match) as e:
