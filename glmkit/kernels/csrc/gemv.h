@@ -21,6 +21,18 @@ constexpr int64_t RB = 16;  // weight rows per block (run_rows)
 constexpr int U = 4;   // independent accumulators per activation row (hides the dot-product latency)
 constexpr int TR = 4;  // weight rows per bf16 tile (tile_bf16)
 constexpr int64_t TILE_MIN_ROWS = 8;  // activation rows from which tiles beat row-by-row GEMV (2-4 rows: 15-25 % slower)
+// Bytes of the weight stream each row kernel requests ahead of its loads. The hardware prefetcher alone leaves a
+// thread's stream through one of a decode step's 1-8 MB matrices short of the bandwidth: 4 KiB ahead made the fused
+// GLM-Large step 4-6 % (bf16, int4) and 7-10 % (int8) faster, 8-16 KiB less so (benchmarks/RESULTS.md). Past a
+// thread's last row the requests touch rows it does not read (prefetches never fault).
+constexpr int64_t PREFETCH_AHEAD = 4096;
+
+// the LINES 64-byte lines at PREFETCH_AHEAD bytes past p
+template <int LINES>
+KERNEL inline void prefetch_ahead(const void* p) {
+  const char* c = static_cast<const char*>(p) + PREFETCH_AHEAD;
+  for (int i = 0; i < LINES; i++) _mm_prefetch(c + 64 * i, _MM_HINT_T0);
+}
 
 inline float to_f(float v) { return v; }
 inline float to_f(c10::BFloat16 v) { return static_cast<float>(v); }

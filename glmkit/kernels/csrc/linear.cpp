@@ -45,6 +45,7 @@ KERNEL void row_bf16(const uint16_t* w, int64_t K, const uint16_t* x, float* out
     for (int u = 0; u < U; u++) acc[m][u] = _mm512_setzero_ps();
   int64_t k = 0;
   for (; k + 32 * U <= K; k += 32 * U) {
+    prefetch_ahead<U>(w + k);
     __m512bh wv[U];
     for (int u = 0; u < U; u++) wv[u] = (__m512bh)_mm512_loadu_si512(w + k + 32 * u);
     for (int m = 0; m < NM; m++)
@@ -67,6 +68,7 @@ KERNEL void row_f32(const float* w, int64_t K, const float* x, float* out) {
     for (int u = 0; u < U; u++) acc[m][u] = _mm512_setzero_ps();
   int64_t k = 0;
   for (; k + 16 * U <= K; k += 16 * U) {
+    prefetch_ahead<U>(w + k);
     __m512 wv[U];
     for (int u = 0; u < U; u++) wv[u] = _mm512_loadu_ps(w + k + 16 * u);
     for (int m = 0; m < NM; m++)

@@ -68,6 +68,7 @@ KERNEL void row_int8(const int8_t* w, int64_t K, const int16_t* x, float* out) {
       for (int u = 0; u < U; u++) iacc[m][u] = _mm512_setzero_si512();
     int64_t k = k0;
     for (; k + 32 * U <= k1; k += 32 * U) {
+      prefetch_ahead<U / 2>(w + k);
       __m512i wv[U];
       for (int u = 0; u < U; u++)
         wv[u] = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i*)(w + k + 32 * u)));
@@ -119,6 +120,7 @@ KERNEL void row_int4(const uint8_t* w, int64_t K, const uint16_t* x, const float
     for (int u = 0; u < U; u++) acc[m][u] = _mm512_setzero_ps();
   int64_t k = 0;
   for (; k + 128 <= K64; k += 128) {  // two chunks, four half-chunks, four accumulators
+    prefetch_ahead<1>(w + k / 2);
     __m512bh l0, h0, l1, h1;
     unpack64(w + k / 2, l0, h0);
     unpack64(w + k / 2 + 32, l1, h1);
