@@ -101,13 +101,44 @@ def test_int4_packing_round_trips(K):
 
 
 @needs_kernels
+@pytest.mark.parametrize("M", [1, 3, 5, 9])
+@pytest.mark.parametrize("N,K,group_size", [(16, 64, 32), (48, 128, 64), (32, 256, 128), (64, 96, 32)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_interleaved_int4_kernel_is_the_row_major_kernel(M, N, K, group_size, dtype):
+    packed, s = quantize_int4(torch.randn(N, K), group_size)
+    x, b = torch.randn(M, K).to(dtype), torch.randn(N)
+    for scales, bias in ((s, b), (s.float(), None), (s, b.bfloat16())):
+        w16, s16 = reference.interleave_int4(packed, scales)
+        y = kernels.linear_int4x16(x, w16, s16, group_size, bias)
+        assert y.dtype == dtype and y.shape == (M, N)
+        close(y, kernels.linear_int4(x, packed, scales, group_size, bias), 2e-5 if dtype == torch.float32 else 2**-8)
+        close(y, reference.linear_int4(x, packed, scales, group_size, bias), 2**-7)
+
+
+@pytest.mark.parametrize("N,K", [(16, 32), (32, 96), (48, 256)])
+def test_int4_interleaving_round_trips(N, K):
+    packed, s = quantize_int4(torch.randn(N, K), 32)
+    w16, s16 = reference.interleave_int4(packed, s)
+    assert w16.shape == (N // 16, 8 * K) and s16.shape == (N // 16, K // 32, 16)
+    back_w, back_s = reference.deinterleave_int4(w16, s16)
+    assert torch.equal(back_w, packed) and torch.equal(back_s, s)
+    # the documented layout: inputs 4..7 of block 0 are bytes 32..63, row 3's byte 2 * 3 = u[4] | u[6] << 4
+    u = reference.unpack_int4(packed)
+    assert w16[0, 32 + 6].item() == u[3, 4].item() | (u[3, 6].item() << 4)
+    assert torch.equal(s16[0, :, 3], s[3])
+    with pytest.raises(ValueError, match="divisible by 16"):
+        reference.interleave_int4(packed[:15], s[:15])
+
+
+@needs_kernels
 def test_public_functions_take_the_kernel_path(monkeypatch):
-    for name in ("linear_bf16", "linear_int8", "linear_int4"):
+    for name in ("linear_bf16", "linear_int8", "linear_int4", "linear_int4x16"):
         monkeypatch.setattr(reference, name, lambda *a, name=name: pytest.fail(f"{name} fell back to the reference"))
     x = torch.randn(3, 64, dtype=torch.bfloat16)
     kernels.linear_bf16(x, torch.randn(5, 64).bfloat16(), torch.zeros(5))
     kernels.linear_int8(x, *quantize_int8(torch.randn(5, 64)))
     kernels.linear_int4(x[None], *quantize_int4(torch.randn(5, 64), 32), 32)
+    kernels.linear_int4x16(x, *reference.interleave_int4(*quantize_int4(torch.randn(16, 64), 32)), 32)
 
 
 def test_fallback_handles_what_the_kernels_do_not():

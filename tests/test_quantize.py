@@ -71,6 +71,25 @@ def test_int4_error_bounds(group_size):
     assert rel_err(deq, w) < {32: 0.1, 64: 0.11, 128: 0.12}[group_size]
 
 
+def test_int4_linear_is_held_interleaved_and_saved_row_major():
+    torch.manual_seed(0)
+    w, b, x = torch.randn(48, 64), torch.randn(48), torch.randn(2, 64)
+    q = QuantizedLinear(64, 48, True, QuantScheme(4, 32))
+    q.set_from(w)
+    q.bias.data = b
+    assert q.interleaved and q.weight.shape == (3, 512) and q.weight_scale.shape == (3, 2, 16)
+    packed, s = quantize_int4(w, 32)
+    state = q.state_dict()  # the checkpoint layout
+    assert torch.equal(state["weight"], packed) and torch.equal(state["weight_scale"], s)
+    fresh = QuantizedLinear(64, 48, True, QuantScheme(4, 32))
+    fresh.load_state_dict(state)
+    assert torch.equal(fresh.weight, q.weight) and torch.equal(fresh.weight_scale, q.weight_scale)
+    expected = reference.linear_int4(x.bfloat16().float(), packed, s, 32, b)  # the kernels round x to bf16
+    torch.testing.assert_close(fresh(x), expected, rtol=1e-4, atol=1e-4)
+    assert not QuantizedLinear(64, 40, True, QuantScheme(4, 32)).interleaved  # 40 rows: the row-major layout
+    assert not QuantizedLinear(64, 48, True, QuantScheme(8)).interleaved
+
+
 def test_checkpoint_records_the_scheme_and_round_trips_bit_exact(quantized, tmp_path):
     folder = quantized["int4"]
     config = json.loads((folder / "config.json").read_text())

@@ -7,7 +7,7 @@ Training uses their attention and dropout (training.py).
 """
 
 from .build import unavailable_reason
-from .ops import available, gelu, linear, linear_bf16, linear_int4, linear_int8
+from .ops import available, gelu, linear, linear_bf16, linear_int4, linear_int4x16, linear_int8
 
 _MODULES = ("FastLinear", "FastTiedHead", "pack_linear", "replace_linear")
 
@@ -29,6 +29,7 @@ __all__ = [
     "linear",
     "linear_bf16",
     "linear_int4",
+    "linear_int4x16",
     "linear_int8",
     "pack_linear",
     "replace_linear",

@@ -29,7 +29,7 @@ _ops: dict[str, object] = {}  # the loaded extension's op overloads, looked up o
 def _op(name: str):
     if not _ops:
         ns = torch.ops.glmkit_kernels
-        names = ("linear_bf16", "linear_f32", "linear_int8", "linear_int4", "gelu_tanh")
+        names = ("linear_bf16", "linear_f32", "linear_int8", "linear_int4", "linear_int4x16", "gelu_tanh")
         _ops.update({n: getattr(ns, n).default for n in names})
     return _ops[name]
 
@@ -39,11 +39,12 @@ def available(device: torch.device | str = "cpu") -> bool:
     return torch.device(device).type == "cpu" and build.load()
 
 
-def _use_kernel(x: torch.Tensor, weight: torch.Tensor, *floats: torch.Tensor | None) -> bool:
+def _use_kernel(x: torch.Tensor, weight: torch.Tensor, *floats: torch.Tensor | None, per_row: float = 1) -> bool:
+    """``per_row``: weight columns per input (1; 1/2 for int4's packed rows, 8 for 16 interleaved int4 rows)."""
     # called ~100 times per decoded token: cheapest checks first
     if not (x.is_cpu and x.dtype in _ACT_DTYPES and weight.is_contiguous()):
         return False
-    if x.shape[-1] != weight.shape[1] * (2 if weight.dtype == torch.uint8 else 1):
+    if x.shape[-1] * per_row != weight.shape[1]:
         return False  # let the reference raise its shape error
     for t in floats:
         if t is not None and (t.dtype not in _ACT_DTYPES or not t.is_contiguous()):
@@ -89,10 +90,28 @@ def linear_int4(
     """``x @ W.T + bias`` for the int4 weight ``W = (u - 8) * scales`` packed as in reference.py.
 
     ``packed uint8 [N, K / 2]``, ``scales [N, K / group_size]``. On the kernel path ``x`` is rounded to bf16."""
-    if packed.dtype == torch.uint8 and group_size in (32, 64, 128) and _use_kernel(x, packed, scales, bias):
+    if (
+        packed.dtype == torch.uint8
+        and group_size in (32, 64, 128)
+        and _use_kernel(x, packed, scales, bias, per_row=0.5)
+    ):
         y = _op("linear_int4")(x.reshape(-1, x.shape[-1]), packed, scales, group_size, bias)
         return y.view(*x.shape[:-1], packed.shape[0])
     return reference.linear_int4(x, packed, scales, group_size, bias)
+
+
+def linear_int4x16(
+    x: torch.Tensor,
+    w16: torch.Tensor,
+    scales16: torch.Tensor,
+    group_size: int,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``linear_int4`` for a weight held 16 rows interleaved (``reference.interleave_int4``)."""
+    if w16.dtype == torch.uint8 and group_size in (32, 64, 128) and _use_kernel(x, w16, scales16, bias, per_row=8):
+        y = _op("linear_int4x16")(x.reshape(-1, x.shape[-1]), w16, scales16, group_size, bias)
+        return y.view(*x.shape[:-1], w16.shape[0] * 16)
+    return reference.linear_int4x16(x, w16, scales16, group_size, bias)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -9,6 +9,10 @@ Formats (weight ``[N, K]`` = ``[out_features, in_features]``):
   ``w = (u - 8) * scale[n, k // group_size]`` for the stored nibble ``u`` in 0..15. Within a row the nibbles are
   packed in chunks of 64 inputs, byte ``j`` = ``e[j] | e[j + 32] << 4``, so that one 32-byte load gives 64
   contiguous values; when ``K % 64 == 32`` the final chunk of 32 packs byte ``j`` = ``e[j] | e[j + 16] << 4``.
+- int4, 16 rows interleaved (how ``QuantizedLinear`` holds an int4 weight in memory when ``N % 16 == 0``; the
+  checkpoint keeps the layout above): ``uint8 [N / 16, 8 K]``, per block of 16 rows and per 4 inputs ``k..k+3``
+  32 bytes, row ``i``'s bytes ``2i = u[k] | u[k + 2] << 4`` and ``2i + 1 = u[k + 1] | u[k + 3] << 4``; scales
+  ``[N / 16, K / group_size, 16]``.
 """
 
 from __future__ import annotations
@@ -76,3 +80,28 @@ def linear_int4(
 ) -> torch.Tensor:
     y = F.linear(x.float(), dequantize_int4(packed, scales, group_size))
     return (y if bias is None else y + bias.float()).to(x.dtype)
+
+
+def interleave_int4(packed: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The int4 layout above (``uint8 [N, K / 2]``, scales ``[N, K / G]``) as 16 rows interleaved."""
+    N, K = packed.shape[0], packed.shape[1] * 2
+    if N % 16:
+        raise ValueError(f"interleaving int4 weights needs out_features divisible by 16, got {N}")
+    u = unpack_int4(packed).reshape(N // 16, 16, K // 4, 4).transpose(1, 2)
+    w16 = torch.stack([u[..., 0] | (u[..., 2] << 4), u[..., 1] | (u[..., 3] << 4)], dim=-1)
+    return w16.reshape(N // 16, 8 * K).contiguous(), scales.reshape(N // 16, 16, -1).transpose(1, 2).contiguous()
+
+
+def deinterleave_int4(w16: torch.Tensor, scales16: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The inverse of ``interleave_int4``."""
+    NB, K = w16.shape[0], w16.shape[1] // 8
+    b = w16.reshape(NB, K // 4, 16, 2)
+    u = torch.stack([b[..., 0] & 15, b[..., 1] & 15, b[..., 0] >> 4, b[..., 1] >> 4], dim=-1)  # k, k+1, k+2, k+3
+    u = u.transpose(1, 2).reshape(NB * 16, K)
+    return pack_int4(u), scales16.transpose(1, 2).reshape(NB * 16, -1).contiguous()
+
+
+def linear_int4x16(
+    x: torch.Tensor, w16: torch.Tensor, scales16: torch.Tensor, group_size: int, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    return linear_int4(x, *deinterleave_int4(w16, scales16), group_size, bias)

@@ -14,8 +14,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..kernels import FastTiedHead, linear_int4, linear_int8
-from ..kernels.reference import dequantize_int4, dequantize_int8
+from ..kernels import FastTiedHead, linear_int4, linear_int4x16, linear_int8
+from ..kernels.reference import deinterleave_int4, dequantize_int4, dequantize_int8, interleave_int4
 from ..model import GLM, TiedLMHead
 from .core import quantize_int4, quantize_int8
 from .scheme import QuantScheme
@@ -48,7 +48,12 @@ class _QuantizedWeight(nn.Module):
 
 
 class QuantizedLinear(_QuantizedWeight):
-    """Weight-only quantized ``nn.Linear``: integer weight, float bias, output in the input's dtype."""
+    """Weight-only quantized ``nn.Linear``: integer weight, float bias, output in the input's dtype.
+
+    An int4 weight with ``out_features % 16 == 0`` is held in memory 16 rows interleaved (``interleaved``; see
+    kernels/reference.py), the layout the int4 kernel runs fastest on: ``weight uint8 [N / 16, 8 K]`` and
+    ``weight_scale [N / 16, K / group, 16]``. Its state dict keeps the checkpoint layout (``[N, K / 2]``,
+    ``[N, K / group]``): converted when saved and when loaded."""
 
     def __init__(
         self,
@@ -64,13 +69,41 @@ class QuantizedLinear(_QuantizedWeight):
         self.bias = (
             nn.Parameter(torch.empty(out_features, device=device, dtype=dtype), requires_grad=False) if bias else None
         )
+        self.interleaved = scheme.bits == 4 and out_features % 16 == 0
+        if self.interleaved:
+            n, k, g = out_features, in_features, scheme.group_size
+            self.weight = torch.empty(n // 16, 8 * k, dtype=torch.uint8, device=device)
+            self.weight_scale = torch.empty(n // 16, k // g, 16, dtype=torch.bfloat16, device=device)
+
+    def set_from(self, weight: torch.Tensor) -> None:
+        super().set_from(weight)
+        if self.interleaved:
+            self.weight, self.weight_scale = interleave_int4(self.weight, self.weight_scale)
+
+    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if self.interleaved:
+            return linear_int4x16(x, self.weight, self.weight_scale, self.group_size, bias)
+        return super().matmul(x, bias)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.interleaved:
+            w, s = deinterleave_int4(self.weight.detach(), self.weight_scale.detach())
+            destination[prefix + "weight"], destination[prefix + "weight_scale"] = w, s
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        w, s = state_dict.get(prefix + "weight"), state_dict.get(prefix + "weight_scale")
+        canonical = (self.out_features, self.in_features // 2)
+        if self.interleaved and w is not None and s is not None and tuple(w.shape) == canonical and s.dim() == 2:
+            state_dict[prefix + "weight"], state_dict[prefix + "weight_scale"] = interleave_int4(w, s)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.matmul(x, self.bias)
 
     def extra_repr(self) -> str:
         sizes = f"in_features={self.in_features}, out_features={self.out_features}"
-        return f"{sizes}, bits={self.bits}, group_size={self.group_size}"
+        return f"{sizes}, bits={self.bits}, group_size={self.group_size}, interleaved={self.interleaved}"
 
 
 class QuantizedEmbedding(_QuantizedWeight):

@@ -31,7 +31,7 @@ constexpr int64_t META_PER_BLOCK = 8;  // (kind, group size) for each of the 4 l
 constexpr int64_t MAX_HEAD_SIZE = 128;  // attend_head holds a head's query in 8 vectors
 constexpr int64_t ELEMENTWISE_GRAIN = 16384;  // values per thread below which GELU and adds stay on one thread
 
-enum Kind : int64_t { BF16 = 0, INT8 = 1, INT4 = 2 };
+enum Kind : int64_t { BF16 = 0, INT8 = 1, INT4 = 2, INT4X16 = 3 };  // glmkit/generate/fast.py: _fused_linear
 
 c10::optional<at::Tensor> present(const at::Tensor& t) {
   return t.numel() ? c10::optional<at::Tensor>(t) : c10::nullopt;
@@ -59,6 +59,8 @@ at::Tensor run_linear(const at::Tensor* t, int64_t kind, int64_t group, const at
       return glmkit::linear_bf16(x, t[0], present(t[2]));
     case INT8:
       return glmkit::linear_int8(x, t[0], t[1], present(t[2]));
+    case INT4X16:
+      return glmkit::linear_int4x16(x, t[0], t[1], group, present(t[2]));
     default:
       return glmkit::linear_int4(x, t[0], t[1], group, present(t[2]));
   }

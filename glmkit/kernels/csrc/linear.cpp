@@ -206,6 +206,7 @@ TORCH_LIBRARY(glmkit_kernels, m) {
   m.def("linear_f32(Tensor x, Tensor w, Tensor? bias) -> Tensor");
   m.def("linear_int8(Tensor x, Tensor w, Tensor scales, Tensor? bias) -> Tensor");
   m.def("linear_int4(Tensor x, Tensor w, Tensor scales, int group_size, Tensor? bias) -> Tensor");
+  m.def("linear_int4x16(Tensor x, Tensor w, Tensor scales, int group_size, Tensor? bias) -> Tensor");
   m.def(
       "decode_blocks(Tensor x, Tensor[] tensors, int[] linear_meta, Tensor(a!) k_cache, Tensor(b!) v_cache, int[] slots, "
       "int[] lengths, Tensor? rope, int n_head, float eps, str gelu) -> Tensor");
@@ -218,6 +219,7 @@ TORCH_LIBRARY_IMPL(glmkit_kernels, CPU, m) {
   m.impl("linear_f32", &glmkit::linear_f32);
   m.impl("linear_int8", &glmkit::linear_int8);
   m.impl("linear_int4", &glmkit::linear_int4);
+  m.impl("linear_int4x16", &glmkit::linear_int4x16);
   m.impl("decode_blocks", &glmkit::decode_blocks);
   m.impl("gelu_tanh", &glmkit::gelu_tanh_bf16);
 }

@@ -14,6 +14,8 @@ at::Tensor linear_int8(const at::Tensor& x, const at::Tensor& w, const at::Tenso
                        const c10::optional<at::Tensor>& bias);
 at::Tensor linear_int4(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales, int64_t group_size,
                        const c10::optional<at::Tensor>& bias);
+at::Tensor linear_int4x16(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales, int64_t group_size,
+                          const c10::optional<at::Tensor>& bias);
 at::Tensor gelu_tanh_bf16(const at::Tensor& x);
 at::Tensor decode_blocks(const at::Tensor& x, at::TensorList tensors, at::IntArrayRef linear_meta,
                          at::Tensor k_cache, at::Tensor v_cache, at::IntArrayRef slots, at::IntArrayRef lengths,
