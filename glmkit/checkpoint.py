@@ -224,6 +224,10 @@ def load_pretrained(
     state = {
         k: v.to(device=device, dtype=dtype if dtype and v.is_floating_point() else v.dtype) for k, v in state.items()
     }
+    if scheme is not None:
+        from .quantize.modules import interleave_state_
+
+        interleave_state_(model, state)
     model.load_state_dict(state, assign=True, strict=True)
     return model.eval()
 

@@ -82,14 +82,28 @@ def linear_int4(
     return (y if bias is None else y + bias.float()).to(x.dtype)
 
 
-def interleave_int4(packed: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The int4 layout above (``uint8 [N, K / 2]``, scales ``[N, K / G]``) as 16 rows interleaved."""
+def interleave_int4(
+    packed: torch.Tensor, scales: torch.Tensor, in_place: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The int4 layout above (``uint8 [N, K / 2]``, scales ``[N, K / G]``) as 16 rows interleaved. Each block of 16
+    rows keeps its bytes, reordered: ``in_place`` rewrites ``packed`` and ``scales`` (contiguous) and returns views
+    of them, for a caller that owns them (loading a checkpoint: no second copy of the weights)."""
     N, K = packed.shape[0], packed.shape[1] * 2
     if N % 16:
         raise ValueError(f"interleaving int4 weights needs out_features divisible by 16, got {N}")
-    u = unpack_int4(packed).reshape(N // 16, 16, K // 4, 4).transpose(1, 2)
-    w16 = torch.stack([u[..., 0] | (u[..., 2] << 4), u[..., 1] | (u[..., 3] << 4)], dim=-1)
-    return w16.reshape(N // 16, 8 * K).contiguous(), scales.reshape(N // 16, 16, -1).transpose(1, 2).contiguous()
+    ng = scales.shape[1]
+    if in_place:
+        w16, s16 = packed.view(N // 16, 8 * K), scales.view(N // 16, ng, 16)
+    else:
+        w16 = torch.empty(N // 16, 8 * K, dtype=torch.uint8, device=packed.device)
+        s16 = torch.empty(N // 16, ng, 16, dtype=scales.dtype, device=scales.device)
+    for r in range(0, N, 64):  # a few blocks at a time: read (copied) before the same bytes are written
+        u = unpack_int4(packed[r : r + 64]).reshape(-1, 16, K // 4, 4).transpose(1, 2)
+        b = torch.stack([u[..., 0] | (u[..., 2] << 4), u[..., 1] | (u[..., 3] << 4)], dim=-1).reshape(-1, 8 * K)
+        sc = scales[r : r + 64].reshape(-1, 16, ng).transpose(1, 2).clone(memory_format=torch.contiguous_format)
+        w16[r // 16 : r // 16 + b.shape[0]] = b
+        s16[r // 16 : r // 16 + b.shape[0]] = sc
+    return w16, s16
 
 
 def deinterleave_int4(w16: torch.Tensor, scales16: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -106,6 +106,16 @@ class QuantizedLinear(_QuantizedWeight):
         return f"{sizes}, bits={self.bits}, group_size={self.group_size}, interleaved={self.interleaved}"
 
 
+def interleave_state_(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Interleave, in place, the int4 weights in ``state`` (checkpoint layout, tensors the caller owns) that
+    ``model``'s ``QuantizedLinear`` layers hold interleaved: loading then needs no second copy of them."""
+    for name, module in model.named_modules():
+        if isinstance(module, QuantizedLinear) and module.interleaved:
+            w, s = f"{name}.weight", f"{name}.weight_scale"
+            if w in state and s in state and state[w].is_contiguous() and state[s].is_contiguous():
+                state[w], state[s] = interleave_int4(state[w], state[s], in_place=True)
+
+
 class QuantizedEmbedding(_QuantizedWeight):
     """Word embeddings quantized per vocabulary row; lookups dequantize the rows they gather (in the scale's dtype),
     and ``linear`` serves the tied LM head from the same integers."""
