@@ -68,7 +68,8 @@ def rss_mib() -> tuple[float, float]:
 def bytes_per_token(model: GLM) -> int:
     """Bytes a decode step reads: every tensor but the position tables, of which it reads two rows."""
     total = 0
-    for name, t in model.state_dict().items():
+    # the tensors themselves: state_dict() would build the checkpoint layout of interleaved int4 weights (copies)
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
         total += t.element_size() * (2 * t.shape[1] if name.startswith(("wpe.", "wbpe.")) else t.numel())
     return total
 
