@@ -90,6 +90,20 @@ def test_int4_linear_is_held_interleaved_and_saved_row_major():
     assert not QuantizedLinear(64, 48, True, QuantScheme(8)).interleaved
 
 
+def test_int4_embedding_is_held_interleaved():
+    torch.manual_seed(0)
+    w = torch.randn(48, 64)
+    emb = QuantizedEmbedding(48, 64, QuantScheme(4, 32))
+    emb.set_from(w)
+    packed, s = quantize_int4(w, 32)
+    ids = torch.tensor([[0, 17, 47], [31, 16, 5]])
+    assert emb.interleaved and torch.equal(emb.state_dict()["weight"], packed)
+    assert torch.equal(emb(ids), reference.dequantize_int4(packed, s, 32, s.dtype)[ids])
+    x = torch.randn(3, 64)
+    expected = reference.linear_int4(x.bfloat16().float(), packed, s, 32)
+    torch.testing.assert_close(emb.linear(x), expected, rtol=1e-4, atol=1e-4)  # the tied head
+
+
 def test_checkpoint_records_the_scheme_and_round_trips_bit_exact(quantized, tmp_path):
     folder = quantized["int4"]
     config = json.loads((folder / "config.json").read_text())

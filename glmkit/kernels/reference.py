@@ -115,6 +115,14 @@ def deinterleave_int4(w16: torch.Tensor, scales16: torch.Tensor) -> tuple[torch.
     return pack_int4(u), scales16.transpose(1, 2).reshape(NB * 16, -1).contiguous()
 
 
+def gather_int4x16(w16: torch.Tensor, scales16: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows ``rows`` of an interleaved int4 weight in the row-major layout (packed rows, scales): embedding lookups."""
+    NB, K = w16.shape[0], w16.shape[1] // 8
+    b = w16.view(NB, K // 4, 16, 2)[rows // 16, :, rows % 16]  # [n, K / 4, 2]
+    u = torch.stack([b[..., 0] & 15, b[..., 1] & 15, b[..., 0] >> 4, b[..., 1] >> 4], dim=-1).reshape(-1, K)
+    return pack_int4(u), scales16[rows // 16, :, rows % 16]
+
+
 def linear_int4x16(
     x: torch.Tensor, w16: torch.Tensor, scales16: torch.Tensor, group_size: int, bias: torch.Tensor | None = None
 ) -> torch.Tensor:

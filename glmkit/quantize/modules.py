@@ -15,7 +15,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..kernels import FastTiedHead, linear_int4, linear_int4x16, linear_int8
-from ..kernels.reference import deinterleave_int4, dequantize_int4, dequantize_int8, interleave_int4
+from ..kernels.reference import (
+    deinterleave_int4,
+    dequantize_int4,
+    dequantize_int8,
+    gather_int4x16,
+    interleave_int4,
+)
 from ..model import GLM, TiedLMHead
 from .core import quantize_int4, quantize_int8
 from .scheme import QuantScheme
@@ -23,14 +29,24 @@ from .scheme import QuantScheme
 
 class _QuantizedWeight(nn.Module):
     """An integer ``weight`` with its ``weight_scale``: int8 ``[N, K]`` + ``[N]``, or int4 ``uint8 [N, K/2]`` +
-    ``[N, K/group]``. Scales are made in bf16 and then follow the model's float dtype (``.to(dtype)``)."""
+    ``[N, K/group]``. Scales are made in bf16 and then follow the model's float dtype (``.to(dtype)``).
+
+    An int4 weight with ``N % 16 == 0`` is held in memory 16 rows interleaved (``interleaved``; see
+    kernels/reference.py), the layout the int4 kernel runs fastest on: ``weight uint8 [N / 16, 8 K]`` and
+    ``weight_scale [N / 16, K / group, 16]``. The state dict keeps the checkpoint layout above: converted when
+    saved and when loaded (``interleave_state_`` converts a checkpoint's own tensors in place)."""
 
     def __init__(self, n: int, k: int, scheme: QuantScheme, device: torch.device | str | None = None) -> None:
         super().__init__()
         self.bits, self.group_size = scheme.bits, scheme.group_size
+        self.rows, self.interleaved = n, scheme.bits == 4 and n % 16 == 0
         if scheme.bits == 8:
             self.register_buffer("weight", torch.empty(n, k, dtype=torch.int8, device=device))
             self.register_buffer("weight_scale", torch.empty(n, dtype=torch.bfloat16, device=device))
+        elif self.interleaved:
+            self.register_buffer("weight", torch.empty(n // 16, 8 * k, dtype=torch.uint8, device=device))
+            ng = k // scheme.group_size
+            self.register_buffer("weight_scale", torch.empty(n // 16, ng, 16, dtype=torch.bfloat16, device=device))
         else:
             self.register_buffer("weight", torch.empty(n, k // 2, dtype=torch.uint8, device=device))
             self.register_buffer(
@@ -39,21 +55,31 @@ class _QuantizedWeight(nn.Module):
 
     def set_from(self, weight: torch.Tensor) -> None:
         q, s = quantize_int8(weight) if self.bits == 8 else quantize_int4(weight, self.group_size)
-        self.weight, self.weight_scale = q.to(weight.device), s.to(weight.device)
+        q, s = q.to(weight.device), s.to(weight.device)
+        self.weight, self.weight_scale = interleave_int4(q, s) if self.interleaved else (q, s)
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if self.bits == 8:
             return linear_int8(x, self.weight, self.weight_scale, bias)
+        if self.interleaved:
+            return linear_int4x16(x, self.weight, self.weight_scale, self.group_size, bias)
         return linear_int4(x, self.weight, self.weight_scale, self.group_size, bias)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.interleaved:
+            w, s = deinterleave_int4(self.weight.detach(), self.weight_scale.detach())
+            destination[prefix + "weight"], destination[prefix + "weight_scale"] = w, s
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        w, s = state_dict.get(prefix + "weight"), state_dict.get(prefix + "weight_scale")
+        if self.interleaved and w is not None and s is not None and w.dim() == 2 and w.shape[0] == self.rows:
+            state_dict[prefix + "weight"], state_dict[prefix + "weight_scale"] = interleave_int4(w, s)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 class QuantizedLinear(_QuantizedWeight):
-    """Weight-only quantized ``nn.Linear``: integer weight, float bias, output in the input's dtype.
-
-    An int4 weight with ``out_features % 16 == 0`` is held in memory 16 rows interleaved (``interleaved``; see
-    kernels/reference.py), the layout the int4 kernel runs fastest on: ``weight uint8 [N / 16, 8 K]`` and
-    ``weight_scale [N / 16, K / group, 16]``. Its state dict keeps the checkpoint layout (``[N, K / 2]``,
-    ``[N, K / group]``): converted when saved and when loaded."""
+    """Weight-only quantized ``nn.Linear``: integer weight, float bias, output in the input's dtype."""
 
     def __init__(
         self,
@@ -69,34 +95,6 @@ class QuantizedLinear(_QuantizedWeight):
         self.bias = (
             nn.Parameter(torch.empty(out_features, device=device, dtype=dtype), requires_grad=False) if bias else None
         )
-        self.interleaved = scheme.bits == 4 and out_features % 16 == 0
-        if self.interleaved:
-            n, k, g = out_features, in_features, scheme.group_size
-            self.weight = torch.empty(n // 16, 8 * k, dtype=torch.uint8, device=device)
-            self.weight_scale = torch.empty(n // 16, k // g, 16, dtype=torch.bfloat16, device=device)
-
-    def set_from(self, weight: torch.Tensor) -> None:
-        super().set_from(weight)
-        if self.interleaved:
-            self.weight, self.weight_scale = interleave_int4(self.weight, self.weight_scale)
-
-    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        if self.interleaved:
-            return linear_int4x16(x, self.weight, self.weight_scale, self.group_size, bias)
-        return super().matmul(x, bias)
-
-    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
-        super()._save_to_state_dict(destination, prefix, keep_vars)
-        if self.interleaved:
-            w, s = deinterleave_int4(self.weight.detach(), self.weight_scale.detach())
-            destination[prefix + "weight"], destination[prefix + "weight_scale"] = w, s
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
-        w, s = state_dict.get(prefix + "weight"), state_dict.get(prefix + "weight_scale")
-        canonical = (self.out_features, self.in_features // 2)
-        if self.interleaved and w is not None and s is not None and tuple(w.shape) == canonical and s.dim() == 2:
-            state_dict[prefix + "weight"], state_dict[prefix + "weight_scale"] = interleave_int4(w, s)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.matmul(x, self.bias)
@@ -108,9 +106,9 @@ class QuantizedLinear(_QuantizedWeight):
 
 def interleave_state_(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     """Interleave, in place, the int4 weights in ``state`` (checkpoint layout, tensors the caller owns) that
-    ``model``'s ``QuantizedLinear`` layers hold interleaved: loading then needs no second copy of them."""
+    ``model``'s quantized modules hold interleaved: loading then needs no second copy of them."""
     for name, module in model.named_modules():
-        if isinstance(module, QuantizedLinear) and module.interleaved:
+        if isinstance(module, _QuantizedWeight) and module.interleaved:
             w, s = f"{name}.weight", f"{name}.weight_scale"
             if w in state and s in state and state[w].is_contiguous() and state[s].is_contiguous():
                 state[w], state[s] = interleave_int4(state[w], state[s], in_place=True)
@@ -127,8 +125,11 @@ class QuantizedEmbedding(_QuantizedWeight):
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        rows = F.embedding(ids.reshape(-1), self.weight)
-        scales = F.embedding(ids.reshape(-1), self.weight_scale.view(self.num_embeddings, -1))
+        flat = ids.reshape(-1)
+        if self.interleaved:
+            rows, scales = gather_int4x16(self.weight, self.weight_scale, flat)
+        else:
+            rows, scales = F.embedding(flat, self.weight), F.embedding(flat, self.weight_scale.view(self.rows, -1))
         if self.bits == 8:
             out = dequantize_int8(rows, scales.view(-1), self.weight_scale.dtype)
         else:
