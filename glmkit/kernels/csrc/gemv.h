@@ -23,14 +23,16 @@ constexpr int TR = 4;  // weight rows per bf16 tile (tile_bf16)
 constexpr int64_t TILE_MIN_ROWS = 8;  // activation rows from which tiles beat row-by-row GEMV (2-4 rows: 15-25 % slower)
 // Bytes of the weight stream each row kernel requests ahead of its loads. The hardware prefetcher alone leaves a
 // thread's stream through one of a decode step's 1-8 MB matrices short of the bandwidth: 4 KiB ahead made the fused
-// GLM-Large step 4-6 % (bf16, int4) and 7-10 % (int8) faster, 8-16 KiB less so (benchmarks/RESULTS.md). Past a
-// thread's last row the requests touch rows it does not read (prefetches never fault).
+// GLM-Large step 4-6 % (bf16) and 7-10 % (int8) faster; the integer kernels, which read fewer bytes per instruction,
+// gain another 6-10 % at 8 KiB in the fast-bandwidth state (benchmarks/RESULTS.md). Past a thread's last row the
+// requests touch rows it does not read (prefetches never fault).
 constexpr int64_t PREFETCH_AHEAD = 4096;
+constexpr int64_t PREFETCH_AHEAD_INT = 8192;
 
-// the LINES 64-byte lines at PREFETCH_AHEAD bytes past p
-template <int LINES>
+// the LINES 64-byte lines at AHEAD bytes past p
+template <int LINES, int64_t AHEAD = PREFETCH_AHEAD>
 KERNEL inline void prefetch_ahead(const void* p) {
-  const char* c = static_cast<const char*>(p) + PREFETCH_AHEAD;
+  const char* c = static_cast<const char*>(p) + AHEAD;
   for (int i = 0; i < LINES; i++) _mm_prefetch(c + 64 * i, _MM_HINT_T0);
 }
 

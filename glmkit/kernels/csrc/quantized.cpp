@@ -12,6 +12,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <cmath>
 #include <cstdint>
 #include <vector>
@@ -68,7 +69,7 @@ KERNEL void row_int8(const int8_t* w, int64_t K, const int16_t* x, float* out) {
       for (int u = 0; u < U; u++) iacc[m][u] = _mm512_setzero_si512();
     int64_t k = k0;
     for (; k + 32 * U <= k1; k += 32 * U) {
-      prefetch_ahead<U / 2>(w + k);
+      prefetch_ahead<U / 2, PREFETCH_AHEAD_INT>(w + k);
       __m512i wv[U];
       for (int u = 0; u < U; u++)
         wv[u] = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i*)(w + k + 32 * u)));
@@ -120,7 +121,7 @@ KERNEL void row_int4(const uint8_t* w, int64_t K, const uint16_t* x, const float
     for (int u = 0; u < U; u++) acc[m][u] = _mm512_setzero_ps();
   int64_t k = 0;
   for (; k + 128 <= K64; k += 128) {  // two chunks, four half-chunks, four accumulators
-    prefetch_ahead<1>(w + k / 2);
+    prefetch_ahead<1, PREFETCH_AHEAD_INT>(w + k / 2);
     __m512bh l0, h0, l1, h1;
     unpack64(w + k / 2, l0, h0);
     unpack64(w + k / 2 + 32, l1, h1);
@@ -252,7 +253,7 @@ KERNEL void block_int4x16(const uint8_t* w, int64_t K, const uint16_t* x, const 
 #pragma GCC unroll 4
       for (int j = 0; j < 4; j++) {
         const int64_t kk = k + 4 * j;
-        if (j % 2 == 0) prefetch_ahead<1>(w + kk * 8);
+        if (j % 2 == 0) prefetch_ahead<1, PREFETCH_AHEAD_INT>(w + kk * 8);
         const __m512i b = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i*)(w + kk * 8)));
         const __m512bh lo = (__m512bh)_mm512_ternarylogic_epi32(b, low, magic, 0xEA);  // (b & 0xF) | magic
         const __m512bh hi = (__m512bh)_mm512_or_si512(_mm512_srli_epi16(b, 4), magic);
