@@ -58,7 +58,14 @@ def dequantize_int8(qweight: torch.Tensor, scales: torch.Tensor, dtype: torch.dt
 def dequantize_int4(
     packed: torch.Tensor, scales: torch.Tensor, group_size: int, dtype: torch.dtype = torch.float32
 ) -> torch.Tensor:
-    q = unpack_int4(packed).float() - INT4_OFFSET
+    return dequantize_nibbles(unpack_int4(packed), scales, group_size, dtype)
+
+
+def dequantize_nibbles(
+    u: torch.Tensor, scales: torch.Tensor, group_size: int, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """``(u - 8) * scale`` for unpacked nibbles ``u [N, K]`` and their scales ``[N, K / group_size]``."""
+    q = u.float() - INT4_OFFSET
     N, K = q.shape
     w = q.view(N, K // group_size, group_size) * scales.float()[:, :, None]
     return w.view(N, K).to(dtype)
@@ -116,11 +123,11 @@ def deinterleave_int4(w16: torch.Tensor, scales16: torch.Tensor) -> tuple[torch.
 
 
 def gather_int4x16(w16: torch.Tensor, scales16: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows ``rows`` of an interleaved int4 weight in the row-major layout (packed rows, scales): embedding lookups."""
+    """Rows ``rows`` of an interleaved int4 weight as nibbles ``[n, K]`` and scales ``[n, K / G]``: lookups."""
     NB, K = w16.shape[0], w16.shape[1] // 8
     b = w16.view(NB, K // 4, 16, 2)[rows // 16, :, rows % 16]  # [n, K / 4, 2]
     u = torch.stack([b[..., 0] & 15, b[..., 1] & 15, b[..., 0] >> 4, b[..., 1] >> 4], dim=-1).reshape(-1, K)
-    return pack_int4(u), scales16[rows // 16, :, rows % 16]
+    return u, scales16[rows // 16, :, rows % 16]
 
 
 def linear_int4x16(

@@ -19,6 +19,7 @@ from ..kernels.reference import (
     deinterleave_int4,
     dequantize_int4,
     dequantize_int8,
+    dequantize_nibbles,
     gather_int4x16,
     interleave_int4,
 )
@@ -127,9 +128,10 @@ class QuantizedEmbedding(_QuantizedWeight):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         flat = ids.reshape(-1)
         if self.interleaved:
-            rows, scales = gather_int4x16(self.weight, self.weight_scale, flat)
-        else:
-            rows, scales = F.embedding(flat, self.weight), F.embedding(flat, self.weight_scale.view(self.rows, -1))
+            u, scales = gather_int4x16(self.weight, self.weight_scale, flat)
+            out = dequantize_nibbles(u, scales, self.group_size, self.weight_scale.dtype)
+            return out.view(*ids.shape, self.embedding_dim)
+        rows, scales = F.embedding(flat, self.weight), F.embedding(flat, self.weight_scale.view(self.rows, -1))
         if self.bits == 8:
             out = dequantize_int8(rows, scales.view(-1), self.weight_scale.dtype)
         else:
