@@ -113,24 +113,29 @@ def interleave_int4(
     return w16, s16
 
 
+def int4x16_rows(
+    w16: torch.Tensor, scales16: torch.Tensor, rows: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows ``rows`` (all when None) of an interleaved int4 weight as nibbles ``[n, K]`` and scales ``[n, K / G]``."""
+    NB, K = w16.shape[0], w16.shape[1] // 8
+    b = w16.view(NB, K // 4, 16, 2)  # byte pair of (block, inputs 4j..4j+3, row in block)
+    if rows is None:
+        b, s = b.transpose(1, 2).reshape(NB * 16, K // 4, 2), scales16.transpose(1, 2).reshape(NB * 16, -1)
+    else:
+        b, s = b[rows // 16, :, rows % 16], scales16[rows // 16, :, rows % 16]
+    u = torch.stack([b[..., 0] & 15, b[..., 1] & 15, b[..., 0] >> 4, b[..., 1] >> 4], dim=-1)  # k, k+1, k+2, k+3
+    return u.reshape(-1, K), s
+
+
 def deinterleave_int4(w16: torch.Tensor, scales16: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The inverse of ``interleave_int4``."""
-    NB, K = w16.shape[0], w16.shape[1] // 8
-    b = w16.reshape(NB, K // 4, 16, 2)
-    u = torch.stack([b[..., 0] & 15, b[..., 1] & 15, b[..., 0] >> 4, b[..., 1] >> 4], dim=-1)  # k, k+1, k+2, k+3
-    u = u.transpose(1, 2).reshape(NB * 16, K)
-    return pack_int4(u), scales16.transpose(1, 2).reshape(NB * 16, -1).contiguous()
-
-
-def gather_int4x16(w16: torch.Tensor, scales16: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows ``rows`` of an interleaved int4 weight as nibbles ``[n, K]`` and scales ``[n, K / G]``: lookups."""
-    NB, K = w16.shape[0], w16.shape[1] // 8
-    b = w16.view(NB, K // 4, 16, 2)[rows // 16, :, rows % 16]  # [n, K / 4, 2]
-    u = torch.stack([b[..., 0] & 15, b[..., 1] & 15, b[..., 0] >> 4, b[..., 1] >> 4], dim=-1).reshape(-1, K)
-    return u, scales16[rows // 16, :, rows % 16]
+    u, s = int4x16_rows(w16, scales16)
+    return pack_int4(u), s.contiguous()
 
 
 def linear_int4x16(
     x: torch.Tensor, w16: torch.Tensor, scales16: torch.Tensor, group_size: int, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
-    return linear_int4(x, *deinterleave_int4(w16, scales16), group_size, bias)
+    u, s = int4x16_rows(w16, scales16)
+    y = F.linear(x.float(), dequantize_nibbles(u, s, group_size))
+    return (y if bias is None else y + bias.float()).to(x.dtype)

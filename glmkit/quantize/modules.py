@@ -20,7 +20,7 @@ from ..kernels.reference import (
     dequantize_int4,
     dequantize_int8,
     dequantize_nibbles,
-    gather_int4x16,
+    int4x16_rows,
     interleave_int4,
 )
 from ..model import GLM, TiedLMHead
@@ -128,7 +128,7 @@ class QuantizedEmbedding(_QuantizedWeight):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         flat = ids.reshape(-1)
         if self.interleaved:
-            u, scales = gather_int4x16(self.weight, self.weight_scale, flat)
+            u, scales = int4x16_rows(self.weight, self.weight_scale, flat)
             out = dequantize_nibbles(u, scales, self.group_size, self.weight_scale.dtype)
             return out.view(*ids.shape, self.embedding_dim)
         rows, scales = F.embedding(flat, self.weight), F.embedding(flat, self.weight_scale.view(self.rows, -1))

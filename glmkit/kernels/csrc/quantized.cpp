@@ -232,10 +232,21 @@ KERNEL inline __m512 load16(const uint16_t* p) {  // 16 bf16 as fp32
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
 }
 
-// y[m][0..16) = the 16 rows of block w against x[m] (+ bias), for NM activation rows (stride K; y: stride N)
+// an fp32 or bf16 bias read where it lies (no per-call conversion), or none
+struct Bias {
+  const void* p = nullptr;
+  bool bf16 = false;
+};
+
+KERNEL inline __m512 load_bias(const Bias& b, int64_t n) {
+  return b.bf16 ? load16(static_cast<const uint16_t*>(b.p) + n) : load16(static_cast<const float*>(b.p) + n);
+}
+
+// y[m][0..16) = the 16 rows of block w against x[m] (+ bias[n0..n0 + 16)), for NM activation rows (stride K;
+// y: stride N)
 template <int NM, int G, typename ST, typename Out>
 KERNEL void block_int4x16(const uint8_t* w, int64_t K, const uint16_t* x, const float* off, const ST* s,
-                          const float* bias, Out* y, int64_t N) {
+                          const Bias& bias, int64_t n0, Out* y, int64_t N) {
   const __m512i low = _mm512_set1_epi16(0x000F), magic = _mm512_set1_epi16(0x4300);  // bf16 0x4300 | u = 128 + u
   const int64_t ng = K / G;
   __m512 tot[NM];
@@ -271,7 +282,7 @@ KERNEL void block_int4x16(const uint8_t* w, int64_t K, const uint16_t* x, const 
     }
   }
   for (int m = 0; m < NM; m++) {
-    const __m512 v = bias ? _mm512_add_ps(tot[m], _mm512_loadu_ps(bias)) : tot[m];
+    const __m512 v = bias.p ? _mm512_add_ps(tot[m], load_bias(bias, n0)) : tot[m];
     if constexpr (sizeof(Out) == 4)
       _mm512_storeu_ps(reinterpret_cast<float*>(y + m * N), v);
     else
@@ -280,7 +291,7 @@ KERNEL void block_int4x16(const uint8_t* w, int64_t K, const uint16_t* x, const 
 }
 
 template <typename ST, typename Out>
-void run_int4x16(const uint8_t* w, const uint16_t* x, const float* off, const ST* s, const float* bias, int64_t M,
+void run_int4x16(const uint8_t* w, const uint16_t* x, const float* off, const ST* s, const Bias& bias, int64_t M,
                  int64_t N, int64_t K, int64_t G, Out* y) {
   const int64_t ng = K / G;
   at::parallel_for(0, N / 16, 1, [&](int64_t b0, int64_t b1) {
@@ -290,14 +301,13 @@ void run_int4x16(const uint8_t* w, const uint16_t* x, const float* off, const ST
           const uint8_t* wb = w + b * K * 8;
           const float* o = off + m0 * ng;
           const ST* sb = s + b * ng * 16;
-          const float* bb = bias ? bias + b * 16 : nullptr;
           Out* yb = y + m0 * N + b * 16;
           if (G == 32)
-            block_int4x16<NM, 32>(wb, K, x + m0 * K, o, sb, bb, yb, N);
+            block_int4x16<NM, 32>(wb, K, x + m0 * K, o, sb, bias, b * 16, yb, N);
           else if (G == 64)
-            block_int4x16<NM, 64>(wb, K, x + m0 * K, o, sb, bb, yb, N);
+            block_int4x16<NM, 64>(wb, K, x + m0 * K, o, sb, bias, b * 16, yb, N);
           else
-            block_int4x16<NM, 128>(wb, K, x + m0 * K, o, sb, bb, yb, N);
+            block_int4x16<NM, 128>(wb, K, x + m0 * K, o, sb, bias, b * 16, yb, N);
         });
   });
 }
@@ -320,7 +330,7 @@ at::Tensor linear_int4x16(const at::Tensor& x, const at::Tensor& w, const at::Te
                   scales.is_contiguous(),
               "scales: expected [N / 16, K / group_size, 16]");
   check_scales(scales);
-  TORCH_CHECK(!bias || (bias->dim() == 1 && bias->size(0) == N &&
+  TORCH_CHECK(!bias || (bias->dim() == 1 && bias->size(0) == N && bias->is_contiguous() &&
                         (bias->scalar_type() == at::kFloat || bias->scalar_type() == at::kBFloat16)),
               "bias: expected float32 or bfloat16 [N]");
   const int64_t M = x.size(0);
@@ -328,15 +338,7 @@ at::Tensor linear_int4x16(const at::Tensor& x, const at::Tensor& w, const at::Te
   const uint16_t* xp = reinterpret_cast<const uint16_t*>(xb.data_ptr());
   std::vector<float> off(M * (K / G));
   group_offsets(xp, M, K, G, off.data());
-  std::vector<float> b32(bias ? N : 0);
-  if (bias) {
-    auto bc = bias->contiguous();
-    if (bc.scalar_type() == at::kFloat)
-      std::copy(bc.data_ptr<float>(), bc.data_ptr<float>() + N, b32.begin());
-    else
-      to_f32(reinterpret_cast<const uint16_t*>(bc.data_ptr()), b32.data(), N);
-  }
-  const float* bp = bias ? b32.data() : nullptr;
+  const Bias bp = bias ? Bias{bias->data_ptr(), bias->scalar_type() == at::kBFloat16} : Bias{};
   auto y = at::empty({M, N}, x.options());
   const uint8_t* wp = w.data_ptr<uint8_t>();
   auto with_scales = [&](auto* yp) {
