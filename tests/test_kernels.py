@@ -170,15 +170,53 @@ def test_replace_linear_keeps_the_function_and_the_state_dict(dtype):
 
 
 @needs_kernels
-@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="no oneDNN in this PyTorch")
+@pytest.mark.parametrize("M", [1, 3, 8, 9, 17, 32, 70])  # passes of 8 rows and every tail
+@pytest.mark.parametrize("N,K", [(32, 2), (7, 34), (96, 64), (53, 1000), (160, 1026)])  # part panels, odd k-pairs
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_kernel_is_the_reference_math(M, N, K, dtype):
+    x, w, b = torch.randn(M, K).to(dtype), torch.randn(N, K).bfloat16(), torch.randn(N).to(dtype)
+    packed = kernels.pack_weight(w)
+    P = -(-N // 32)
+    assert packed is not None and packed.shape == (P, K // 2, 64)
+    # the documented layout: panel p, k-pair k2 holds W[32 p + j, 2 k2 + e] at 2 j + e; rows past N are zeros
+    padded = torch.cat([w, w.new_zeros(32 * P - N, K)])
+    assert torch.equal(packed, padded.view(P, 32, K // 2, 2).transpose(1, 2).reshape(P, K // 2, 64))
+    for bias in (b, None):
+        y = kernels.linear_packed(x, packed, N, bias)
+        assert y.dtype == dtype and y.shape == (M, N)
+        ref = F.linear(bf16_exact(x), w.float(), None if bias is None else bias.float())
+        close(y, ref, 1e-5 if dtype == torch.float32 else 2**-8)
+    y3 = kernels.linear_packed(x.view(1, M, K), packed, N, b)
+    close(y3, F.linear(bf16_exact(x), w.float(), b.float())[None], 2**-7)
+
+
+@needs_kernels
+def test_packing_refuses_what_it_cannot_lay_out():
+    for w in (torch.randn(32, 63).bfloat16(), torch.randn(32, 64), torch.randn(64).bfloat16()):
+        assert kernels.pack_weight(w) is None  # odd K, fp32, not a matrix: no panels, the module keeps the kernels
+    packed = kernels.pack_weight(torch.randn(64, 32).bfloat16())
+    with pytest.raises(RuntimeError, match=r"x must be a float32 or bf16 CPU tensor \[M, 32\]"):
+        kernels.linear_packed(torch.randn(3, 31), packed, 64)
+    with pytest.raises(RuntimeError, match=r"bias must be \[64\]"):
+        kernels.linear_packed(torch.randn(3, 32), packed, 64, torch.randn(63))
+    with pytest.raises(RuntimeError, match="packed must come from pack_bf16 of a weight with 70 rows"):
+        kernels.linear_packed(torch.randn(3, 32), packed, 70)
+    with pytest.raises(RuntimeError, match="pack_bf16: needs an even K"):
+        torch.ops.glmkit_kernels.pack_bf16(torch.randn(40, 63).bfloat16())
+
+
+@needs_kernels
 def test_prepacked_weights_compute_the_same_linear():
     model = GLM.from_pretrained(FIXTURE, dtype=torch.bfloat16)
     kernels.replace_linear(model)
     assert kernels.pack_linear(model) == 4 * len(model.blocks) + 1  # every linear and the tied head
     fc = model.blocks[0].mlp.fc
-    for rows in (3, 16, 40):  # below PACKED_MIN_ROWS the kernels, from it oneDNN on the packed copy
+    for rows in (1, 3, 16, 40):
         x = torch.randn(rows, fc.in_features).bfloat16()
         close(fc(x), F.linear(x.float(), fc.weight.float(), fc.bias.float()), 2**-7)
         h = torch.randn(rows, model.config.n_embd).bfloat16()
         close(model.lm_head(h, model.wte), F.linear(h.float(), model.wte.weight.float()), 2**-7)
+    x = torch.randn(2, fc.in_features, requires_grad=True)
+    fc(x).sum().backward()  # autograd bypasses the packed copy, which does not track the weight
+    close(x.grad, fc.weight.float().sum(0).expand(2, -1), 2**-7)
     assert kernels.pack_linear(GLM.from_pretrained(FIXTURE)) == 0  # fp32 weights (and no FastLinear): nothing packed

@@ -3,11 +3,23 @@
 A decode step reads every weight once per token, so its speed is the memory bandwidth divided by the weight bytes;
 the stock PyTorch CPU kernels stay far below that (cpu-notes.md). glmkit's C++ kernels (csrc/linear.cpp, built on
 first use) stream the weights near the bandwidth; without them everything still runs on the PyTorch reference.
+Batches of decode rows are compute-bound instead: weights packed into panels (``pack_weight``, csrc/packed.cpp)
+keep the arithmetic near the CPU's peak while the next panel streams in.
 Training uses their attention and dropout (training.py).
 """
 
 from .build import unavailable_reason
-from .ops import available, gelu, linear, linear_bf16, linear_int4, linear_int4x16, linear_int8
+from .ops import (
+    available,
+    gelu,
+    linear,
+    linear_bf16,
+    linear_int4,
+    linear_int4x16,
+    linear_int8,
+    linear_packed,
+    pack_weight,
+)
 
 _MODULES = ("FastLinear", "FastTiedHead", "pack_linear", "replace_linear")
 
@@ -31,7 +43,9 @@ __all__ = [
     "linear_int4",
     "linear_int4x16",
     "linear_int8",
+    "linear_packed",
     "pack_linear",
+    "pack_weight",
     "replace_linear",
     "unavailable_reason",
 ]

@@ -11,14 +11,20 @@ import torch
 import torch.nn as nn
 
 from ..model import TiedLMHead
-from .ops import PACKED_MIN_ROWS, linear, linear_packed, pack_weight
+from .ops import linear, linear_packed, pack_weight
+
+
+def _packed_fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """The packed copy serves fp32 / bf16 inputs without autograd (it does not track the weight)."""
+    grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+    return x.dtype in (torch.float32, torch.bfloat16) and x.is_cpu and not grad
 
 
 class FastLinear(nn.Linear):
     """``nn.Linear`` for inference on ``glmkit.kernels.linear`` (bf16 and fp32 weights on the kernels).
 
-    ``packed``: an optional oneDNN-blocked copy of a bf16 weight (``pack_linear``) that batches of
-    ``PACKED_MIN_ROWS`` rows or more multiply with; it is not part of the state dict."""
+    ``packed``: an optional copy of a bf16 weight in panels (``pack_linear``) that every batch multiplies with; it is
+    not part of the state dict."""
 
     packed: torch.Tensor | None = None
 
@@ -29,8 +35,8 @@ class FastLinear(nn.Linear):
         return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is not None and x.numel() >= PACKED_MIN_ROWS * self.in_features:
-            return linear_packed(x, self.packed, self.bias)
+        if self.packed is not None and _packed_fits(x, self.weight):
+            return linear_packed(x, self.packed, self.out_features, self.bias)
         return linear(x, self.weight, self.bias)
 
 
@@ -40,15 +46,15 @@ class FastTiedHead(TiedLMHead):
     packed: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor, wte: nn.Module) -> torch.Tensor:
-        if self.packed is not None and x.numel() >= PACKED_MIN_ROWS * wte.weight.shape[1]:
-            return linear_packed(x, self.packed)
+        if self.packed is not None and _packed_fits(x, wte.weight):
+            return linear_packed(x, self.packed, wte.weight.shape[0])
         return linear(x, wte.weight)
 
 
 def pack_linear(model: nn.Module) -> int:
     """Give every bf16 ``FastLinear`` and ``FastTiedHead`` of ``model`` (after ``replace_linear``) a prepacked copy of
     its weight for batched matmuls (twice the weight memory; for inference: the copy does not follow later changes of
-    the weight); returns how many were packed (0 where oneDNN cannot)."""
+    the weight); returns how many were packed (0 where the kernels do not run)."""
     n = 0
     for module in model.modules():
         if isinstance(module, FastLinear) and (module.bias is None or module.bias.dtype == torch.bfloat16):

@@ -19,9 +19,6 @@ import torch.nn.functional as F
 from . import build, reference
 
 F32_MAX_ROWS = 64  # fp32 activations: the stock op would first need an fp32 copy of the whole weight
-# bf16 rows from which oneDNN's GEMM on a prepacked weight beats the tiles: 16 rows 19.9 vs 21.9 ms, 32 rows 30.3 vs
-# 34.7 for a GLM-Large step's matrices (benchmarks/RESULTS.md); keep in step with PACKED_MIN_ROWS in csrc/decode.cpp
-PACKED_MIN_ROWS = 16
 _ACT_DTYPES = (torch.float32, torch.bfloat16)
 _ops: dict[str, object] = {}  # the loaded extension's op overloads, looked up once (a namespace lookup costs ~1 us)
 
@@ -29,7 +26,8 @@ _ops: dict[str, object] = {}  # the loaded extension's op overloads, looked up o
 def _op(name: str):
     if not _ops:
         ns = torch.ops.glmkit_kernels
-        names = ("linear_bf16", "linear_f32", "linear_int8", "linear_int4", "linear_int4x16", "gelu_tanh")
+        names = ("linear_bf16", "linear_f32", "linear_int8", "linear_int4", "linear_int4x16", "gelu_tanh", "pack_bf16")
+        names += ("linear_packed_bf16",)
         _ops.update({n: getattr(ns, n).default for n in names})
     return _ops[name]
 
@@ -127,17 +125,21 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 
 def pack_weight(weight: torch.Tensor) -> torch.Tensor | None:
-    """A bf16 CPU ``weight [N, K]`` reordered into oneDNN's blocked layout for ``linear_packed`` (an opaque tensor: it
-    cannot be saved), or None where PyTorch has no oneDNN or the weight is not a bf16 CPU tensor."""
-    if weight.dtype != torch.bfloat16 or not weight.is_cpu or not torch.backends.mkldnn.is_available():
+    """A bf16 CPU ``weight [N, K]`` laid out in panels of 32 rows for ``linear_packed``
+    (``[ceil(N / 32), K / 2, 64]``, the last panel padded with zeros), or None where the kernels do not run, the weight
+    is not a bf16 CPU matrix or ``K`` is odd."""
+    if weight.dtype != torch.bfloat16 or not weight.is_cpu or weight.dim() != 2 or weight.shape[1] % 2:
         return None
-    return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 32)  # laid out for batches around 32 rows
+    return _op("pack_bf16")(weight.detach()) if build.load() else None
 
 
-def linear_packed(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``x @ W.T + bias`` for a ``pack_weight`` copy of a bf16 ``W``; ``x`` is taken in bf16."""
-    y = torch.ops.mkldnn._linear_pointwise(x.to(torch.bfloat16).reshape(-1, x.shape[-1]), packed, bias, "none", [], "")
-    return y.view(*x.shape[:-1], packed.shape[0]).to(x.dtype)
+def linear_packed(
+    x: torch.Tensor, packed: torch.Tensor, out_features: int, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``x @ W.T + bias`` for the ``pack_weight`` panels of a bf16 ``W [out_features, K]``: ``x`` (fp32 or bf16) is
+    taken in bf16, the sums are fp32, the result has ``x``'s dtype."""
+    y = _op("linear_packed_bf16")(x.reshape(-1, x.shape[-1]), packed, out_features, bias)
+    return y.view(*x.shape[:-1], out_features)
 
 
 def gelu(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:

@@ -9,7 +9,6 @@
 // (continuous batching).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <immintrin.h>
 
 #include <cmath>
@@ -37,25 +36,12 @@ c10::optional<at::Tensor> present(const at::Tensor& t) {
   return t.numel() ? c10::optional<at::Tensor>(t) : c10::nullopt;
 }
 
-// bf16 rows from which a prepacked weight goes to oneDNN (PACKED_MIN_ROWS in glmkit/kernels/ops.py)
-constexpr int64_t PACKED_MIN_ROWS = 16;
-
-// x @ W.T + bias with W prepacked by torch.ops.mkldnn._reorder_linear_weight (called through the dispatcher: it is
-// PyTorch's op, not ours)
-at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& packed, const c10::optional<at::Tensor>& bias) {
-  static const c10::OperatorHandle op =
-      c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_linear_pointwise", "");
-  std::vector<c10::IValue> stack{x, packed, bias, std::string("none"), c10::List<c10::optional<at::Scalar>>(),
-                                 c10::IValue()};
-  op.callBoxed(&stack);
-  return stack.back().toTensor();
-}
-
-// w, scales, bias = t[0], t[1], t[2]; empty tensors stand for "none"; a bf16 weight's t[1] may hold a prepacked copy
+// w, scales, bias = t[0], t[1], t[2]; empty tensors stand for "none"; a bf16 weight's t[1] may hold its panels
+// (packed.cpp), which every batch multiplies with
 at::Tensor run_linear(const at::Tensor* t, int64_t kind, int64_t group, const at::Tensor& x) {
   switch (kind) {
     case BF16:
-      if (t[1].defined() && t[1].numel() && x.size(0) >= PACKED_MIN_ROWS) return packed_linear(x, t[1], present(t[2]));
+      if (t[1].defined() && t[1].numel()) return glmkit::linear_packed_bf16(x, t[1], t[0].size(0), present(t[2]));
       return glmkit::linear_bf16(x, t[0], present(t[2]));
     case INT8:
       return glmkit::linear_int8(x, t[0], t[1], present(t[2]));

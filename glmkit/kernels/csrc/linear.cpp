@@ -211,6 +211,8 @@ TORCH_LIBRARY(glmkit_kernels, m) {
       "decode_blocks(Tensor x, Tensor[] tensors, int[] linear_meta, Tensor(a!) k_cache, Tensor(b!) v_cache, int[] slots, "
       "int[] lengths, Tensor? rope, int n_head, float eps, str gelu) -> Tensor");
   m.def("gelu_tanh(Tensor x) -> Tensor");
+  m.def("pack_bf16(Tensor w) -> Tensor");
+  m.def("linear_packed_bf16(Tensor x, Tensor packed, int n, Tensor? bias) -> Tensor");
   m.impl("supported", &cpu_supported);
 }
 
@@ -222,8 +224,6 @@ TORCH_LIBRARY_IMPL(glmkit_kernels, CPU, m) {
   m.impl("linear_int4x16", &glmkit::linear_int4x16);
   m.impl("decode_blocks", &glmkit::decode_blocks);
   m.impl("gelu_tanh", &glmkit::gelu_tanh_bf16);
+  m.impl("pack_bf16", &glmkit::pack_bf16);
+  m.impl("linear_packed_bf16", &glmkit::linear_packed_bf16);
 }
-
-
-// decode_blocks' weight list may hold oneDNN-prepacked (opaque) weights, which route the call to this backend
-TORCH_LIBRARY_IMPL(glmkit_kernels, MkldnnCPU, m) { m.impl("decode_blocks", &glmkit::decode_blocks); }

@@ -17,6 +17,9 @@ at::Tensor linear_int4(const at::Tensor& x, const at::Tensor& w, const at::Tenso
 at::Tensor linear_int4x16(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales, int64_t group_size,
                           const c10::optional<at::Tensor>& bias);
 at::Tensor gelu_tanh_bf16(const at::Tensor& x);
+at::Tensor pack_bf16(const at::Tensor& w);
+at::Tensor linear_packed_bf16(const at::Tensor& x, const at::Tensor& packed, int64_t n,
+                              const c10::optional<at::Tensor>& bias);
 at::Tensor decode_blocks(const at::Tensor& x, at::TensorList tensors, at::IntArrayRef linear_meta,
                          at::Tensor k_cache, at::Tensor v_cache, at::IntArrayRef slots, at::IntArrayRef lengths,
                          const c10::optional<at::Tensor>& rope, int64_t n_head, double eps, c10::string_view gelu);
