@@ -61,7 +61,9 @@ class KVCache:
         self.lengths = torch.tensor(values, dtype=torch.long, device=self.k.device)
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store new ``k, v`` ``[B, H, S, D]`` after each row's cached tokens; return keys/values up to the end."""
+        """Store new ``k, v`` ``[B, H, S, D]`` (cast to the cache's dtype) after each row's cached tokens; return
+        keys/values up to the end."""
+        k, v = k.to(self.k.dtype), v.to(self.v.dtype)
         S = k.shape[2]
         lo, hi = min(self._host_lengths), max(self._host_lengths)
         end = hi + S
@@ -164,3 +166,21 @@ class KVCacheRows:
         pk[self._index[:, None], :, pos] = k.transpose(1, 2)  # advanced indices first: (N, S, H, D)
         pv[self._index[:, None], :, pos] = v.transpose(1, 2)
         return pk[:, :, :end].index_select(0, self._index), pv[:, :, :end].index_select(0, self._index)
+
+
+class PassThroughCache:
+    """A cache for one forward pass whose keys and values are not kept (scoring): ``write`` hands the new ``k, v``
+    back in ``dtype`` - the dtype the engine's cache would round them to, so scores match generation."""
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        self.dtype = dtype
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # each head's keys contiguous, as the attention kernel reads them (a view of the qkv output is not)
+        return (t.to(self.dtype, memory_format=torch.contiguous_format) for t in (k, v))
+
+    def check_room(self, new_tokens: int) -> None:
+        pass
+
+    def advance(self, new_tokens: int) -> None:
+        pass

@@ -27,12 +27,11 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from .. import kernels
 from ..kv_cache import KVCache, KVCacheRows
 from ..masks import mask_with_cache
-from ..model import GLM, Block, Rope, apply_rotary
+from ..model import GLM, Block, Rope
 from ..quantize.modules import QuantizedLinear
 
 # (input_ids, position_ids, attention_mask, cache, hidden[, lengths]) -> logits, or final hidden states when hidden;
@@ -93,11 +92,9 @@ def _block(
     C = C3 // 3
     q, k, v = (t.view(B, S, attn.n_head, attn.head_size).transpose(1, 2) for t in qkv.split(C, dim=-1))
     if rope is not None:
-        q, k = apply_rotary(q, rope), apply_rotary(k, rope)
-    store = cache.k.dtype if isinstance(cache, KVCache) else x.dtype
-    k, v = cache.write(layer, k.to(store), v.to(store))  # (B, nh, T, hs)
-    y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask).to(x.dtype)
-    y = y.transpose(1, 2).reshape(B, S, C)
+        q, k = kernels.rotary(q, *rope), kernels.rotary(k, *rope)
+    k, v = cache.write(layer, k, v)  # (B, nh, T, hs)
+    y = kernels.attention(q, k, v, mask, x.dtype)  # (B, S, C)
     x = x + attn.proj(y if rows is None else rows.pack(y))
     mlp = block.mlp
     return x + mlp.proj(kernels.gelu(mlp.fc(block.norm_2(x)), mlp.approximate))

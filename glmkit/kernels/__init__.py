@@ -10,6 +10,7 @@ Training uses their attention and dropout (training.py).
 
 from .build import unavailable_reason
 from .ops import (
+    attention,
     available,
     gelu,
     linear,
@@ -19,6 +20,7 @@ from .ops import (
     linear_int8,
     linear_packed,
     pack_weight,
+    rotary,
 )
 
 _MODULES = ("FastLinear", "FastTiedHead", "pack_linear", "replace_linear")
@@ -36,6 +38,7 @@ def __getattr__(name: str):
 __all__ = [
     "FastLinear",
     "FastTiedHead",
+    "attention",
     "available",
     "gelu",
     "linear",
@@ -47,5 +50,6 @@ __all__ = [
     "pack_linear",
     "pack_weight",
     "replace_linear",
+    "rotary",
     "unavailable_reason",
 ]

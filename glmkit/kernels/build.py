@@ -21,7 +21,14 @@ from pathlib import Path
 import torch
 
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = [CSRC / "linear.cpp", CSRC / "quantized.cpp", CSRC / "decode.cpp", CSRC / "packed.cpp", CSRC / "train.cpp"]
+SOURCES = [
+    CSRC / "linear.cpp",
+    CSRC / "quantized.cpp",
+    CSRC / "decode.cpp",
+    CSRC / "packed.cpp",
+    CSRC / "prefill.cpp",
+    CSRC / "train.cpp",
+]
 CFLAGS = ["-O3", "-std=c++20", "-fopenmp"]
 
 _lock = threading.Lock()

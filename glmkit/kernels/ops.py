@@ -27,7 +27,7 @@ def _op(name: str):
     if not _ops:
         ns = torch.ops.glmkit_kernels
         names = ("linear_bf16", "linear_f32", "linear_int8", "linear_int4", "linear_int4x16", "gelu_tanh", "pack_bf16")
-        names += ("linear_packed_bf16",)
+        names += ("linear_packed_bf16", "attention", "rotary")
         _ops.update({n: getattr(ns, n).default for n in names})
     return _ops[name]
 
@@ -140,6 +140,41 @@ def linear_packed(
     taken in bf16, the sums are fp32, the result has ``x``'s dtype."""
     y = _op("linear_packed_bf16")(x.reshape(-1, x.shape[-1]), packed, out_features, bias)
     return y.view(*x.shape[:-1], out_features)
+
+
+def _no_grad(*tensors: torch.Tensor) -> bool:
+    return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+
+
+def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``model.apply_rotary(x, (cos, sin))``, the same values; an fp32 CPU ``x [B, H, S, D]`` with contiguous heads
+    and ``cos, sin [B, 1, S, D / 2]`` take one kernel pass instead of six ATen ops."""
+    cos, sin = (t.to(x.dtype) for t in (cos, sin))
+    B, H, S, D = x.shape
+    fits = x.is_cpu and x.dtype == torch.float32 and x.stride(-1) == 1 and D % 2 == 0 and _no_grad(x, cos, sin)
+    if fits and cos.shape == sin.shape == (B, 1, S, D // 2) and build.load():
+        return _op("rotary")(x, cos.contiguous(), sin.contiguous())
+    from ..model import apply_rotary
+
+    return apply_rotary(x, (cos, sin))
+
+
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, out_dtype: torch.dtype
+) -> torch.Tensor:
+    """``softmax(q k^T / sqrt(D), masked) v`` for ``q [B, H, S, D]`` over ``k, v [B, H, T, D]`` with a boolean ``mask
+    [B, 1 or H, S, T]`` (None: every key), in fp32 for an fp32 ``q``, returned as ``[B, S, H * D]`` in ``out_dtype``.
+    fp32 CPU queries over fp32 or bf16 keys take the kernels: one pass per query (SDPA's CPU kernel is sized for long
+    sequences: 2-3x slower on short prefills); a query that sees no key gets zeros there."""
+    B, H, S, D = q.shape
+    heads_ok = all(t.stride(-1) == 1 and t.stride(-2) == D for t in (k, v)) and q.stride(-1) == 1
+    dtypes_ok = q.dtype == torch.float32 and k.dtype == v.dtype and k.dtype in _ACT_DTYPES
+    mask_ok = mask is None or (mask.dtype == torch.bool and mask.dim() == 4 and mask.stride(-1) == 1)
+    fits = q.is_cpu and heads_ok and dtypes_ok and mask_ok and out_dtype in _ACT_DTYPES and D <= 128
+    if fits and _no_grad(q, k, v) and build.load():
+        return _op("attention")(q, k, v, mask, out_dtype == torch.bfloat16)
+    y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask)
+    return y.transpose(1, 2).reshape(B, S, H * D).to(out_dtype)
 
 
 def gelu(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from ..config import SpecialTokens
 from ..generate.fast import cache_dtype, forward_for
-from ..kv_cache import KVCache
+from ..kv_cache import PassThroughCache
 from ..masks import BlankSample, collate, find_blanks
 
 Kind = Literal["loglikelihood", "logits", "embedding"]
@@ -88,8 +88,9 @@ class Scorer:
         samples = [self._sample(r) for r in rows]
         batch = collate(samples, pad_id=self.special.pad)
         ids = batch["input_ids"].to(self.device)
-        # generate's lean forward over a throw-away cache: no input re-checks, fp32 attention for bf16 on CPU
-        cache = KVCache.for_model(self.model, ids.shape[0], ids.shape[1], dtype=cache_dtype(self.model))
+        # generate's lean forward without input re-checks (fp32 attention for bf16 on CPU); keys and values are
+        # rounded as the engine's cache rounds them but not kept
+        cache = PassThroughCache(cache_dtype(self.model))
         mask = batch["attention_mask"].to(self.device)
         lengths = batch["lengths"].tolist()
         hidden = self.forward(ids, batch["position_ids"].to(self.device), mask, cache, True, lengths)  # (B, S, C)

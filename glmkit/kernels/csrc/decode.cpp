@@ -15,10 +15,14 @@
 #include <limits>
 #include <vector>
 
+#include "attend.h"
 #include "linear.h"
 #include "simd.h"
 
 using glmkit::exp_nonpositive;
+using glmkit::attend::attend_head_any;
+using glmkit::attend::MAX_HEAD_SIZE;
+using glmkit::attend::rotate;
 using glmkit::load_bf16;
 using glmkit::store_bf16;
 using glmkit::tail;
@@ -27,7 +31,6 @@ namespace {
 
 constexpr int64_t PER_BLOCK = 16;  // tensors per block: ln1 w, b; ln2 w, b; qkv, proj, fc, mlp proj as (w, scales, bias)
 constexpr int64_t META_PER_BLOCK = 8;  // (kind, group size) for each of the 4 linears
-constexpr int64_t MAX_HEAD_SIZE = 128;  // attend_head holds a head's query in 8 vectors
 constexpr int64_t ELEMENTWISE_GRAIN = 16384;  // values per thread below which GELU and adds stay on one thread
 
 enum Kind : int64_t { BF16 = 0, INT8 = 1, INT4 = 2, INT4X16 = 3 };  // glmkit/generate/fast.py: _fused_linear
@@ -126,97 +129,13 @@ void add_into(at::Tensor& x, const at::Tensor& y) {
   elementwise(x.numel(), [&](int64_t i0, int64_t i1) { add_range(xp, yp, i0, i1); });
 }
 
-// 16 cached values as fp32: the cache is fp32 or bf16
-KERNEL inline __m512 load_cached(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
-KERNEL inline __m512 load_cached(const c10::BFloat16* p, __mmask16 m) { return load_bf16(p, m); }
-
-// y = softmax(q . K[t] * scale over t < T) @ V for one head of ND * 16 values (the last 16 masked by dm); s: T floats
-// of scratch. Scores go 16 keys at a time, their dot products reduced together (sum16); the weighted sum of V runs
-// over t with the ND output vectors held in registers.
-template <int ND, typename CT>
-KERNEL void attend_head(const float* q, const CT* K, const CT* V, int64_t T, int64_t D, __mmask16 dm,
-                        float scale, float* s, float* y) {
-  auto dmask = [dm](int d) { return d == ND - 1 ? dm : __mmask16(0xFFFF); };
-  __m512 qv[ND];
-#pragma GCC unroll 8
-  for (int d = 0; d < ND; d++) qv[d] = _mm512_maskz_loadu_ps(dmask(d), q + 16 * d);
-  __m512 mx = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-  for (int64_t t0 = 0; t0 < T; t0 += 16) {
-    __m512 acc[16];
-#pragma GCC unroll 16
-    for (int j = 0; j < 16; j++) {
-      const CT* k = K + std::min<int64_t>(t0 + j, T - 1) * D;  // past T: a repeat, masked out below
-      // each (row, head) streams only its own T keys and values: too short a stream for the hardware prefetcher
-      // to get ahead of, so fetch the keys 16 ahead and this block's values (read in the second pass) by hand
-      const char* pk = reinterpret_cast<const char*>(K + std::min<int64_t>(t0 + 16 + j, T - 1) * D);
-      const char* pv = reinterpret_cast<const char*>(V + std::min<int64_t>(t0 + j, T - 1) * D);
-      for (int64_t o = 0; o < D * int64_t(sizeof(CT)); o += 64) {
-        _mm_prefetch(pk + o, _MM_HINT_T0);
-        _mm_prefetch(pv + o, _MM_HINT_T0);
-      }
-      __m512 a = _mm512_mul_ps(qv[0], load_cached(k, dmask(0)));
-#pragma GCC unroll 8
-      for (int d = 1; d < ND; d++) a = _mm512_fmadd_ps(qv[d], load_cached(k + 16 * d, dmask(d)), a);
-      acc[j] = a;
-    }
-    const __mmask16 m = tail(T, t0);
-    const __m512 sc = _mm512_mul_ps(glmkit::sum16(acc), _mm512_set1_ps(scale));
-    _mm512_mask_storeu_ps(s + t0, m, sc);
-    mx = _mm512_mask_max_ps(mx, m, mx, sc);
-  }
-  const __m512 mxv = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
-  __m512 sum = _mm512_setzero_ps();
-  for (int64_t t = 0; t < T; t += 16) {
-    const __mmask16 m = tail(T, t);
-    const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, s + t), mxv));
-    _mm512_mask_storeu_ps(s + t, m, e);
-    sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(m, e));
-  }
-  const __m512 inv = _mm512_set1_ps(1.f / _mm512_reduce_add_ps(sum));
-  __m512 out[ND];
-#pragma GCC unroll 8
-  for (int d = 0; d < ND; d++) out[d] = _mm512_setzero_ps();
-  for (int64_t t = 0; t < T; t++) {
-    const __m512 p = _mm512_set1_ps(s[t]);
-#pragma GCC unroll 8
-    for (int d = 0; d < ND; d++) out[d] = _mm512_fmadd_ps(p, load_cached(V + t * D + 16 * d, dmask(d)), out[d]);
-  }
-#pragma GCC unroll 8
-  for (int d = 0; d < ND; d++) _mm512_mask_storeu_ps(y + 16 * d, dmask(d), _mm512_mul_ps(out[d], inv));
-}
-
-template <typename CT>
-void attend_head_any(const float* q, const CT* K, const CT* V, int64_t T, int64_t D, float scale, float* s, float* y) {
-  const __mmask16 dm = tail(D, (D - 1) / 16 * 16);
-  switch ((D + 15) / 16) {
-    case 1: return attend_head<1>(q, K, V, T, D, dm, scale, s, y);
-    case 2: return attend_head<2>(q, K, V, T, D, dm, scale, s, y);
-    case 3: return attend_head<3>(q, K, V, T, D, dm, scale, s, y);
-    case 4: return attend_head<4>(q, K, V, T, D, dm, scale, s, y);
-    case 5: return attend_head<5>(q, K, V, T, D, dm, scale, s, y);
-    case 6: return attend_head<6>(q, K, V, T, D, dm, scale, s, y);
-    case 7: return attend_head<7>(q, K, V, T, D, dm, scale, s, y);
-    default: return attend_head<8>(q, K, V, T, D, dm, scale, s, y);
-  }
-}
-
-// (x[2i], x[2i + 1]) turned by the angle of cos c[i], sin s[i] for i < D / 2, rounded as the Python path's
-// apply_rotary rounds (each product, then the sum: no fused multiply-add)
-__attribute__((optimize("fp-contract=off"))) void rotate(float* x, const float* c, const float* s, int64_t D) {
-  for (int64_t i = 0; i < D / 2; i++) {
-    const float a = x[2 * i], b = x[2 * i + 1];
-    x[2 * i] = a * c[i] - b * s[i];
-    x[2 * i + 1] = a * s[i] + b * c[i];
-  }
-}
-
 // qkv [B, 3C] (bf16, rows Q | K | V head-major); rope: none, or [B, 2, D / 2] (cos, sin of 2D rotary positions)
 // turning each head's q and k before k is cached; writes each row's k, v at its length in its cache slot (an fp32 or
 // bf16 cache: bf16 holds a bf16 model's k and v exactly, rotated k rounded once, and halves the bytes attention
 // reads), attends over the slot's tokens 0..length, returns y [B, C] in bf16 (what SDPA then .to(bf16) gives the
 // Python path)
 template <typename CT>
-at::Tensor attend(const at::Tensor& qkv, at::Tensor& kc, at::Tensor& vc, int64_t layer, at::IntArrayRef slots,
+at::Tensor attend_rows(const at::Tensor& qkv, at::Tensor& kc, at::Tensor& vc, int64_t layer, at::IntArrayRef slots,
                   at::IntArrayRef lengths, int64_t H, const float* rope) {
   const int64_t B = qkv.size(0), C = qkv.size(1) / 3, D = C / H, P = kc.size(1), Tmax = kc.size(3);
   const auto* qp = qkv.data_ptr<c10::BFloat16>();
@@ -248,7 +167,7 @@ at::Tensor attend(const at::Tensor& qkv, at::Tensor& kc, at::Tensor& vc, int64_t
         K[n * D + d] = CT(k[d]);
         V[n * D + d] = CT(static_cast<float>(row[2 * C + h * D + d]));
       }
-      attend_head_any(q, K, V, n + 1, D, scale, s.data(), out);
+      attend_head_any(q, K, V, nullptr, n + 1, D, scale, s.data(), out);
       for (int64_t d = 0; d < D; d++) yp[b * C + h * D + d] = c10::BFloat16(out[d]);
     }
   });
@@ -300,8 +219,8 @@ at::Tensor decode_blocks(const at::Tensor& x_in, at::TensorList tensors, at::Int
     layer_norm(x, t[0], t[1], eps, h);
     auto qkv = run_linear(t + 4, m[0], m[1], h);
     const at::Tensor y = k_cache.scalar_type() == at::kFloat
-                             ? attend<float>(qkv, k_cache, v_cache, l, slots, lengths, n_head, rp)
-                             : attend<c10::BFloat16>(qkv, k_cache, v_cache, l, slots, lengths, n_head, rp);
+                             ? attend_rows<float>(qkv, k_cache, v_cache, l, slots, lengths, n_head, rp)
+                             : attend_rows<c10::BFloat16>(qkv, k_cache, v_cache, l, slots, lengths, n_head, rp);
     add_into(x, run_linear(t + 7, m[2], m[3], y));
     layer_norm(x, t[2], t[3], eps, h);
     auto f = run_linear(t + 10, m[4], m[5], h);

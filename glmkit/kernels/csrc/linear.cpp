@@ -212,6 +212,8 @@ TORCH_LIBRARY(glmkit_kernels, m) {
       "int[] lengths, Tensor? rope, int n_head, float eps, str gelu) -> Tensor");
   m.def("gelu_tanh(Tensor x) -> Tensor");
   m.def("pack_bf16(Tensor w) -> Tensor");
+  m.def("attention(Tensor q, Tensor k, Tensor v, Tensor? mask, bool bf16_out) -> Tensor");
+  m.def("rotary(Tensor x, Tensor cos, Tensor sin) -> Tensor");
   m.def("linear_packed_bf16(Tensor x, Tensor packed, int n, Tensor? bias) -> Tensor");
   m.impl("supported", &cpu_supported);
 }
@@ -225,5 +227,7 @@ TORCH_LIBRARY_IMPL(glmkit_kernels, CPU, m) {
   m.impl("decode_blocks", &glmkit::decode_blocks);
   m.impl("gelu_tanh", &glmkit::gelu_tanh_bf16);
   m.impl("pack_bf16", &glmkit::pack_bf16);
+  m.impl("attention", &glmkit::attention);
+  m.impl("rotary", &glmkit::rotary);
   m.impl("linear_packed_bf16", &glmkit::linear_packed_bf16);
 }

@@ -18,6 +18,9 @@ at::Tensor linear_int4x16(const at::Tensor& x, const at::Tensor& w, const at::Te
                           const c10::optional<at::Tensor>& bias);
 at::Tensor gelu_tanh_bf16(const at::Tensor& x);
 at::Tensor pack_bf16(const at::Tensor& w);
+at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                     const c10::optional<at::Tensor>& mask, bool bf16_out);
+at::Tensor rotary(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin);
 at::Tensor linear_packed_bf16(const at::Tensor& x, const at::Tensor& packed, int64_t n,
                               const c10::optional<at::Tensor>& bias);
 at::Tensor decode_blocks(const at::Tensor& x, at::TensorList tensors, at::IntArrayRef linear_meta,

@@ -1,0 +1,120 @@
+// Attention of single queries over their keys and the 2D rotary turn, shared by the fused decode step (decode.cpp)
+// and the prefill ops (prefill.cpp): fp32 math, keys and values fp32 or bf16.
+#pragma once
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <limits>
+
+#include "simd.h"
+
+namespace glmkit::attend {
+
+using glmkit::exp_nonpositive;
+using glmkit::load_bf16;
+using glmkit::tail;
+
+constexpr int64_t MAX_HEAD_SIZE = 128;  // attend_head holds a head's query in 8 vectors
+
+// 16 cached values as fp32: the cache is fp32 or bf16
+KERNEL inline __m512 load_cached(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+KERNEL inline __m512 load_cached(const c10::BFloat16* p, __mmask16 m) { return load_bf16(p, m); }
+
+// y = softmax(q . K[t] * scale over t < T with vis[t]) @ V for one head of ND * 16 values (the last 16 masked by
+// dm); vis: T bools, or null for every key; s: T floats of scratch. Scores go 16 keys at a time, their dot products
+// reduced together (sum16); the weighted sum of V runs over t with the ND output vectors held in registers. A query
+// that sees no key gets zeros.
+template <int ND, typename CT>
+KERNEL inline void attend_head(const float* q, const CT* K, const CT* V, const bool* vis, int64_t T, int64_t D,
+                        __mmask16 dm, float scale, float* s, float* y) {
+  const __m512 neg_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  auto dmask = [dm](int d) { return d == ND - 1 ? dm : __mmask16(0xFFFF); };
+  __m512 qv[ND];
+#pragma GCC unroll 8
+  for (int d = 0; d < ND; d++) qv[d] = _mm512_maskz_loadu_ps(dmask(d), q + 16 * d);
+  __m512 mx = neg_inf;
+  for (int64_t t0 = 0; t0 < T; t0 += 16) {
+    __m512 acc[16];
+#pragma GCC unroll 16
+    for (int j = 0; j < 16; j++) {
+      const CT* k = K + std::min<int64_t>(t0 + j, T - 1) * D;  // past T: a repeat, masked out below
+      // each (row, head) streams only its own T keys and values: too short a stream for the hardware prefetcher
+      // to get ahead of, so fetch the keys 16 ahead and this block's values (read in the second pass) by hand
+      const char* pk = reinterpret_cast<const char*>(K + std::min<int64_t>(t0 + 16 + j, T - 1) * D);
+      const char* pv = reinterpret_cast<const char*>(V + std::min<int64_t>(t0 + j, T - 1) * D);
+      for (int64_t o = 0; o < D * int64_t(sizeof(CT)); o += 64) {
+        _mm_prefetch(pk + o, _MM_HINT_T0);
+        _mm_prefetch(pv + o, _MM_HINT_T0);
+      }
+      __m512 a = _mm512_mul_ps(qv[0], load_cached(k, dmask(0)));
+#pragma GCC unroll 8
+      for (int d = 1; d < ND; d++) a = _mm512_fmadd_ps(qv[d], load_cached(k + 16 * d, dmask(d)), a);
+      acc[j] = a;
+    }
+    const __mmask16 m = tail(T, t0);
+    __mmask16 seen = m;
+    if (vis) {
+      const __m128i v = _mm_maskz_loadu_epi8(m, vis + t0);
+      seen = _mm_mask_test_epi8_mask(m, v, v);
+    }
+    const __m512 sc = _mm512_mask_blend_ps(seen, neg_inf, _mm512_mul_ps(glmkit::sum16(acc), _mm512_set1_ps(scale)));
+    _mm512_mask_storeu_ps(s + t0, m, sc);
+    mx = _mm512_mask_max_ps(mx, seen, mx, sc);
+  }
+  const float top = _mm512_reduce_max_ps(mx);
+  if (top == -std::numeric_limits<float>::infinity()) {
+    for (int d = 0; d < ND; d++) _mm512_mask_storeu_ps(y + 16 * d, dmask(d), _mm512_setzero_ps());
+    return;
+  }
+  const __m512 mxv = _mm512_set1_ps(top);
+  __m512 sum = _mm512_setzero_ps();
+  for (int64_t t = 0; t < T; t += 16) {
+    const __mmask16 m = tail(T, t);
+    const __m512 sv = _mm512_maskz_loadu_ps(m, s + t);
+    // exp_nonpositive clamps at e^-87: unseen keys get an exact 0
+    const __mmask16 seen = _mm512_mask_cmp_ps_mask(m, sv, neg_inf, _CMP_NEQ_OQ);
+    const __m512 e = _mm512_maskz_mov_ps(seen, exp_nonpositive(_mm512_sub_ps(sv, mxv)));
+    _mm512_mask_storeu_ps(s + t, m, e);
+    sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(m, e));
+  }
+  const __m512 inv = _mm512_set1_ps(1.f / _mm512_reduce_add_ps(sum));
+  __m512 out[ND];
+#pragma GCC unroll 8
+  for (int d = 0; d < ND; d++) out[d] = _mm512_setzero_ps();
+  for (int64_t t = 0; t < T; t++) {
+    const __m512 p = _mm512_set1_ps(s[t]);
+#pragma GCC unroll 8
+    for (int d = 0; d < ND; d++) out[d] = _mm512_fmadd_ps(p, load_cached(V + t * D + 16 * d, dmask(d)), out[d]);
+  }
+#pragma GCC unroll 8
+  for (int d = 0; d < ND; d++) _mm512_mask_storeu_ps(y + 16 * d, dmask(d), _mm512_mul_ps(out[d], inv));
+}
+
+template <typename CT>
+inline void attend_head_any(const float* q, const CT* K, const CT* V, const bool* vis, int64_t T, int64_t D, float scale, float* s,
+                     float* y) {
+  const __mmask16 dm = tail(D, (D - 1) / 16 * 16);
+  switch ((D + 15) / 16) {
+    case 1: return attend_head<1>(q, K, V, vis, T, D, dm, scale, s, y);
+    case 2: return attend_head<2>(q, K, V, vis, T, D, dm, scale, s, y);
+    case 3: return attend_head<3>(q, K, V, vis, T, D, dm, scale, s, y);
+    case 4: return attend_head<4>(q, K, V, vis, T, D, dm, scale, s, y);
+    case 5: return attend_head<5>(q, K, V, vis, T, D, dm, scale, s, y);
+    case 6: return attend_head<6>(q, K, V, vis, T, D, dm, scale, s, y);
+    case 7: return attend_head<7>(q, K, V, vis, T, D, dm, scale, s, y);
+    default: return attend_head<8>(q, K, V, vis, T, D, dm, scale, s, y);
+  }
+}
+
+// (x[2i], x[2i + 1]) turned by the angle of cos c[i], sin s[i] for i < D / 2, rounded as the Python path's
+// apply_rotary rounds (each product, then the sum: no fused multiply-add)
+__attribute__((optimize("fp-contract=off"))) inline void rotate(float* x, const float* c, const float* s, int64_t D) {
+  for (int64_t i = 0; i < D / 2; i++) {
+    const float a = x[2 * i], b = x[2 * i + 1];
+    x[2 * i] = a * c[i] - b * s[i];
+    x[2 * i + 1] = a * s[i] + b * c[i];
+  }
+}
+
+}  // namespace glmkit::attend
