@@ -25,7 +25,7 @@ KERNEL inline __m512 load_cached(const c10::BFloat16* p, __mmask16 m) { return l
 // dm); vis: T bools, or null for every key; s: T floats of scratch. Scores go 16 keys at a time, their dot products
 // reduced together (sum16); the weighted sum of V runs over t with the ND output vectors held in registers. A query
 // that sees no key gets zeros.
-template <int ND, typename CT>
+template <int ND, typename CT, bool PREFETCH>
 KERNEL inline void attend_head(const float* q, const CT* K, const CT* V, const bool* vis, int64_t T, int64_t D,
                         __mmask16 dm, float scale, float* s, float* y) {
   const __m512 neg_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
@@ -41,11 +41,14 @@ KERNEL inline void attend_head(const float* q, const CT* K, const CT* V, const b
       const CT* k = K + std::min<int64_t>(t0 + j, T - 1) * D;  // past T: a repeat, masked out below
       // each (row, head) streams only its own T keys and values: too short a stream for the hardware prefetcher
       // to get ahead of, so fetch the keys 16 ahead and this block's values (read in the second pass) by hand
-      const char* pk = reinterpret_cast<const char*>(K + std::min<int64_t>(t0 + 16 + j, T - 1) * D);
-      const char* pv = reinterpret_cast<const char*>(V + std::min<int64_t>(t0 + j, T - 1) * D);
-      for (int64_t o = 0; o < D * int64_t(sizeof(CT)); o += 64) {
-        _mm_prefetch(pk + o, _MM_HINT_T0);
-        _mm_prefetch(pv + o, _MM_HINT_T0);
+      // (a prefill's keys were just written: they are in cache)
+      if constexpr (PREFETCH) {
+        const char* pk = reinterpret_cast<const char*>(K + std::min<int64_t>(t0 + 16 + j, T - 1) * D);
+        const char* pv = reinterpret_cast<const char*>(V + std::min<int64_t>(t0 + j, T - 1) * D);
+        for (int64_t o = 0; o < D * int64_t(sizeof(CT)); o += 64) {
+          _mm_prefetch(pk + o, _MM_HINT_T0);
+          _mm_prefetch(pv + o, _MM_HINT_T0);
+        }
       }
       __m512 a = _mm512_mul_ps(qv[0], load_cached(k, dmask(0)));
 #pragma GCC unroll 8
@@ -91,19 +94,19 @@ KERNEL inline void attend_head(const float* q, const CT* K, const CT* V, const b
   for (int d = 0; d < ND; d++) _mm512_mask_storeu_ps(y + 16 * d, dmask(d), _mm512_mul_ps(out[d], inv));
 }
 
-template <typename CT>
+template <typename CT, bool PREFETCH>
 inline void attend_head_any(const float* q, const CT* K, const CT* V, const bool* vis, int64_t T, int64_t D, float scale, float* s,
                      float* y) {
   const __mmask16 dm = tail(D, (D - 1) / 16 * 16);
   switch ((D + 15) / 16) {
-    case 1: return attend_head<1>(q, K, V, vis, T, D, dm, scale, s, y);
-    case 2: return attend_head<2>(q, K, V, vis, T, D, dm, scale, s, y);
-    case 3: return attend_head<3>(q, K, V, vis, T, D, dm, scale, s, y);
-    case 4: return attend_head<4>(q, K, V, vis, T, D, dm, scale, s, y);
-    case 5: return attend_head<5>(q, K, V, vis, T, D, dm, scale, s, y);
-    case 6: return attend_head<6>(q, K, V, vis, T, D, dm, scale, s, y);
-    case 7: return attend_head<7>(q, K, V, vis, T, D, dm, scale, s, y);
-    default: return attend_head<8>(q, K, V, vis, T, D, dm, scale, s, y);
+    case 1: return attend_head<1, CT, PREFETCH>(q, K, V, vis, T, D, dm, scale, s, y);
+    case 2: return attend_head<2, CT, PREFETCH>(q, K, V, vis, T, D, dm, scale, s, y);
+    case 3: return attend_head<3, CT, PREFETCH>(q, K, V, vis, T, D, dm, scale, s, y);
+    case 4: return attend_head<4, CT, PREFETCH>(q, K, V, vis, T, D, dm, scale, s, y);
+    case 5: return attend_head<5, CT, PREFETCH>(q, K, V, vis, T, D, dm, scale, s, y);
+    case 6: return attend_head<6, CT, PREFETCH>(q, K, V, vis, T, D, dm, scale, s, y);
+    case 7: return attend_head<7, CT, PREFETCH>(q, K, V, vis, T, D, dm, scale, s, y);
+    default: return attend_head<8, CT, PREFETCH>(q, K, V, vis, T, D, dm, scale, s, y);
   }
 }
 

@@ -167,7 +167,7 @@ at::Tensor attend_rows(const at::Tensor& qkv, at::Tensor& kc, at::Tensor& vc, in
         K[n * D + d] = CT(k[d]);
         V[n * D + d] = CT(static_cast<float>(row[2 * C + h * D + d]));
       }
-      attend_head_any(q, K, V, nullptr, n + 1, D, scale, s.data(), out);
+      attend_head_any<CT, true>(q, K, V, nullptr, n + 1, D, scale, s.data(), out);
       for (int64_t d = 0; d < D; d++) yp[b * C + h * D + d] = c10::BFloat16(out[d]);
     }
   });

@@ -43,7 +43,7 @@ void attend_all(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, c
       const CT* K = kp + b * k.stride(0) + h * k.stride(1);
       const CT* V = vp + b * v.stride(0) + h * v.stride(1);
       const bool* vis = mp ? mp + b * mask->stride(0) + h * mh + t * mask->stride(2) : nullptr;
-      attend_head_any(qr, K, V, vis, T, D, scale, s.data(), out);
+      attend_head_any<CT, false>(qr, K, V, vis, T, D, scale, s.data(), out);
       const int64_t o = (b * S + t) * H * D + h * D;
       if (bf16_out) {
         auto* yo = reinterpret_cast<c10::BFloat16*>(yp) + o;
