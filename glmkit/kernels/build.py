@@ -90,7 +90,8 @@ def _try_load() -> str | None:
         return reason
     if not torch.ops.glmkit_kernels.supported():
         return "this CPU lacks AVX-512 BF16 / VNNI"
-    from .training import register_fakes
+    from . import ops, training
 
-    register_fakes()
+    ops.register_fakes()
+    training.register_fakes()
     return None

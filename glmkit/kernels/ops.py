@@ -32,6 +32,30 @@ def _op(name: str):
     return _ops[name]
 
 
+def register_fakes() -> None:
+    """Output shapes of the inference ops, so that torch.compile traces through them (build.load() calls this)."""
+
+    def rows(x: torch.Tensor, n: int) -> torch.Tensor:
+        return x.new_empty(x.shape[0], n)
+
+    fake = torch.library.register_fake
+    for name in ("linear_bf16", "linear_f32"):
+        fake(f"glmkit_kernels::{name}")(lambda x, w, bias: rows(x, w.shape[0]))
+    fake("glmkit_kernels::linear_int8")(lambda x, w, scales, bias: rows(x, w.shape[0]))
+    fake("glmkit_kernels::linear_int4")(lambda x, w, scales, group, bias: rows(x, w.shape[0]))
+    fake("glmkit_kernels::linear_int4x16")(lambda x, w, scales, group, bias: rows(x, w.shape[0] * 16))
+    fake("glmkit_kernels::linear_packed_bf16")(lambda x, packed, n, bias: rows(x, n))
+    fake("glmkit_kernels::pack_bf16")(lambda w: w.new_empty(-(-w.shape[0] // 32), w.shape[1] // 2, 64))
+    fake("glmkit_kernels::gelu_tanh")(lambda x: torch.empty_like(x, memory_format=torch.contiguous_format))
+    fake("glmkit_kernels::rotary")(lambda x, cos, sin: torch.empty_like(x, memory_format=torch.contiguous_format))
+    fake("glmkit_kernels::attention")(
+        lambda q, k, v, mask, bf16_out: q.new_empty(
+            q.shape[0], q.shape[2], q.shape[1] * q.shape[3], dtype=torch.bfloat16 if bf16_out else torch.float32
+        )
+    )
+    fake("glmkit_kernels::decode_blocks")(lambda x, *args: torch.empty_like(x, memory_format=torch.contiguous_format))
+
+
 def available(device: torch.device | str = "cpu") -> bool:
     """Whether the C++ kernels run for tensors on ``device`` (builds them on the first call)."""
     return torch.device(device).type == "cpu" and build.load()
