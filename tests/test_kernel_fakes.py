@@ -1,5 +1,5 @@
-"""Every C++ op has a fake (meta) implementation whose output shape, dtype and strides match the real op, so
-torch.compile traces through the kernels; a compiled fused decode step matches the eager one."""
+"""Every C++ op a compiled forward can meet has a fake (meta) implementation whose output shape, dtype and strides
+match the real op, so torch.compile traces through the kernels (the fused decode step is never compiled)."""
 
 import pytest
 import torch

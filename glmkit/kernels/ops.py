@@ -53,7 +53,6 @@ def register_fakes() -> None:
             q.shape[0], q.shape[2], q.shape[1] * q.shape[3], dtype=torch.bfloat16 if bf16_out else torch.float32
         )
     )
-    fake("glmkit_kernels::decode_blocks")(lambda x, *args: torch.empty_like(x, memory_format=torch.contiguous_format))
 
 
 def available(device: torch.device | str = "cpu") -> bool:
