@@ -29,6 +29,7 @@ import torch
 import torch.nn as nn
 
 from .. import kernels
+from ..kernels.ops import MAX_HEAD_SIZE
 from ..kv_cache import KVCache, KVCacheRows
 from ..masks import mask_with_cache
 from ..model import GLM, Block, Rope
@@ -37,7 +38,6 @@ from ..quantize.modules import QuantizedLinear
 # (input_ids, position_ids, attention_mask, cache, hidden[, lengths]) -> logits, or final hidden states when hidden;
 # lengths: valid tokens per right-padded row (cached_forward)
 Forward = Callable[..., torch.Tensor]
-MAX_HEAD_SIZE = 128  # the fused step holds a head's query in registers (MAX_HEAD_SIZE in csrc/decode.cpp)
 
 
 def _fp32_attention(model: torch.nn.Module) -> bool:

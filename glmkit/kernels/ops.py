@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from . import build, reference
 
+MAX_HEAD_SIZE = 128  # attention holds a head's query in registers (MAX_HEAD_SIZE in csrc/attend.h)
 F32_MAX_ROWS = 64  # fp32 activations: the stock op would first need an fp32 copy of the whole weight
 _ACT_DTYPES = (torch.float32, torch.bfloat16)
 _ops: dict[str, object] = {}  # the loaded extension's op overloads, looked up once (a namespace lookup costs ~1 us)
@@ -193,7 +194,7 @@ def attention(
     heads_ok = all(t.stride(-1) == 1 and t.stride(-2) == D for t in (k, v)) and q.stride(-1) == 1
     dtypes_ok = q.dtype == torch.float32 and k.dtype == v.dtype and k.dtype in _ACT_DTYPES
     mask_ok = mask is None or (mask.dtype == torch.bool and mask.dim() == 4 and mask.stride(-1) == 1)
-    fits = q.is_cpu and heads_ok and dtypes_ok and mask_ok and out_dtype in _ACT_DTYPES and D <= 128
+    fits = q.is_cpu and heads_ok and dtypes_ok and mask_ok and out_dtype in _ACT_DTYPES and D <= MAX_HEAD_SIZE
     if fits and _no_grad(q, k, v) and build.load():
         return _op("attention")(q, k, v, mask, out_dtype == torch.bfloat16)
     y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask)
