@@ -6,7 +6,9 @@ Chosen per dtype by measurement on the project's CPU (benchmarks/RESULTS.md): th
 ``torch._weight_int8pack_mm`` / ``torch._weight_int4pack_mm_for_cpu`` reach a fraction of the memory bandwidth at
 decode sizes, so every dtype runs on our kernels. A bf16 ``x`` of more than 56 rows (a large batch, a prefill) is
 handed by the op itself to oneDNN's GEMM (``BF16_GEMV_MAX_ROWS`` in csrc/linear.h, also used by the fused decode
-step); an fp32 ``x`` of more than ``F32_MAX_ROWS`` rows goes to the stock op here.
+step); an fp32 ``x`` of more than ``F32_MAX_ROWS`` rows goes to the stock op here. A weight packed in panels
+(``pack_weight``) serves every batch size with ``linear_packed``; prefills attend and turn rotary positions on the
+kernels too (``attention``, ``rotary``).
 CUDA tensors, autograd and dtypes the kernels do not take (fp16) use the reference: dequantize, then ``F.linear``
 (correct, not tuned).
 """
