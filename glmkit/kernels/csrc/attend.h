@@ -1,5 +1,5 @@
-// Attention of single queries over their keys and the 2D rotary turn, shared by the fused decode step (decode.cpp)
-// and the prefill ops (prefill.cpp): fp32 math, keys and values fp32 or bf16.
+// Attention of one query over its keys, shared by the fused decode step (decode.cpp) and the prefill attention
+// (prefill.cpp): fp32 math, keys and values fp32 or bf16; and the decode step's rotary turn of one head.
 #pragma once
 #include <immintrin.h>
 
@@ -27,7 +27,7 @@ KERNEL inline __m512 load_cached(const c10::BFloat16* p, __mmask16 m) { return l
 // that sees no key gets zeros.
 template <int ND, typename CT, bool PREFETCH>
 KERNEL inline void attend_head(const float* q, const CT* K, const CT* V, const bool* vis, int64_t T, int64_t D,
-                        __mmask16 dm, float scale, float* s, float* y) {
+                               __mmask16 dm, float scale, float* s, float* y) {
   const __m512 neg_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
   auto dmask = [dm](int d) { return d == ND - 1 ? dm : __mmask16(0xFFFF); };
   __m512 qv[ND];
@@ -95,8 +95,8 @@ KERNEL inline void attend_head(const float* q, const CT* K, const CT* V, const b
 }
 
 template <typename CT, bool PREFETCH>
-inline void attend_head_any(const float* q, const CT* K, const CT* V, const bool* vis, int64_t T, int64_t D, float scale, float* s,
-                     float* y) {
+inline void attend_head_any(const float* q, const CT* K, const CT* V, const bool* vis, int64_t T, int64_t D,
+                            float scale, float* s, float* y) {
   const __mmask16 dm = tail(D, (D - 1) / 16 * 16);
   switch ((D + 15) / 16) {
     case 1: return attend_head<1, CT, PREFETCH>(q, K, V, vis, T, D, dm, scale, s, y);
