@@ -299,6 +299,14 @@ class GLMTokenizer:
         """Text of ``ids``; an id this vocabulary does not assign (e.g. a padded-vocab row) raises ValueError."""
         return self._backend.decode(self._check_ids(ids), skip_special_tokens)
 
+    @property
+    def run_breaks(self) -> frozenset[int]:
+        """Ids after which ``decode`` starts a new run of pieces, dropping its leading space as at the start of the
+        text: the special tokens of a SentencePiece vocabulary (decoded like the original ``DecodeIds``); none for
+        the others, whose decoders join every token (streaming detokenization needs to know)."""
+        specials = getattr(self._backend, "specials", None)
+        return frozenset(specials) if specials else frozenset()
+
     def convert_ids_to_tokens(self, ids: Sequence[int]) -> list[str]:
         """Vocabulary strings (byte-level forms such as "Ġthe" for the BPE kinds, "▁" pieces for SentencePiece)."""
         return [str(self._backend.id_to_token(i)) for i in self._check_ids(ids)]

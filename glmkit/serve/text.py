@@ -79,17 +79,51 @@ def find_stop(text: str, stops: Sequence[str]) -> int:
 
 
 class IncrementalText:
-    """Text deltas of a growing token list, cut at the first stop string (kept if ``include_stop``)."""
+    """Text deltas of a growing token list, cut at the first stop string (kept if ``include_stop``).
+
+    New tokens are decoded in a window that starts a few tokens back (``prefix``): decoding the whole list on every
+    token costs O(n) per token, O(n^2) per answer. The window's text minus that of its first part (the context a
+    tokenizer needs to place spaces) is what the new tokens add; tokens that end inside a UTF-8 character wait.
+    A tokenizer drops leading spaces at the start of a run of pieces (the text's start; with SentencePiece also
+    after a special token, ``run_breaks``): the window stays at its run's start until the run shows text, and past
+    it a fixed piece leads the window."""
 
     def __init__(self, tok: TokenizerLike, stops: Sequence[str] = (), include_stop: bool = False) -> None:
         self.tok, self.stops, self.include_stop = tok, [s for s in stops if s], include_stop
         self.ids: list[int] = []
+        self.prefix = self.read = 0  # ids[prefix:read] is the window's context, ids[read:] not yet decoded
+        self.run, self.run_shown = 0, False  # where the run of pieces the window is in starts; whether it has text
+        self.decoded = ""  # the text of ids[:read]
+        self.anchor = tok.encode("a")[-1:]  # a piece without a leading space marker
+        self.breaks = getattr(tok, "run_breaks", frozenset())
         self.sent = 0
         self.stopped = False
         self.text = ""
 
+    def _decode_new(self, final: bool) -> str:
+        """The text of ``ids[:read]`` plus what the tokens after ``read`` add (pending ones too when ``final``)."""
+        if self.read == len(self.ids):
+            return self.decoded
+        lead = self.anchor if self.prefix > self.run else []
+        before = safe_decode(self.tok, lead + self.ids[self.prefix : self.read])
+        window = safe_decode(self.tok, lead + self.ids[self.prefix :])
+        if not window.startswith(before):  # a tokenizer that rewrites its context: decode everything once
+            before, window = self.decoded, safe_decode(self.tok, self.ids)
+        added = window[len(before) :]
+        if added.endswith("\ufffd") and not final:
+            return self.decoded + added.rstrip("\ufffd")
+        self.decoded += added
+        new = range(self.read, len(self.ids))
+        last_break = max((j for j in new if self.ids[j] in self.breaks), default=None)
+        if last_break is not None:
+            self.run, self.run_shown, self.prefix = last_break + 1, False, last_break + 1
+        elif self.run_shown or added:
+            self.run_shown, self.prefix = True, self.read
+        self.read = len(self.ids)
+        return self.decoded
+
     def _visible(self, final: bool) -> str:
-        full = safe_decode(self.tok, self.ids)
+        full = self._decode_new(final)
         cut = find_stop(full, self.stops)
         if cut >= 0:
             self.stopped = True
@@ -105,8 +139,7 @@ class IncrementalText:
                 if full.endswith(s[:k]):
                     hold = max(hold, k)
                     break
-        visible = full[: len(full) - hold]
-        return visible.rstrip("\ufffd")
+        return full[: len(full) - hold]
 
     def push(self, ids: Sequence[int], final: bool = False) -> str:
         """Add tokens; return the text that became certain."""
