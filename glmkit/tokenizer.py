@@ -295,6 +295,11 @@ class GLMTokenizer:
                 raise ValueError(f"id {i} is not assigned in this {self.kind} vocabulary ({self.vocab_size} ids)")
         return out
 
+    def assigned(self, ids: Sequence[int]) -> list[int]:
+        """``ids`` without those this vocabulary does not assign (rows of a padded embedding a model may emit)."""
+        size, special = self._backend.size, self._special_ids
+        return [int(i) for i in ids if 0 <= i < size or i in special]
+
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         """Text of ``ids``; an id this vocabulary does not assign (e.g. a padded-vocab row) raises ValueError."""
         return self._backend.decode(self._check_ids(ids), skip_special_tokens)

@@ -62,6 +62,8 @@ def safe_decode(tok: TokenizerLike, ids: Sequence[int], skip_special_tokens: boo
     try:
         return tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
     except ValueError:
+        if hasattr(tok, "assigned"):
+            return tok.decode(tok.assigned(ids), skip_special_tokens=skip_special_tokens)
         kept = []
         for i in ids:
             try:

@@ -37,8 +37,9 @@ def test_streamed_deltas_add_up_to_the_whole_answer(tok, seed):  # noqa: F811
     rng = random.Random(seed)
     words = tok.encode(WORDS)
     for _ in range(20):
-        # mostly word pieces, some arbitrary ids (raw bytes that split UTF-8 characters, special and unassigned ids)
-        ids = [rng.choice(words) if rng.random() < 0.7 else rng.randrange(tok.vocab_size) for _ in range(40)]
+        # mostly word pieces, some arbitrary ids (raw bytes that split UTF-8 characters, special ids, ids past the
+        # vocabulary as a padded embedding may emit)
+        ids = [rng.choice(words) if rng.random() < 0.7 else rng.randrange(tok.vocab_size + 20) for _ in range(40)]
         stops = rng.choice([[], ["the lord"], ["king", " go"], ["\n"], ["is the"]])
         include = rng.random() < 0.5
         stream, parts, i = IncrementalText(tok, stops, include), [], 0
@@ -69,3 +70,10 @@ def test_sentencepiece_runs_restart_after_a_special_token(toks):  # noqa: F811
     stream = IncrementalText(sp)
     streamed = "".join(stream.push([i]) for i in ids) + stream.push([], final=True)
     assert streamed == safe_decode(sp, ids) == "parisis the "
+
+
+def test_unassigned_ids_are_dropped(tok):
+    ids = tok.encode("the king said") + [tok.vocab_size + 3, 10**6] + tok.encode(" unto them")
+    assert safe_decode(tok, ids) == safe_decode(tok, [i for i in ids if i < tok.vocab_size])
+    with pytest.raises(ValueError):
+        tok.decode(ids)
