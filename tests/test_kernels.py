@@ -171,7 +171,8 @@ def test_replace_linear_keeps_the_function_and_the_state_dict(dtype):
 
 @needs_kernels
 @pytest.mark.parametrize("M", [1, 3, 8, 9, 17, 32, 70])  # passes of 8 rows and every tail
-@pytest.mark.parametrize("N,K", [(32, 2), (7, 34), (96, 64), (53, 1000), (160, 1026)])  # part panels, odd k-pairs
+# part panels, odd k-pairs; at K 4096 rows go in chunks of 64 (70 rows: two)
+@pytest.mark.parametrize("N,K", [(32, 2), (7, 34), (96, 64), (53, 1000), (160, 1026), (40, 4096)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_packed_kernel_is_the_reference_math(M, N, K, dtype):
     x, w, b = torch.randn(M, K).to(dtype), torch.randn(N, K).bfloat16(), torch.randn(N).to(dtype)
