@@ -1,4 +1,5 @@
-// bf16 GEMM for batches of decode rows (8-64) on a weight packed once into panels (glmkit serve --pack-weights).
+// bf16 GEMM on a weight packed once into panels (glmkit serve --pack-weights), for any number of rows: as fast as
+// the GEMV kernels for one decode row, faster than they and oneDNN for batches, on par with oneDNN for long prefills.
 //
 // At 32 rows a GLM-Large matrix is compute-bound: oneDNN's prepacked GEMM reaches ~850 GFLOP/s on this CPU when the
 // weight is already in cache but ~640 when it streams from memory, as every matrix of a decode step does (each is read
