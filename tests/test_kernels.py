@@ -207,6 +207,33 @@ def test_packing_refuses_what_it_cannot_lay_out():
 
 
 @needs_kernels
+def test_released_weights_live_in_panels_only():
+    """``pack_linear(release=True)``: the linears keep only their panels, compute the same, and the state dict,
+    loading and autograd still see the ``[N, K]`` weights."""
+    model = GLM.from_pretrained(FIXTURE, dtype=torch.bfloat16)
+    kernels.replace_linear(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(5, model.config.n_embd).bfloat16()
+    fc = model.blocks[0].attn.qkv
+    kernels.pack_linear(model)
+    packed_out = fc(x)
+    assert kernels.pack_linear(model, release=True) == 4 * len(model.blocks) + 1
+    assert fc.released and fc.weight.numel() == 0 and torch.equal(fc(x), packed_out)
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    assert torch.equal(kernels.unpack_weight(fc.packed, fc.out_features), before["blocks.0.attn.qkv.weight"])
+    changed = {k: v + 1 if k == "blocks.0.attn.qkv.weight" else v for k, v in before.items()}
+    model.load_state_dict(changed)  # loading repacks
+    assert fc.released and torch.equal(
+        model.state_dict()["blocks.0.attn.qkv.weight"], changed["blocks.0.attn.qkv.weight"]
+    )
+    close(fc(x), F.linear(x.float(), changed["blocks.0.attn.qkv.weight"].float(), fc.bias.float()), 2**-7)
+    xg = torch.randn(2, model.config.n_embd, requires_grad=True)
+    fc(xg).float().sum().backward()  # autograd: the [N, K] weight rebuilt from the panels
+    close(xg.grad, changed["blocks.0.attn.qkv.weight"].float().sum(0).expand(2, -1), 2**-6)
+
+
+@needs_kernels
 def test_prepacked_weights_compute_the_same_linear():
     model = GLM.from_pretrained(FIXTURE, dtype=torch.bfloat16)
     kernels.replace_linear(model)

@@ -167,7 +167,7 @@ def _fused_linear(module: nn.Module) -> tuple[list[torch.Tensor], list[int]] | N
         ok = ok and (module.bits == 8 or module.group_size in (32, 64, 128))
         kind, group = (1, 0) if module.bits == 8 else (3 if module.interleaved else 2, module.group_size)
     elif type(module) in (nn.Linear, kernels.FastLinear) and module.weight.dtype == torch.bfloat16:
-        packed = getattr(module, "packed", None)  # in the scales' place: the op's batched matmul for 16+ rows
+        packed = getattr(module, "packed", None)  # in the scales' place: every batch multiplies with the panels
         w, s, b, ok = module.weight, none if packed is None else packed, module.bias, True
         kind, group = 0, 0
     else:

@@ -21,6 +21,7 @@ from .ops import (
     linear_packed,
     pack_weight,
     rotary,
+    unpack_weight,
 )
 
 _MODULES = ("FastLinear", "FastTiedHead", "pack_linear", "replace_linear")
@@ -52,4 +53,5 @@ __all__ = [
     "replace_linear",
     "rotary",
     "unavailable_reason",
+    "unpack_weight",
 ]

@@ -159,6 +159,12 @@ def pack_weight(weight: torch.Tensor) -> torch.Tensor | None:
     return _op("pack_bf16")(weight.detach()) if build.load() else None
 
 
+def unpack_weight(packed: torch.Tensor, out_features: int) -> torch.Tensor:
+    """The ``[out_features, K]`` weight that ``pack_weight`` laid out as ``packed`` (exact)."""
+    P, K2, _ = packed.shape
+    return packed.view(P, K2, 32, 2).transpose(1, 2).reshape(P * 32, 2 * K2)[:out_features].contiguous()
+
+
 def linear_packed(
     x: torch.Tensor, packed: torch.Tensor, out_features: int, bias: torch.Tensor | None = None
 ) -> torch.Tensor:

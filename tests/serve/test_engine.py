@@ -243,7 +243,7 @@ def test_a_bf16_model_is_served_on_the_kernels(model_and_tokenizer):
 
 def test_prepacked_weights_serve_the_same_tokens(model_and_tokenizer):
     """``pack_weights``: batches (here 18 streams) multiply with the weights' panels, inside the fused step and in
-    the scorer, and serve the same greedy tokens as the kernels alone."""
+    the scorer, and serve the same greedy tokens as the kernels alone; released panels serve exactly the same."""
     import copy
 
     import torch
@@ -255,8 +255,11 @@ def test_prepacked_weights_serve_the_same_tokens(model_and_tokenizer):
         pytest.skip("needs glmkit's kernels")
     model, tok = model_and_tokenizer
     served = []
-    for pack in (False, True):
+    for pack, release in ((False, False), (True, False), (True, True)):
         half = optimize_for_decode(copy.deepcopy(model).to(torch.bfloat16), pack=pack)
+        if release:  # as glmkit serve --pack-weights: the panels are the only copy of the linear weights
+            kernels.pack_linear(half, release=True)
+            assert half.blocks[0].mlp.fc.weight.numel() == 0
         assert (half.blocks[0].mlp.fc.packed is not None) == pack and (half.lm_head.packed is not None) == pack
         engine = LLMEngine(half, tok, SchedulerConfig(max_num_seqs=18, max_num_batched_tokens=512, max_model_len=48))
         for i in range(18):
@@ -270,6 +273,7 @@ def test_prepacked_weights_serve_the_same_tokens(model_and_tokenizer):
         assert list(half.state_dict()) == list(model.state_dict())  # the packed copies are not state
     agree = sum(served[0][k] == served[1][k] for k in served[0])
     assert agree >= 16  # bf16 sums in another order may flip a near-tie; almost every stream must agree
+    assert served[2] == served[1]  # the same panels, released or not
 
 
 def test_pack_weights_says_when_there_is_nothing_to_pack(model_and_tokenizer, caplog):
@@ -284,6 +288,33 @@ def test_pack_weights_says_when_there_is_nothing_to_pack(model_and_tokenizer, ca
         state = build_state(copy.deepcopy(model), tok, ServeOptions(pack_weights=True))
     try:
         assert "pack_weights: nothing packed" in caplog.text
+    finally:
+        state.engine.shutdown()
+        for batcher in state.batchers:
+            batcher.shutdown()
+
+
+def test_pack_weights_holds_the_linears_in_panels_only(model_and_tokenizer):
+    """``glmkit serve --pack-weights``: a bf16 model's linear weights live in panels only (half the memory of both
+    copies), and the server's state dict is unchanged."""
+    import copy
+
+    import torch
+
+    from glmkit import kernels
+    from glmkit.serve.server import ServeOptions, build_state
+
+    if not kernels.available():
+        pytest.skip("needs glmkit's kernels")
+    model, tok = model_and_tokenizer
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    before = {k: v.clone() for k, v in half.state_dict().items()}
+    state = build_state(half, tok, ServeOptions(pack_weights=True))
+    try:
+        linears = [m for m in half.modules() if isinstance(m, kernels.FastLinear)]
+        assert linears and all(m.released and m.weight.numel() == 0 for m in linears)
+        after = half.state_dict()
+        assert all(torch.equal(after[k], before[k]) for k in before)
     finally:
         state.engine.shutdown()
         for batcher in state.batchers:
