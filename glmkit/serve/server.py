@@ -44,18 +44,21 @@ class ServeOptions:
     max_jobs: int = 8
     threads: int | None = None  # the engine thread's torch threads (None: whatever the process has)
     # bf16 linear weights held in panels for batched steps (GLM-Large 32 streams ~1.2x tokens/s), in place of the
-    # row-major ones: the tied head's copy of the embedding is the only extra memory
-    pack_weights: bool = False
+    # row-major ones: the tied head's copy of the embedding is the only extra memory. None: wherever the kernels run
+    # a bf16 model; True: also say when nothing could be packed; False: never
+    pack_weights: bool | None = None
 
 
 def build_state(model: torch.nn.Module, tokenizer: Any, options: ServeOptions | None = None) -> ServerState:
     """Start the engines over ``model`` and return the state ``build_app`` serves."""
     options = options or ServeOptions()
     model.eval()  # the engine's runner also puts a bf16 model's linears and LM head on the kernels (in place)
-    if options.pack_weights and not kernels.pack_linear(optimize_for_decode(model), release=True):
-        logging.getLogger("glmkit.serve").warning(
-            "pack_weights: nothing packed (it needs bf16 weights on a CPU with glmkit's kernels)"
-        )
+    if options.pack_weights is not False:
+        packed = kernels.pack_linear(optimize_for_decode(model), release=True)
+        if options.pack_weights and not packed:
+            logging.getLogger("glmkit.serve").warning(
+                "pack_weights: nothing packed (it needs bf16 weights on a CPU with glmkit's kernels)"
+            )
     llm_stats = ModelStats("llm")
     engine = AsyncLLMEngine(
         LLMEngine(model, tokenizer, options.scheduler, stats=llm_stats), options.max_jobs, options.threads
@@ -134,9 +137,10 @@ def configure(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--pack-weights",
-        action="store_true",
-        help="bf16: hold the linear weights packed in panels, which batched steps multiply faster (the tied LM head "
-        "keeps a packed copy of the embedding beside it)",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="hold a bf16 model's linear weights packed in panels, which batched steps multiply faster (the tied LM "
+        "head keeps a packed copy of the embedding beside it); default: wherever glmkit's CPU kernels run",
     )
     p.add_argument(
         "--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weights and KV cache dtype"

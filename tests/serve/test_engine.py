@@ -294,10 +294,12 @@ def test_pack_weights_says_when_there_is_nothing_to_pack(model_and_tokenizer, ca
             batcher.shutdown()
 
 
-def test_pack_weights_holds_the_linears_in_panels_only(model_and_tokenizer):
-    """``glmkit serve --pack-weights``: a bf16 model's linear weights live in panels only (half the memory of both
-    copies), and the server's state dict is unchanged."""
+def test_pack_weights_holds_the_linears_in_panels_only(model_and_tokenizer, caplog):
+    """By default (``--pack-weights`` unset) a bf16 model's linear weights live in panels only (half the memory of
+    both copies) and the state dict is unchanged; an fp32 model, or ``--no-pack-weights``, keeps its weights, and
+    nothing is logged."""
     import copy
+    import logging
 
     import torch
 
@@ -307,15 +309,21 @@ def test_pack_weights_holds_the_linears_in_panels_only(model_and_tokenizer):
     if not kernels.available():
         pytest.skip("needs glmkit's kernels")
     model, tok = model_and_tokenizer
-    half = copy.deepcopy(model).to(torch.bfloat16)
-    before = {k: v.clone() for k, v in half.state_dict().items()}
-    state = build_state(half, tok, ServeOptions(pack_weights=True))
-    try:
-        linears = [m for m in half.modules() if isinstance(m, kernels.FastLinear)]
-        assert linears and all(m.released and m.weight.numel() == 0 for m in linears)
-        after = half.state_dict()
-        assert all(torch.equal(after[k], before[k]) for k in before)
-    finally:
+
+    def served_linears(m, options):
+        state = build_state(m, tok, options)
         state.engine.shutdown()
         for batcher in state.batchers:
             batcher.shutdown()
+        return [x for x in m.modules() if isinstance(x, kernels.FastLinear)]
+
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    before = {k: v.clone() for k, v in half.state_dict().items()}
+    with caplog.at_level(logging.WARNING, logger="glmkit.serve"):
+        linears = served_linears(half, ServeOptions())
+        assert linears and all(x.released and x.weight.numel() == 0 for x in linears)
+        assert all(torch.equal(half.state_dict()[k], v) for k, v in before.items())
+        assert not any(x.released for x in served_linears(copy.deepcopy(model), ServeOptions()))
+        off = ServeOptions(pack_weights=False)
+        assert not any(x.packed is not None for x in served_linears(copy.deepcopy(model).bfloat16(), off))
+    assert "nothing packed" not in caplog.text
