@@ -334,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int, default=8471)
     p.add_argument("--write", action="store_true", help=f"write the tables into {RESULTS.name}")
     p.add_argument("--skip-score", action="store_true")
-    p.add_argument("--pack-weights", action="store_true", help="glmkit serve --pack-weights (bf16)")
+    p.add_argument("--pack-weights", action="store_true", help="bf16 weights in panels (glmkit serve's default)")
     # server-process flags
     p.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--max-batch-size", type=int, default=16, help=argparse.SUPPRESS)
