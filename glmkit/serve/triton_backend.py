@@ -48,7 +48,12 @@ def load(args: dict[str, str]) -> tuple[Any, Any, dict[str, str], dict[str, Any]
         device = f"cuda:{args.get('model_instance_device_id', '0')}"
     dtype = getattr(torch, params.get("dtype", "float32"))
     model, tok = load_model_and_tokenizer(folder, dtype=dtype, device=device)
-    return optimize_for_decode(model), tok, params, config  # eval mode; bf16 on CPU: the kernels' linears
+    model = optimize_for_decode(model)  # eval mode; bf16 on CPU: the kernels' linears
+    if params.get("pack_weights", "true").lower() != "false":
+        from .. import kernels
+
+        kernels.pack_linear(model, release=True)  # as glmkit serve: bf16 weights in panels (others: no change)
+    return model, tok, params, config
 
 
 class TritonLLM:

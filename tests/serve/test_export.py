@@ -146,3 +146,23 @@ def test_batched_score_model(repo, model_and_tokenizer):
         [pb.InferenceRequest({"text_input": pb.Tensor("text_input", np.array([[b"a"]], dtype=object))})]
     )
     assert out[0].output("embedding").shape == (1, model.config.n_embd)
+
+
+def test_a_bf16_export_holds_its_weights_in_panels(model_dir, tmp_path):
+    """As ``glmkit serve``, an exported bf16 model's instances keep their linear weights in panels only, and answer."""
+    from glmkit import kernels
+
+    if not kernels.available():
+        pytest.skip("needs glmkit's kernels")
+    out = tmp_path / "repo"
+    assert main(["export-triton", str(out), "--model", str(model_dir), "--dtype", "bfloat16"]) == 0
+    m = load_model(out, "llm")
+    try:
+        linears = [x for x in m.impl.engine.engine.model.modules() if isinstance(x, kernels.FastLinear)]
+        assert linears and all(x.released for x in linears)
+        request = pb.InferenceRequest({"text_input": text("the king said")}, {"max_tokens": 4, "temperature": 0})
+        m.execute([request])
+        assert request.sender.done.wait(30) and request.sender.responses[0].error is None
+        assert request.sender.responses[0].output("text_output")[0].decode().startswith("the king said")
+    finally:
+        m.finalize()
