@@ -112,7 +112,7 @@ def test_decoupled_llm_streams_then_final(repo, model_and_tokenizer):
         assert bad.sender.responses[0].error is not None and "max_tokens" in bad.sender.responses[0].error.message()
         assert len(cancelled.sender.responses) == 2
         engine = m.impl.engine.engine
-        for _ in range(100):
+        for _ in range(500):  # up to 10 s: a loaded machine may take a while to abort
             if not engine.has_unfinished_requests():
                 break
             time.sleep(0.02)

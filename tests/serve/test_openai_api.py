@@ -136,7 +136,7 @@ def test_disconnect_mid_stream_aborts(live_server):
     with httpx.Client(base_url=f"http://{live_server.url}") as c, c.stream("POST", "/v1/completions", json=body) as r:
         lines = r.iter_lines()
         next(lines), next(lines)  # two events, then the client goes away
-    for _ in range(100):
+    for _ in range(500):  # up to 10 s: a loaded machine may take a while to abort
         if engine.stats.failures["CANCELED"] > before and not engine.has_unfinished_requests():
             break
         time.sleep(0.02)
