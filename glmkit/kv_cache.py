@@ -177,7 +177,9 @@ class PassThroughCache:
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # each head's keys contiguous, as the attention kernel reads them (a view of the qkv output is not)
-        return (t.to(self.dtype, memory_format=torch.contiguous_format) for t in (k, v))
+        return k.to(self.dtype, memory_format=torch.contiguous_format), v.to(
+            self.dtype, memory_format=torch.contiguous_format
+        )
 
     def check_room(self, new_tokens: int) -> None:
         pass

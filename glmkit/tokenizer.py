@@ -288,17 +288,19 @@ class GLMTokenizer:
             ids += [piece] if isinstance(piece, int) else self._backend.encode(piece)
         return ids
 
+    def _is_assigned(self, i: int) -> bool:
+        return 0 <= i < self._backend.size or i in self._special_ids
+
     def _check_ids(self, ids: Sequence[int]) -> list[int]:
         out = [int(i) for i in ids]
         for i in out:
-            if not (0 <= i < self._backend.size or i in self._special_ids):
+            if not self._is_assigned(i):
                 raise ValueError(f"id {i} is not assigned in this {self.kind} vocabulary ({self.vocab_size} ids)")
         return out
 
     def assigned(self, ids: Sequence[int]) -> list[int]:
         """``ids`` without those this vocabulary does not assign (rows of a padded embedding a model may emit)."""
-        size, special = self._backend.size, self._special_ids
-        return [int(i) for i in ids if 0 <= i < size or i in special]
+        return [i for i in map(int, ids) if self._is_assigned(i)]
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         """Text of ``ids``; an id this vocabulary does not assign (e.g. a padded-vocab row) raises ValueError."""

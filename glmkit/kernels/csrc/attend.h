@@ -1,5 +1,5 @@
-// Attention of one query over its keys, shared by the fused decode step (decode.cpp) and the prefill attention
-// (prefill.cpp): fp32 math, keys and values fp32 or bf16; and the decode step's rotary turn of one head.
+// Attention of one query over its keys and the rotary turn of one head, shared by the fused decode step
+// (decode.cpp) and the prefill ops (prefill.cpp): fp32 math, keys and values fp32 or bf16.
 #pragma once
 #include <immintrin.h>
 
@@ -110,13 +110,30 @@ inline void attend_head_any(const float* q, const CT* K, const CT* V, const bool
   }
 }
 
-// (x[2i], x[2i + 1]) turned by the angle of cos c[i], sin s[i] for i < D / 2, rounded as the Python path's
-// apply_rotary rounds (each product, then the sum: no fused multiply-add)
-__attribute__((optimize("fp-contract=off"))) inline void rotate(float* x, const float* c, const float* s, int64_t D) {
-  for (int64_t i = 0; i < D / 2; i++) {
+// out[2i], out[2i + 1] = (x[2i], x[2i + 1]) turned by the angle of cos c[i], sin s[i] for i < D / 2, 16 pairs per
+// vector; rounded as the Python path's apply_rotary rounds (each product, then the sum: no fused multiply-add).
+// out may be x.
+__attribute__((optimize("fp-contract=off"))) KERNEL inline void rotate(const float* x, const float* c,
+                                                                    const float* s, int64_t D, float* out) {
+  const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
+  const __m512i lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+  const __m512i hi = _mm512_add_epi32(lo, _mm512_set1_epi32(8));
+  const int64_t half = D / 2;
+  int64_t i = 0;
+  for (; i + 16 <= half; i += 16) {
+    const __m512 u = _mm512_loadu_ps(x + 2 * i), w = _mm512_loadu_ps(x + 2 * i + 16);
+    const __m512 a = _mm512_permutex2var_ps(u, even, w), b = _mm512_permutex2var_ps(u, odd, w);
+    const __m512 cv = _mm512_loadu_ps(c + i), sv = _mm512_loadu_ps(s + i);
+    const __m512 r0 = _mm512_sub_ps(_mm512_mul_ps(a, cv), _mm512_mul_ps(b, sv));
+    const __m512 r1 = _mm512_add_ps(_mm512_mul_ps(a, sv), _mm512_mul_ps(b, cv));
+    _mm512_storeu_ps(out + 2 * i, _mm512_permutex2var_ps(r0, lo, r1));
+    _mm512_storeu_ps(out + 2 * i + 16, _mm512_permutex2var_ps(r0, hi, r1));
+  }
+  for (; i < half; i++) {
     const float a = x[2 * i], b = x[2 * i + 1];
-    x[2 * i] = a * c[i] - b * s[i];
-    x[2 * i + 1] = a * s[i] + b * c[i];
+    out[2 * i] = a * c[i] - b * s[i];
+    out[2 * i + 1] = a * s[i] + b * c[i];
   }
 }
 

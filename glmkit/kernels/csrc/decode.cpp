@@ -160,8 +160,8 @@ at::Tensor attend_rows(const at::Tensor& qkv, at::Tensor& kc, at::Tensor& vc, in
       widen(row + C + h * D, k, D);
       if (rope) {
         const float* c = rope + b * D;
-        rotate(q, c, c + D / 2, D);
-        rotate(k, c, c + D / 2, D);
+        rotate(q, c, c + D / 2, D, q);
+        rotate(k, c, c + D / 2, D, k);
       }
       for (int64_t d = 0; d < D; d++) {
         K[n * D + d] = CT(k[d]);

@@ -89,15 +89,20 @@ KERNEL inline void reduce_rows(const __m512 (&acc)[NM][U], float* out) {
 
 // ---- driver: rows over threads, activation rows MT at a time -----------------------------------------------------
 
-// calls f.template operator()<NM>() with NM = min(nm, MT) known at compile time
+// calls f.template operator()<NM>() with NM = min(nm, MAX) known at compile time (nm >= 1)
+template <int MAX, int NM = 1, typename F>
+void dispatch_upto(int nm, const F& f) {
+  if constexpr (NM == MAX) {
+    f.template operator()<NM>();
+  } else {
+    if (nm == NM) return f.template operator()<NM>();
+    dispatch_upto<MAX, NM + 1>(nm, f);
+  }
+}
+
 template <typename F>
 void dispatch_rows(int nm, const F& f) {
-  switch (nm) {
-    case 1: f.template operator()<1>(); break;
-    case 2: f.template operator()<2>(); break;
-    case 3: f.template operator()<3>(); break;
-    default: f.template operator()<4>(); break;
-  }
+  dispatch_upto<MT>(nm, f);
 }
 
 // row(n, m0, nm, out, scratch) writes dot(w[n + r], x[m0 + i]) to out[r * MT + i] for r < R (R divides N and RB);

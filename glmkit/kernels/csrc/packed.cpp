@@ -86,20 +86,6 @@ KERNEL void panel_rows(const uint16_t* w, const uint16_t* x, int64_t K, PanelPre
   }
 }
 
-template <typename F>
-void dispatch_mr(int nm, const F& f) {
-  switch (nm) {
-    case 1: f.template operator()<1>(); break;
-    case 2: f.template operator()<2>(); break;
-    case 3: f.template operator()<3>(); break;
-    case 4: f.template operator()<4>(); break;
-    case 5: f.template operator()<5>(); break;
-    case 6: f.template operator()<6>(); break;
-    case 7: f.template operator()<7>(); break;
-    default: f.template operator()<8>(); break;
-  }
-}
-
 // the last panel's rows past N are zeros
 void pack_panels(const uint16_t* w, int64_t N, int64_t K, uint16_t* out) {
   at::parallel_for(0, (N + PANEL - 1) / PANEL, 1, [&](int64_t p0, int64_t p1) {
@@ -167,7 +153,7 @@ at::Tensor linear_packed_bf16(const at::Tensor& x, const at::Tensor& packed, int
           const int64_t m0 = c0 + i * MR;
           const PanelPrefetch pf{next + i * lines * 64 * (K / 4), lines};
           auto* out = reinterpret_cast<float*>(yp + (m0 * N + p * PANEL) * out_bytes);
-          dispatch_mr(static_cast<int>(std::min<int64_t>(MR, M - m0)), [&]<int NM>() {
+          glmkit::gemv::dispatch_upto<MR>(static_cast<int>(std::min<int64_t>(MR, M - m0)), [&]<int NM>() {
             panel_rows<NM>(w, xp + m0 * K, K, pf, out, N, std::min(PANEL, N - p * PANEL),
                            bp ? bp + p * PANEL : nullptr, bf16_out);
           });

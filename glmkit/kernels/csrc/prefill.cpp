@@ -21,6 +21,7 @@ namespace {
 
 using glmkit::attend::attend_head_any;
 using glmkit::attend::MAX_HEAD_SIZE;
+using glmkit::attend::rotate;
 
 template <typename CT>
 void attend_all(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const c10::optional<at::Tensor>& mask,
@@ -53,32 +54,6 @@ void attend_all(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, c
       }
     }
   });
-}
-
-// out[2i], out[2i + 1] = (x[2i], x[2i + 1]) turned by cos c[i], sin s[i], 16 pairs per vector; products rounded
-// before the sums, as the Python path computes them
-__attribute__((optimize("fp-contract=off"))) KERNEL void rotate_row(const float* x, const float* c, const float* s,
-                                                                    int64_t D, float* out) {
-  const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
-  const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
-  const __m512i lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
-  const __m512i hi = _mm512_add_epi32(lo, _mm512_set1_epi32(8));
-  const int64_t half = D / 2;
-  int64_t i = 0;
-  for (; i + 16 <= half; i += 16) {
-    const __m512 u = _mm512_loadu_ps(x + 2 * i), w = _mm512_loadu_ps(x + 2 * i + 16);
-    const __m512 a = _mm512_permutex2var_ps(u, even, w), b = _mm512_permutex2var_ps(u, odd, w);
-    const __m512 cv = _mm512_loadu_ps(c + i), sv = _mm512_loadu_ps(s + i);
-    const __m512 r0 = _mm512_sub_ps(_mm512_mul_ps(a, cv), _mm512_mul_ps(b, sv));
-    const __m512 r1 = _mm512_add_ps(_mm512_mul_ps(a, sv), _mm512_mul_ps(b, cv));
-    _mm512_storeu_ps(out + 2 * i, _mm512_permutex2var_ps(r0, lo, r1));
-    _mm512_storeu_ps(out + 2 * i + 16, _mm512_permutex2var_ps(r0, hi, r1));
-  }
-  for (; i < half; i++) {
-    const float a = x[2 * i], b = x[2 * i + 1];
-    out[2 * i] = a * c[i] - b * s[i];
-    out[2 * i + 1] = a * s[i] + b * c[i];
-  }
 }
 
 }  // namespace
@@ -129,7 +104,7 @@ at::Tensor rotary(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& 
     for (int64_t i = i0; i < i1; i++) {
       const int64_t b = i / (H * S), h = i / S % H, t = i % S;
       const int64_t r = (b * S + t) * (D / 2);
-      rotate_row(xp + b * x.stride(0) + h * x.stride(1) + t * x.stride(2), cp + r, sp + r, D, op + i * D);
+      rotate(xp + b * x.stride(0) + h * x.stride(1) + t * x.stride(2), cp + r, sp + r, D, op + i * D);
     }
   });
   return out;
