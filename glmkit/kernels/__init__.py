@@ -1,4 +1,4 @@
-"""Fast weight-only matmuls for decoding on CPU: bf16, int8 per channel and int4 per group.
+"""Fast weight-only matmuls for decoding on CPU: bf16, int8 per channel and int4 per group, on AVX-512 and AVX2.
 
 A decode step reads every weight once per token, so its speed is the memory bandwidth divided by the weight bytes;
 the stock PyTorch CPU kernels stay far below that (cpu-notes.md). glmkit's C++ kernels (csrc/linear.cpp, built on
@@ -8,7 +8,7 @@ keep the arithmetic near the CPU's peak while the next panel streams in.
 Training uses their attention and dropout (training.py).
 """
 
-from .build import unavailable_reason
+from .build import isa, unavailable_reason
 from .ops import (
     attention,
     available,
@@ -42,6 +42,7 @@ __all__ = [
     "attention",
     "available",
     "gelu",
+    "isa",
     "linear",
     "linear_bf16",
     "linear_int4",

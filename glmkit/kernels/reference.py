@@ -1,7 +1,10 @@
 """The weight formats of glmkit's kernels, and the same linear layers in plain PyTorch.
 
 This is the definition the C++ kernels are tested against and the path taken wherever they cannot run: no
-compiler, a CPU without AVX-512 BF16, a CUDA tensor. Correct everywhere, fast nowhere.
+compiler, a CPU without AVX2, a CUDA tensor. Correct everywhere, fast nowhere.
+
+Activations: the kernels take ``x`` rounded to bf16 (bf16 weights, and int4 on AVX-512) or as 16-bit fixed point per
+row (int8 everywhere, int4 on AVX2: ``fixed16``), and multiply exactly; ``kernel_activations`` says which.
 
 Formats (weight ``[N, K]`` = ``[out_features, in_features]``):
 - int8: ``int8 [N, K]`` with one fp32 scale per output row, ``w = q * scale[n]``.
@@ -21,6 +24,22 @@ import torch
 import torch.nn.functional as F
 
 INT4_OFFSET = 8  # stored nibble u = q + 8 for q in -8..7
+FIXED16_MAX = 32767  # x[m] ~ q * step[m] with |q| <= FIXED16_MAX, step[m] = max |x[m]| / FIXED16_MAX
+
+
+def fixed16(x: torch.Tensor) -> torch.Tensor:
+    """``x [M, K]`` as the kernels hold it in 16-bit fixed point, one step per row (nearest even), back in fp32."""
+    x = x.float()
+    amax = x.abs().amax(dim=-1, keepdim=True)
+    step = torch.where(amax > 0, amax / FIXED16_MAX, torch.ones_like(amax))
+    return torch.round(x * (1 / step)).clamp(-FIXED16_MAX, FIXED16_MAX) * step
+
+
+def kernel_activations(x: torch.Tensor, weight_format: str, isa: str) -> torch.Tensor:
+    """``x`` rounded as the ``isa`` kernels round it for ``weight_format`` (bf16, int8, int4), in fp32."""
+    if weight_format == "int8" or (weight_format == "int4" and isa == "avx2"):
+        return fixed16(x)
+    return x.bfloat16().float()
 
 
 def pack_int4(u: torch.Tensor) -> torch.Tensor:

@@ -23,9 +23,14 @@ using glmkit::exp_nonpositive;
 using glmkit::attend::attend_head_any;
 using glmkit::attend::MAX_HEAD_SIZE;
 using glmkit::attend::rotate;
+#if defined(GLMKIT_ISA_AVX512)
 using glmkit::load_bf16;
 using glmkit::store_bf16;
 using glmkit::tail;
+#else
+using glmkit::load8;
+using glmkit::store8;
+#endif
 
 namespace {
 
@@ -55,8 +60,10 @@ at::Tensor run_linear(const at::Tensor* t, int64_t kind, int64_t group, const at
   }
 }
 
+#if defined(GLMKIT_ISA_AVX512)
+
 // out[m] = LayerNorm(x[m]) * w + b for rows m0..m1 of C bf16 values (mean and variance in fp32, two passes)
-KERNEL void layer_norm_rows(const c10::BFloat16* xp, const c10::BFloat16* wp, const c10::BFloat16* bp, float eps,
+void layer_norm_rows(const c10::BFloat16* xp, const c10::BFloat16* wp, const c10::BFloat16* bp, float eps,
                             int64_t C, int64_t m0, int64_t m1, c10::BFloat16* op) {
   for (int64_t m = m0; m < m1; m++) {
     const c10::BFloat16* r = xp + m * C;
@@ -78,17 +85,8 @@ KERNEL void layer_norm_rows(const c10::BFloat16* xp, const c10::BFloat16* wp, co
   }
 }
 
-void layer_norm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b, double eps, at::Tensor& out) {
-  const int64_t C = x.size(1);
-  const auto *xp = x.data_ptr<c10::BFloat16>(), *wp = w.data_ptr<c10::BFloat16>(), *bp = b.data_ptr<c10::BFloat16>();
-  auto* op = out.data_ptr<c10::BFloat16>();
-  at::parallel_for(0, x.size(0), ELEMENTWISE_GRAIN / C + 1, [&](int64_t m0, int64_t m1) {
-    layer_norm_rows(xp, wp, bp, static_cast<float>(eps), C, m0, m1, op);
-  });
-}
-
 // p[i0..i1) = 0.5 p (1 + tanh(sqrt(2 / pi) (p + 0.044715 p^3))), tanh(u) = sign(u) (1 - e) / (1 + e), e = e^-2|u|
-KERNEL void gelu_tanh_range(c10::BFloat16* p, int64_t i0, int64_t i1) {
+void gelu_tanh_range(c10::BFloat16* p, int64_t i0, int64_t i1) {
   const __m512 k0 = _mm512_set1_ps(0.7978845608028654f), k1 = _mm512_set1_ps(0.044715f), one = _mm512_set1_ps(1.f);
   for (int64_t i = i0; i < i1; i += 16) {
     const __mmask16 t = tail(i1, i);
@@ -103,11 +101,63 @@ KERNEL void gelu_tanh_range(c10::BFloat16* p, int64_t i0, int64_t i1) {
 }
 
 // x[i0..i1) += y[i0..i1) (bf16, rounded once)
-KERNEL void add_range(c10::BFloat16* x, const c10::BFloat16* y, int64_t i0, int64_t i1) {
+void add_range(c10::BFloat16* x, const c10::BFloat16* y, int64_t i0, int64_t i1) {
   for (int64_t i = i0; i < i1; i += 16) {
     const __mmask16 t = tail(i1, i);
     store_bf16(x + i, _mm512_add_ps(load_bf16(x + i, t), load_bf16(y + i, t)), t);
   }
+}
+
+#else
+
+// AVX2 versions of the three, the same math 8 values at a time
+void layer_norm_rows(const c10::BFloat16* xp, const c10::BFloat16* wp, const c10::BFloat16* bp, float eps, int64_t C,
+                     int64_t m0, int64_t m1, c10::BFloat16* op) {
+  for (int64_t m = m0; m < m1; m++) {
+    const c10::BFloat16* r = xp + m * C;
+    __m256 s = _mm256_setzero_ps();
+    for (int64_t i = 0; i < C; i += 8) s = _mm256_add_ps(s, load8(r + i, C - i));
+    const __m256 mean = _mm256_set1_ps(glmkit::hsum(s) / C);
+    __m256 v = _mm256_setzero_ps();
+    for (int64_t i = 0; i < C; i += 8) {
+      const __m256 d = _mm256_and_ps(_mm256_sub_ps(load8(r + i, C - i), mean),
+                                     _mm256_castsi256_ps(glmkit::tail8(C - i)));
+      v = _mm256_fmadd_ps(d, d, v);
+    }
+    const __m256 rstd = _mm256_set1_ps(1.f / std::sqrt(glmkit::hsum(v) / C + eps));
+    for (int64_t i = 0; i < C; i += 8) {
+      const __m256 n = _mm256_mul_ps(_mm256_sub_ps(load8(r + i, C - i), mean), rstd);
+      store8(op + m * C + i, _mm256_fmadd_ps(n, load8(wp + i, C - i), load8(bp + i, C - i)), C - i);
+    }
+  }
+}
+
+void gelu_tanh_range(c10::BFloat16* p, int64_t i0, int64_t i1) {
+  const __m256 k0 = _mm256_set1_ps(0.7978845608028654f), k1 = _mm256_set1_ps(0.044715f), one = _mm256_set1_ps(1.f);
+  const __m256 sign = _mm256_castsi256_ps(_mm256_set1_epi32(INT32_MIN));
+  for (int64_t i = i0; i < i1; i += 8) {
+    const __m256 v = load8(p + i, i1 - i);
+    const __m256 u = _mm256_mul_ps(k0, _mm256_fmadd_ps(_mm256_mul_ps(k1, v), _mm256_mul_ps(v, v), v));
+    const __m256 e = exp_nonpositive(_mm256_mul_ps(_mm256_set1_ps(-2.f), _mm256_andnot_ps(sign, u)));
+    __m256 th = _mm256_div_ps(_mm256_sub_ps(one, e), _mm256_add_ps(one, e));
+    th = _mm256_or_ps(th, _mm256_and_ps(u, sign));
+    store8(p + i, _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(0.5f), v), _mm256_add_ps(one, th)), i1 - i);
+  }
+}
+
+void add_range(c10::BFloat16* x, const c10::BFloat16* y, int64_t i0, int64_t i1) {
+  for (int64_t i = i0; i < i1; i += 8) store8(x + i, _mm256_add_ps(load8(x + i, i1 - i), load8(y + i, i1 - i)), i1 - i);
+}
+
+#endif
+
+void layer_norm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b, double eps, at::Tensor& out) {
+  const int64_t C = x.size(1);
+  const auto *xp = x.data_ptr<c10::BFloat16>(), *wp = w.data_ptr<c10::BFloat16>(), *bp = b.data_ptr<c10::BFloat16>();
+  auto* op = out.data_ptr<c10::BFloat16>();
+  at::parallel_for(0, x.size(0), ELEMENTWISE_GRAIN / C + 1, [&](int64_t m0, int64_t m1) {
+    layer_norm_rows(xp, wp, bp, static_cast<float>(eps), C, m0, m1, op);
+  });
 }
 
 // f(i0, i1) over [0, n) in chunks of whole 16-value vectors, on several threads once n is large enough

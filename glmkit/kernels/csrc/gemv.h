@@ -18,7 +18,11 @@ namespace glmkit::gemv {
 
 constexpr int MT = 4;  // activation rows per pass over a weight row
 constexpr int64_t RB = 16;  // weight rows per block (run_rows)
-constexpr int U = 4;   // independent accumulators per activation row (hides the dot-product latency)
+#if defined(GLMKIT_ISA_AVX512)
+constexpr int U = 4;  // independent accumulators per activation row (hides the dot-product latency)
+#else
+constexpr int U = 2;  // AVX2 has 16 registers: MT x U accumulators and the loaded vectors must fit
+#endif
 constexpr int TR = 4;  // weight rows per bf16 tile (tile_bf16)
 constexpr int64_t TILE_MIN_ROWS = 8;  // activation rows from which tiles beat row-by-row GEMV (2-4 rows: 15-25 % slower)
 // Bytes of the weight stream each row kernel requests ahead of its loads. The hardware prefetcher alone leaves a
@@ -31,7 +35,7 @@ constexpr int64_t PREFETCH_AHEAD_INT = 8192;
 
 // the LINES 64-byte lines at AHEAD bytes past p
 template <int LINES, int64_t AHEAD = PREFETCH_AHEAD>
-KERNEL inline void prefetch_ahead(const void* p) {
+inline void prefetch_ahead(const void* p) {
   const char* c = static_cast<const char*>(p) + AHEAD;
   for (int i = 0; i < LINES; i++) _mm_prefetch(c + 64 * i, _MM_HINT_T0);
 }
@@ -41,19 +45,27 @@ inline float to_f(c10::BFloat16 v) { return static_cast<float>(v); }
 
 // ---- activations -----------------------------------------------------------------------------------------------
 
-KERNEL inline void to_bf16(const float* src, uint16_t* dst, int64_t n) {
+inline void to_bf16(const float* src, uint16_t* dst, int64_t n) {
   int64_t i = 0;
+#if defined(GLMKIT_ISA_AVX512)
   for (; i + 16 <= n; i += 16)
     _mm256_storeu_si256((__m256i*)(dst + i), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(src + i)));
+#else
+  for (; i + 8 <= n; i += 8) _mm_storeu_si128((__m128i*)(dst + i), to_bf16x8(_mm256_loadu_ps(src + i)));
+#endif
   for (; i < n; i++) dst[i] = c10::BFloat16(src[i]).x;
 }
 
-KERNEL inline void to_f32(const uint16_t* src, float* dst, int64_t n) {
+inline void to_f32(const uint16_t* src, float* dst, int64_t n) {
   int64_t i = 0;
+#if defined(GLMKIT_ISA_AVX512)
   for (; i + 16 <= n; i += 16) {
     __m512i v = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(src + i)));
     _mm512_storeu_ps(dst + i, _mm512_castsi512_ps(_mm512_slli_epi32(v, 16)));
   }
+#else
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, load8(reinterpret_cast<const c10::BFloat16*>(src + i)));
+#endif
   for (; i < n; i++) dst[i] = static_cast<float>(c10::BFloat16(src[i], c10::BFloat16::from_bits()));
 }
 
@@ -77,12 +89,22 @@ inline at::Tensor f32_activations(const at::Tensor& x) {
 
 // ---- one weight row against NM activation rows: out[m] = dot(w, x[m]) ------------------------------------------
 
+#if defined(GLMKIT_ISA_AVX512)
+using vfloat = __m512;
+inline float reduce_add(__m512 v) { return _mm512_reduce_add_ps(v); }
+inline __m512 vadd(__m512 a, __m512 b) { return _mm512_add_ps(a, b); }
+#else
+using vfloat = __m256;
+inline float reduce_add(__m256 v) { return hsum(v); }
+inline __m256 vadd(__m256 a, __m256 b) { return _mm256_add_ps(a, b); }
+#endif
+
 template <int NM>
-KERNEL inline void reduce_rows(const __m512 (&acc)[NM][U], float* out) {
+inline void reduce_rows(const vfloat (&acc)[NM][U], float* out) {
   for (int m = 0; m < NM; m++) {
-    __m512 a = _mm512_add_ps(acc[m][0], acc[m][1]);
-    for (int u = 2; u < U; u++) a = _mm512_add_ps(a, acc[m][u]);
-    out[m] = _mm512_reduce_add_ps(a);
+    vfloat a = vadd(acc[m][0], acc[m][1]);
+    for (int u = 2; u < U; u++) a = vadd(a, acc[m][u]);
+    out[m] = reduce_add(a);
   }
 }
 

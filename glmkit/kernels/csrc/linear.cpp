@@ -30,16 +30,10 @@ namespace {
 
 using namespace glmkit::gemv;
 
-bool cpu_supported() {
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
-         __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512vnni");
-}
-
+#if defined(GLMKIT_ISA_AVX512)
 
 template <int NM>
-KERNEL void row_bf16(const uint16_t* w, int64_t K, const uint16_t* x, float* out) {
+void row_bf16(const uint16_t* w, int64_t K, const uint16_t* x, float* out) {
   __m512 acc[NM][U];
   for (int m = 0; m < NM; m++)
     for (int u = 0; u < U; u++) acc[m][u] = _mm512_setzero_ps();
@@ -62,7 +56,7 @@ KERNEL void row_bf16(const uint16_t* w, int64_t K, const uint16_t* x, float* out
 }
 
 template <int NM>
-KERNEL void row_f32(const float* w, int64_t K, const float* x, float* out) {
+void row_f32(const float* w, int64_t K, const float* x, float* out) {
   __m512 acc[NM][U];
   for (int m = 0; m < NM; m++)
     for (int u = 0; u < U; u++) acc[m][u] = _mm512_setzero_ps();
@@ -83,7 +77,7 @@ KERNEL void row_f32(const float* w, int64_t K, const float* x, float* out) {
 }
 
 template <bool MASKED>
-KERNEL inline __m512bh load_bh(const uint16_t* p, __mmask32 mask) {
+inline __m512bh load_bh(const uint16_t* p, __mmask32 mask) {
   if constexpr (MASKED) return (__m512bh)_mm512_maskz_loadu_epi16(mask, p);
   return (__m512bh)_mm512_loadu_si512(p);
 }
@@ -91,7 +85,7 @@ KERNEL inline __m512bh load_bh(const uint16_t* p, __mmask32 mask) {
 // acc[m * TR + r] += w[r][k:k+32] . x[m][k:k+32] (masked); pf: rows to prefetch into L2 (or null). The loops must be
 // fully unrolled: otherwise GCC 12 keeps acc in memory and stores all of it every iteration (measured 2.5x slower).
 template <int NM, bool MASKED>
-KERNEL inline void tile_step(__m512* acc, const uint16_t* w, int64_t K, const uint16_t* x, int64_t k, __mmask32 mask,
+inline void tile_step(__m512* acc, const uint16_t* w, int64_t K, const uint16_t* x, int64_t k, __mmask32 mask,
                              const uint16_t* pf) {
   if (pf)
 #pragma GCC unroll 4
@@ -111,7 +105,7 @@ KERNEL inline void tile_step(__m512* acc, const uint16_t* w, int64_t K, const ui
 // stride N, fp32 or bf16 bits. Each weight vector meets NM activation vectors in registers (8 loads per 16 products,
 // where row_bf16 needs 20), and the epilogue is vector code (it was a quarter of a tile's time as scalar code).
 template <int NM, typename Out>
-KERNEL void tile_bf16(const uint16_t* w, int64_t K, const uint16_t* x, const uint16_t* pf, const float* bias, Out* y,
+void tile_bf16(const uint16_t* w, int64_t K, const uint16_t* x, const uint16_t* pf, const float* bias, Out* y,
                       int64_t N) {
   static_assert(TR * MT == 16, "sum16 reduces a TR x MT tile");
   __m512 acc[16];
@@ -151,6 +145,75 @@ void run_tiles_bf16(const uint16_t* wp, const uint16_t* xp, const float* bias, i
   });
 }
 
+#else  // AVX2: bf16 widens to fp32 by a 16-bit shift (even elements) and a mask (odd ones), then FMA
+
+// the 16 bf16 at p as fp32: elements 0, 2, .., 14 in even, 1, 3, .., 15 in odd (the same split for w and x, so
+// their products pair up)
+inline void widen16(const uint16_t* p, __m256& even, __m256& odd) {
+  const __m256i v = _mm256_loadu_si256((const __m256i*)p);
+  even = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+  odd = _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32(int32_t(0xFFFF0000))));
+}
+
+inline void widen16(const uint16_t* p, int64_t n, __m256& even, __m256& odd) {
+  alignas(32) uint16_t t[16] = {};
+  std::copy(p, p + n, t);
+  widen16(t, even, odd);
+}
+
+template <int NM>
+void row_bf16(const uint16_t* w, int64_t K, const uint16_t* x, float* out) {
+  __m256 acc[NM][U];
+  for (int m = 0; m < NM; m++)
+    for (int u = 0; u < U; u++) acc[m][u] = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 16 * U <= K; k += 16 * U) {
+    prefetch_ahead<U / 2>(w + k);
+    __m256 we[U], wo[U];
+    for (int u = 0; u < U; u++) widen16(w + k + 16 * u, we[u], wo[u]);
+    for (int m = 0; m < NM; m++)
+      for (int u = 0; u < U; u++) {
+        __m256 xe, xo;
+        widen16(x + m * K + k + 16 * u, xe, xo);
+        acc[m][u] = _mm256_fmadd_ps(wo[u], xo, _mm256_fmadd_ps(we[u], xe, acc[m][u]));
+      }
+  }
+  for (; k < K; k += 16) {
+    const int64_t n = std::min<int64_t>(16, K - k);
+    __m256 we, wo;
+    widen16(w + k, n, we, wo);
+    for (int m = 0; m < NM; m++) {
+      __m256 xe, xo;
+      widen16(x + m * K + k, n, xe, xo);
+      acc[m][0] = _mm256_fmadd_ps(wo, xo, _mm256_fmadd_ps(we, xe, acc[m][0]));
+    }
+  }
+  reduce_rows<NM>(acc, out);
+}
+
+template <int NM>
+void row_f32(const float* w, int64_t K, const float* x, float* out) {
+  __m256 acc[NM][U];
+  for (int m = 0; m < NM; m++)
+    for (int u = 0; u < U; u++) acc[m][u] = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 16 * U <= K; k += 16 * U) {
+    prefetch_ahead<U>(w + k);
+    __m256 wv[2 * U];
+    for (int u = 0; u < 2 * U; u++) wv[u] = _mm256_loadu_ps(w + k + 8 * u);
+    for (int m = 0; m < NM; m++)
+      for (int u = 0; u < 2 * U; u++)
+        acc[m][u % U] = _mm256_fmadd_ps(wv[u], _mm256_loadu_ps(x + m * K + k + 8 * u), acc[m][u % U]);
+  }
+  for (; k < K; k += 8) {
+    const __m256 wv = glmkit::load8(w + k, K - k);
+    for (int m = 0; m < NM; m++) acc[m][0] = _mm256_fmadd_ps(wv, glmkit::load8(x + m * K + k, K - k), acc[m][0]);
+  }
+  reduce_rows<NM>(acc, out);
+}
+
+#endif
+
 }  // namespace
 
 // ---- ops -------------------------------------------------------------------------------------------------------
@@ -166,6 +229,7 @@ at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& w, const c10::opti
   const uint16_t* xp = reinterpret_cast<const uint16_t*>(xb.data_ptr());
   const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.data_ptr());
   const int64_t M = x.size(0);
+#if defined(GLMKIT_ISA_AVX512)
   if (M >= TILE_MIN_ROWS && N % TR == 0) {
     const at::Tensor b32 = bias ? bias->to(at::kFloat).contiguous() : at::Tensor();
     auto y = at::empty({M, N}, x.options());
@@ -176,6 +240,7 @@ at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& w, const c10::opti
       run_tiles_bf16(wp, xp, bp, M, N, K, reinterpret_cast<uint16_t*>(y.data_ptr()));
     return y;
   }
+#endif
   auto finish = [](int64_t, int64_t, float d) { return d; };
   auto row = [&](int64_t n, int64_t m0, int nm, float* out, float*) {
     dispatch_rows(nm, [&]<int NM>() { row_bf16<NM>(wp + n * K, K, xp + m0 * K, out); });
@@ -215,7 +280,7 @@ TORCH_LIBRARY(glmkit_kernels, m) {
   m.def("attention(Tensor q, Tensor k, Tensor v, Tensor? mask, bool bf16_out) -> Tensor");
   m.def("rotary(Tensor x, Tensor cos, Tensor sin) -> Tensor");
   m.def("linear_packed_bf16(Tensor x, Tensor packed, int n, Tensor? bias) -> Tensor");
-  m.impl("supported", &cpu_supported);
+  m.impl("supported", &glmkit::cpu_supported);
 }
 
 TORCH_LIBRARY_IMPL(glmkit_kernels, CPU, m) {

@@ -26,8 +26,12 @@ namespace {
 
 using glmkit::gemv::bf16_activations;
 
-constexpr int64_t PANEL = 32;  // output rows per panel: two vectors of 16 fp32 sums
-constexpr int MR = 8;          // activation rows per pass: 8 x 2 accumulators
+constexpr int64_t PANEL = 32;  // output rows per panel: two vectors of 16 fp32 sums (AVX2: four of 8)
+#if defined(GLMKIT_ISA_AVX512)
+constexpr int MR = 8;  // activation rows per pass: 8 x 2 accumulators
+#else
+constexpr int MR = 2;  // AVX2: 2 x 4 accumulators, the widened weights and 4 broadcasts fill its 16 registers
+#endif
 constexpr int64_t CHUNK_BYTES = 512 * 1024;  // bf16 activations per chunk of rows: half of a core's L2
 
 // Requests `lines` 64-byte lines of the next panel per two k-pairs, so that the passes over one panel together fetch
@@ -37,9 +41,11 @@ struct PanelPrefetch {
   int lines;
 };
 
+#if defined(GLMKIT_ISA_AVX512)
+
 // acc[m][0..1] += x[m][2 k2 : 2 k2 + 2] . the panel's k-pair k2 (32 outputs)
 template <int NM>
-KERNEL inline void panel_step(__m512 (&acc)[NM][2], const uint16_t* w, const uint16_t* x, int64_t K, int64_t k2) {
+inline void panel_step(__m512 (&acc)[NM][2], const uint16_t* w, const uint16_t* x, int64_t K, int64_t k2) {
   const __m512bh w0 = (__m512bh)_mm512_loadu_si512(w + k2 * 64);
   const __m512bh w1 = (__m512bh)_mm512_loadu_si512(w + k2 * 64 + 32);
 #pragma GCC unroll 8
@@ -55,7 +61,7 @@ KERNEL inline void panel_step(__m512 (&acc)[NM][2], const uint16_t* w, const uin
 // y[m][0..n) = x[m] . W[panel rows] (+ bias) for NM rows and the panel's first n <= 32 outputs; w: the panel
 // [K / 2, 64]; x: NM rows of stride K
 template <int NM>
-KERNEL void panel_rows(const uint16_t* w, const uint16_t* x, int64_t K, PanelPrefetch pf, float* y, int64_t ldy,
+void panel_rows(const uint16_t* w, const uint16_t* x, int64_t K, PanelPrefetch pf, float* y, int64_t ldy,
                        int64_t n, const float* bias, bool bf16_out) {
   __m512 acc[NM][2];
 #pragma GCC unroll 8
@@ -85,6 +91,52 @@ KERNEL void panel_rows(const uint16_t* w, const uint16_t* x, int64_t K, PanelPre
     }
   }
 }
+
+#else  // AVX2: each k-pair's 128 bytes widen to fp32 as 4 x (8 rows' even inputs, 8 rows' odd inputs), and FMA
+       // against broadcast fp32 activations (x rounded to bf16 first, as on AVX-512)
+
+template <int NM>
+inline void panel_step(__m256 (&acc)[NM][4], const uint16_t* w, const float* x, int64_t K, int64_t k2) {
+#pragma GCC unroll 4
+  for (int r = 0; r < 4; r++) {
+    const __m256i v = _mm256_loadu_si256((const __m256i*)(w + k2 * 64 + 16 * r));
+    const __m256 even = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+    const __m256 odd = _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32(int32_t(0xFFFF0000))));
+#pragma GCC unroll 2
+    for (int m = 0; m < NM; m++)
+      acc[m][r] = _mm256_fmadd_ps(odd, _mm256_broadcast_ss(x + m * K + 2 * k2 + 1),
+                                  _mm256_fmadd_ps(even, _mm256_broadcast_ss(x + m * K + 2 * k2), acc[m][r]));
+  }
+}
+
+template <int NM>
+void panel_rows(const uint16_t* w, const float* x, int64_t K, PanelPrefetch pf, float* y, int64_t ldy, int64_t n,
+                const float* bias, bool bf16_out) {
+  __m256 acc[NM][4];
+  for (int m = 0; m < NM; m++)
+    for (int r = 0; r < 4; r++) acc[m][r] = _mm256_setzero_ps();
+  const int64_t K2 = K / 2;
+  int64_t k2 = 0;
+  for (; k2 + 2 <= K2; k2 += 2) {
+    for (int i = 0; i < pf.lines; i++) _mm_prefetch(pf.p + 64 * i, _MM_HINT_T0);
+    pf.p += 64 * pf.lines;
+    panel_step<NM>(acc, w, x, K, k2);
+    panel_step<NM>(acc, w, x, K, k2 + 1);
+  }
+  if (k2 < K2) panel_step<NM>(acc, w, x, K, k2);
+  for (int m = 0; m < NM; m++)
+    for (int r = 0; r < 4; r++) {
+      const int64_t left = n - 8 * r;
+      if (left <= 0) break;
+      const __m256 v = bias ? _mm256_add_ps(acc[m][r], glmkit::load8(bias + 8 * r, left)) : acc[m][r];
+      if (bf16_out)
+        glmkit::store8(reinterpret_cast<c10::BFloat16*>(y) + m * ldy + 8 * r, v, left);
+      else
+        glmkit::store8(y + m * ldy + 8 * r, v, left);
+    }
+}
+
+#endif
 
 // the last panel's rows past N are zeros
 void pack_panels(const uint16_t* w, int64_t N, int64_t K, uint16_t* out) {
@@ -128,10 +180,15 @@ at::Tensor linear_packed_bf16(const at::Tensor& x, const at::Tensor& packed, int
   TORCH_CHECK(!bias || (bias->dim() == 1 && bias->size(0) == N), "linear_packed_bf16: bias must be [", N, "]");
   const int64_t M = x.size(0);
   const at::Tensor xb = bf16_activations(x);
+#if defined(GLMKIT_ISA_AVX512)
+  const auto* xp = reinterpret_cast<const uint16_t*>(xb.data_ptr());
+#else
+  const at::Tensor xf = glmkit::gemv::f32_activations(xb);
+  const float* xp = xf.data_ptr<float>();
+#endif
   const at::Tensor b32 = bias ? bias->to(at::kFloat).contiguous() : at::Tensor();
   auto y = at::empty({M, N}, x.options());
   if (M == 0) return y;
-  const auto* xp = reinterpret_cast<const uint16_t*>(xb.data_ptr());
   const auto* wp = reinterpret_cast<const uint16_t*>(packed.data_ptr());
   const float* bp = bias ? b32.data_ptr<float>() : nullptr;
   const bool bf16_out = x.scalar_type() == at::kBFloat16;

@@ -6,6 +6,7 @@
 //         loop: y = sum_g s_g * (dot(128 + u, x)_g - 136 * sum(x)_g) = sum_g s_g * dot(u - 8, x)_g.
 // int4 layout (glmkit/kernels/reference.py): per row, chunks of 64 inputs, byte j = e[j] | e[j + 32] << 4; a final
 // chunk of 32 inputs (K % 64 == 32) packs byte j = e[j] | e[j + 16] << 4. Stored nibble u = q + 8.
+// These are the AVX-512 BF16 / VNNI kernels; AVX2 builds take quantized_avx2.h's (int4 against int16 x there).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -19,13 +20,18 @@
 #include "gemv.h"
 #include "linear.h"
 #include "simd.h"
+#if defined(GLMKIT_ISA_AVX2)
+#include "quantized_avx2.h"
+#endif
 
 namespace {
 
 using namespace glmkit::gemv;
 
-// rows of x [M, K] (fp32) as int16 fixed point: x[m] ~ q[m] * step[m], step = max|x[m]| / 32767
-KERNEL void to_i16_rows(const float* x, int64_t M, int64_t K, int16_t* q, float* step) {
+#if defined(GLMKIT_ISA_AVX512)
+
+// rows of x [M, K] (fp32) as int16 fixed point: x[m] ~ q[m] * step[m], step = max|x[m]| / GLMKIT_FIXED16_MAX (reference.fixed16)
+void to_i16_rows(const float* x, int64_t M, int64_t K, int16_t* q, float* step) {
   for (int64_t m = 0; m < M; m++) {
     const float* xr = x + m * K;
     __m512 vmax = _mm512_setzero_ps();
@@ -33,18 +39,18 @@ KERNEL void to_i16_rows(const float* x, int64_t M, int64_t K, int16_t* q, float*
     for (; k + 16 <= K; k += 16) vmax = _mm512_max_ps(vmax, _mm512_abs_ps(_mm512_loadu_ps(xr + k)));
     float amax = _mm512_reduce_max_ps(vmax);
     for (; k < K; k++) amax = std::max(amax, std::abs(xr[k]));
-    step[m] = amax > 0.f ? amax / 32767.f : 1.f;
+    step[m] = amax > 0.f ? amax / GLMKIT_FIXED16_MAX : 1.f;
     const float inv = 1.f / step[m];
     for (k = 0; k + 16 <= K; k += 16) {
       __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(xr + k), _mm512_set1_ps(inv)));  // nearest even
       _mm256_storeu_si256((__m256i*)(q + m * K + k), _mm512_cvtsepi32_epi16(v));
     }
-    for (; k < K; k++) q[m * K + k] = static_cast<int16_t>(std::clamp(std::nearbyint(xr[k] * inv), -32767.f, 32767.f));
+    for (; k < K; k++) q[m * K + k] = static_cast<int16_t>(std::clamp(std::nearbyint(xr[k] * inv), -float(GLMKIT_FIXED16_MAX), float(GLMKIT_FIXED16_MAX)));
   }
 }
 
 // off[m * ng + g] = -136 / 16 * (sum of the bf16 activations x[m] over group g)
-KERNEL void group_offsets(const uint16_t* x, int64_t M, int64_t K, int64_t G, float* off) {
+void group_offsets(const uint16_t* x, int64_t M, int64_t K, int64_t G, float* off) {
   const __m512bh ones = (__m512bh)_mm512_set1_epi16(0x3F80);  // bf16 1.0
   for (int64_t m = 0; m < M; m++)
     for (int64_t g = 0; g < K / G; g++) {
@@ -57,7 +63,7 @@ KERNEL void group_offsets(const uint16_t* x, int64_t M, int64_t K, int64_t G, fl
 
 
 template <int NM>
-KERNEL void row_int8(const int8_t* w, int64_t K, const int16_t* x, float* out) {
+void row_int8(const int8_t* w, int64_t K, const int16_t* x, float* out) {
   __m512 acc[NM][U];
   for (int m = 0; m < NM; m++)
     for (int u = 0; u < U; u++) acc[m][u] = _mm512_setzero_ps();
@@ -89,7 +95,7 @@ KERNEL void row_int8(const int8_t* w, int64_t K, const int16_t* x, float* out) {
 }
 
 // 64 packed inputs (32 bytes) as two vectors of bf16 (128 + u): inputs 0..31 and 32..63
-KERNEL inline void unpack64(const uint8_t* p, __m512bh& lo, __m512bh& hi) {
+inline void unpack64(const uint8_t* p, __m512bh& lo, __m512bh& hi) {
   const __m512i low = _mm512_set1_epi16(0x000F), magic = _mm512_set1_epi16(0x4300);  // bf16 0x4300 | u = 128 + u
   __m512i b = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i*)p));
   lo = (__m512bh)_mm512_ternarylogic_epi32(b, low, magic, 0xEA);  // (b & 0xF) | magic
@@ -100,7 +106,7 @@ KERNEL inline void unpack64(const uint8_t* p, __m512bh& lo, __m512bh& hi) {
 // the group's offset on its first half-chunk and 0 otherwise; acc += part * s[g]. The callers hand slot J the inputs
 // 32 * J modulo 128 of a 128-aligned block, so "first half-chunk of its group" is known at compile time.
 template <int NM, int J, int G>
-KERNEL inline void int4_half(__m512 (&acc)[NM][U], __m512bh w, const uint16_t* x, int64_t K, int64_t k,
+inline void int4_half(__m512 (&acc)[NM][U], __m512bh w, const uint16_t* x, int64_t K, int64_t k,
                              const float* off, const float* s) {
   const int64_t ng = K / G, g = k / G;
   const __m512 sv = _mm512_set1_ps(s[g]);
@@ -113,7 +119,7 @@ KERNEL inline void int4_half(__m512 (&acc)[NM][U], __m512bh w, const uint16_t* x
 
 // s: the row's group scales as fp32; off: per activation row and group, see group_offsets
 template <int NM, int G>
-KERNEL void row_int4(const uint8_t* w, int64_t K, const uint16_t* x, const float* off, const float* s, float* out) {
+void row_int4(const uint8_t* w, int64_t K, const uint16_t* x, const float* off, const float* s, float* out) {
   const int64_t K64 = K / 64 * 64;
   __m512 acc[NM][U];
   for (int m = 0; m < NM; m++)
@@ -142,6 +148,44 @@ KERNEL void row_int4(const uint8_t* w, int64_t K, const uint16_t* x, const float
     int4_half<NM, 2, G>(acc, (__m512bh)v, x, K, K64, off, s);
   }
   reduce_rows<NM>(acc, out);
+}
+
+#endif
+
+// x as the int4 kernels take it, per activation row: AVX-512 rounds it to bf16 (vdpbf16ps), with each group's
+// offset as fp32; AVX2 holds it as int16 fixed point, x[m] ~ q[m] * step[m] (vpmaddwd), with exact int32 offsets
+struct Int4Acts {
+#if defined(GLMKIT_ISA_AVX512)
+  at::Tensor xb;
+  const uint16_t* x;
+  std::vector<float> off;
+  float step(int64_t) const { return 1.f; }
+#else
+  std::vector<int16_t> q;
+  std::vector<float> steps;
+  const int16_t* x;
+  std::vector<int32_t> off;
+  float step(int64_t m) const { return steps[m]; }
+#endif
+};
+
+Int4Acts int4_activations(const at::Tensor& x, int64_t G) {
+  const int64_t M = x.size(0), K = x.size(1);
+  Int4Acts a;
+  a.off.resize(M * (K / G));
+#if defined(GLMKIT_ISA_AVX512)
+  a.xb = bf16_activations(x);
+  a.x = reinterpret_cast<const uint16_t*>(a.xb.data_ptr());
+  group_offsets(a.x, M, K, G, a.off.data());
+#else
+  const at::Tensor xf = f32_activations(x);
+  a.q.resize(M * K);
+  a.steps.resize(M);
+  to_i16_rows(xf.data_ptr<float>(), M, K, a.q.data(), a.steps.data());
+  a.x = a.q.data();
+  int4_offsets(a.x, M, K, G, a.off.data());
+#endif
+  return a;
 }
 
 }  // namespace
@@ -189,10 +233,7 @@ at::Tensor linear_int4(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   TORCH_CHECK(scales.dim() == 2 && scales.size(0) == N && scales.size(1) == ng && scales.is_contiguous(),
               "scales: expected [N, K / group_size]");
   check_scales(scales);
-  auto xb = bf16_activations(x);
-  const uint16_t* xp = reinterpret_cast<const uint16_t*>(xb.data_ptr());
-  std::vector<float> off(M * ng);
-  group_offsets(xp, M, K, G, off.data());
+  const Int4Acts a = int4_activations(x, G);
   const uint8_t* wp = w.data_ptr<uint8_t>();
   const bool f32_scales = scales.scalar_type() == at::kFloat;
   const void* sp = scales.data_ptr();
@@ -204,8 +245,8 @@ at::Tensor linear_int4(const at::Tensor& x, const at::Tensor& w, const at::Tenso
     }
     dispatch_rows(nm, [&]<int NM>() {
       const uint8_t* wr = wp + n * (K / 2);
-      const uint16_t* xr = xp + m0 * K;
-      const float* o = off.data() + m0 * ng;
+      const auto* xr = a.x + m0 * K;
+      const auto* o = a.off.data() + m0 * ng;
       if (G == 32)
         row_int4<NM, 32>(wr, K, xr, o, s, out);
       else if (G == 64)
@@ -214,23 +255,12 @@ at::Tensor linear_int4(const at::Tensor& x, const at::Tensor& w, const at::Tenso
         row_int4<NM, 128>(wr, K, xr, o, s, out);
     });
   };
-  return launch(x, N, bias, f32_scales ? 0 : ng, row, [](int64_t, int64_t, float d) { return d; });
+  return launch(x, N, bias, f32_scales ? 0 : ng, row, [&](int64_t m, int64_t, float d) { return d * a.step(m); });
 }
 
 }  // namespace glmkit
 
 namespace {
-
-// ---- int4, 16 rows interleaved (QuantizedLinear's in-memory layout, glmkit/kernels/reference.py) ------------------
-// w16 [N / 16, 8K]: per block of 16 weight rows, per 4 inputs k..k+3, 32 bytes: row i's bytes 2i = u[k] | u[k + 2] << 4
-// and 2i + 1 = u[k + 1] | u[k + 3] << 4; scales [N / 16, K / G, 16]. One vdpbf16ps multiplies 16 rows' pairs by one
-// broadcast pair of x, each lane summing its own row, so a group's scale is one FMA per 16 rows rather than one per
-// row and per 32 inputs: 1.7x the row-major kernel's arithmetic rate (benchmarks/RESULTS.md).
-
-KERNEL inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-KERNEL inline __m512 load16(const uint16_t* p) {  // 16 bf16 as fp32
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
-}
 
 // an fp32 or bf16 bias read where it lies (no per-call conversion), or none
 struct Bias {
@@ -238,14 +268,27 @@ struct Bias {
   bool bf16 = false;
 };
 
-KERNEL inline __m512 load_bias(const Bias& b, int64_t n) {
+#if defined(GLMKIT_ISA_AVX512)
+
+// ---- int4, 16 rows interleaved (QuantizedLinear's in-memory layout, glmkit/kernels/reference.py) ------------------
+// w16 [N / 16, 8K]: per block of 16 weight rows, per 4 inputs k..k+3, 32 bytes: row i's bytes 2i = u[k] | u[k + 2] << 4
+// and 2i + 1 = u[k + 1] | u[k + 3] << 4; scales [N / 16, K / G, 16]. One vdpbf16ps multiplies 16 rows' pairs by one
+// broadcast pair of x, each lane summing its own row, so a group's scale is one FMA per 16 rows rather than one per
+// row and per 32 inputs: 1.7x the row-major kernel's arithmetic rate (benchmarks/RESULTS.md).
+
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const uint16_t* p) {  // 16 bf16 as fp32
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+}
+
+inline __m512 load_bias(const Bias& b, int64_t n) {
   return b.bf16 ? load16(static_cast<const uint16_t*>(b.p) + n) : load16(static_cast<const float*>(b.p) + n);
 }
 
 // y[m][0..16) = the 16 rows of block w against x[m] (+ bias[n0..n0 + 16)), for NM activation rows (stride K;
 // y: stride N)
 template <int NM, int G, typename ST, typename Out>
-KERNEL void block_int4x16(const uint8_t* w, int64_t K, const uint16_t* x, const float* off, const ST* s,
+void block_int4x16(const uint8_t* w, int64_t K, const uint16_t* x, const float* off, const ST* s,
                           const Bias& bias, int64_t n0, Out* y, int64_t N) {
   const __m512i low = _mm512_set1_epi16(0x000F), magic = _mm512_set1_epi16(0x4300);  // bf16 0x4300 | u = 128 + u
   const int64_t ng = K / G;
@@ -290,24 +333,57 @@ KERNEL void block_int4x16(const uint8_t* w, int64_t K, const uint16_t* x, const 
   }
 }
 
+#else
+
+inline __m256 load_bias8(const Bias& b, int64_t n) {
+  return b.bf16 ? glmkit::load8(static_cast<const c10::BFloat16*>(b.p) + n) : glmkit::load8(static_cast<const float*>(b.p) + n);
+}
+
+// y[m][0..16) = the 16 rows of block w against x[m] (+ bias[n0..n0 + 16)), as the AVX-512 block_int4x16
+template <int NM, int G, typename ST, typename Out>
+void block_int4x16(const uint8_t* w, int64_t K, const int16_t* x, const int32_t* off, const float* step, const ST* s,
+                   const Bias& bias, int64_t n0, Out* y, int64_t N) {
+  for (int half = 0; half < 2; half++) {
+    __m256 tot[NM];
+    half_int4x16<NM, G>(w, K, x, off, s, half, tot);
+    for (int m = 0; m < NM; m++) {
+      __m256 v = _mm256_mul_ps(tot[m], _mm256_set1_ps(step[m]));
+      if (bias.p) v = _mm256_add_ps(v, load_bias8(bias, n0 + 8 * half));
+      if constexpr (sizeof(Out) == 4)
+        glmkit::store8(reinterpret_cast<float*>(y + m * N + 8 * half), v);
+      else
+        glmkit::store8(reinterpret_cast<c10::BFloat16*>(y + m * N + 8 * half), v);
+    }
+  }
+}
+
+#endif
+
 template <typename ST, typename Out>
-void run_int4x16(const uint8_t* w, const uint16_t* x, const float* off, const ST* s, const Bias& bias, int64_t M,
-                 int64_t N, int64_t K, int64_t G, Out* y) {
+void run_int4x16(const uint8_t* w, const Int4Acts& a, const ST* s, const Bias& bias, int64_t M, int64_t N, int64_t K,
+                 int64_t G, Out* y) {
   const int64_t ng = K / G;
   at::parallel_for(0, N / 16, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; b++)
       for (int64_t m0 = 0; m0 < M; m0 += MT)
         dispatch_rows(static_cast<int>(std::min<int64_t>(MT, M - m0)), [&]<int NM>() {
           const uint8_t* wb = w + b * K * 8;
-          const float* o = off + m0 * ng;
+          const auto* x = a.x + m0 * K;
+          const auto* o = a.off.data() + m0 * ng;
           const ST* sb = s + b * ng * 16;
           Out* yb = y + m0 * N + b * 16;
+#if defined(GLMKIT_ISA_AVX512)
+#define GLMKIT_BLOCK_ARGS wb, K, x, o, sb, bias, b * 16, yb, N
+#else
+#define GLMKIT_BLOCK_ARGS wb, K, x, o, a.steps.data() + m0, sb, bias, b * 16, yb, N
+#endif
           if (G == 32)
-            block_int4x16<NM, 32>(wb, K, x + m0 * K, o, sb, bias, b * 16, yb, N);
+            block_int4x16<NM, 32>(GLMKIT_BLOCK_ARGS);
           else if (G == 64)
-            block_int4x16<NM, 64>(wb, K, x + m0 * K, o, sb, bias, b * 16, yb, N);
+            block_int4x16<NM, 64>(GLMKIT_BLOCK_ARGS);
           else
-            block_int4x16<NM, 128>(wb, K, x + m0 * K, o, sb, bias, b * 16, yb, N);
+            block_int4x16<NM, 128>(GLMKIT_BLOCK_ARGS);
+#undef GLMKIT_BLOCK_ARGS
         });
   });
 }
@@ -334,18 +410,15 @@ at::Tensor linear_int4x16(const at::Tensor& x, const at::Tensor& w, const at::Te
                         (bias->scalar_type() == at::kFloat || bias->scalar_type() == at::kBFloat16)),
               "bias: expected float32 or bfloat16 [N]");
   const int64_t M = x.size(0);
-  auto xb = bf16_activations(x);
-  const uint16_t* xp = reinterpret_cast<const uint16_t*>(xb.data_ptr());
-  std::vector<float> off(M * (K / G));
-  group_offsets(xp, M, K, G, off.data());
+  const Int4Acts a = int4_activations(x, G);
   const Bias bp = bias ? Bias{bias->data_ptr(), bias->scalar_type() == at::kBFloat16} : Bias{};
   auto y = at::empty({M, N}, x.options());
   const uint8_t* wp = w.data_ptr<uint8_t>();
   auto with_scales = [&](auto* yp) {
     if (scales.scalar_type() == at::kFloat)
-      run_int4x16(wp, xp, off.data(), scales.data_ptr<float>(), bp, M, N, K, G, yp);
+      run_int4x16(wp, a, scales.data_ptr<float>(), bp, M, N, K, G, yp);
     else
-      run_int4x16(wp, xp, off.data(), reinterpret_cast<const uint16_t*>(scales.data_ptr()), bp, M, N, K, G, yp);
+      run_int4x16(wp, a, reinterpret_cast<const uint16_t*>(scales.data_ptr()), bp, M, N, K, G, yp);
   };
   if (x.scalar_type() == at::kFloat)
     with_scales(y.data_ptr<float>());
