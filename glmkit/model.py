@@ -175,6 +175,14 @@ class GLM(nn.Module):
 
         save_pretrained(self, path, metadata)
 
+    def generate(self, input_ids, **kwargs) -> torch.Tensor:
+        """``transformers``' ``model.generate(input_ids, max_new_tokens=..., ...)``: ``glmkit.generate.generate`` with
+        the same arguments, returning its ``sequences [R, P + T]`` (prompt, ``<sop>``, new tokens) as transformers does.
+        Like every glmkit decoding entry point it puts the model on glmkit's kernels first (``kernels=False``: not)."""
+        from .generate import generate
+
+        return generate(self, input_ids, **kwargs).sequences
+
     def embed(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, Rope | None]:
         """The blocks' input for valid ``position_ids [B, 2, S]``, and the rotary angles when positions rotate."""
         x = self.wte(input_ids)

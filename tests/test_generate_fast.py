@@ -78,24 +78,47 @@ def test_the_engine_never_runs_the_validating_forward(monkeypatch):
 
 
 def test_optimize_for_decode_swaps_modules_and_keeps_the_function():
-    kernels = pytest.importorskip("glmkit.kernels")
+    if not kernels.available():
+        pytest.skip(f"kernels unavailable: {kernels.unavailable_reason()}")
     model = fixture_model().to(torch.bfloat16)
-    before = generate(model, ROWS, special_tokens=SPECIAL, max_new_tokens=6)
-    logits = step_logits(model, ROWS, [5, 3], torch.tensor(before.new_tokens).T[:-1])
+    before = generate(model, ROWS, special_tokens=SPECIAL, max_new_tokens=6, kernels=False)
+    assert type(model.blocks[0].mlp.fc) is torch.nn.Linear  # kernels=False: the stock layers computed `before`
+    tokens = torch.tensor(before.new_tokens).T[:-1]
+    logits = step_logits(model, ROWS, [5, 3], tokens)
     assert optimize_for_decode(model) is model and not model.training
-    if kernels.available():
-        assert type(model.blocks[0].mlp.fc) is kernels.FastLinear and type(model.lm_head) is kernels.FastTiedHead
-    after = step_logits(model, ROWS, [5, 3], torch.tensor(before.new_tokens).T[:-1])
+    assert type(model.blocks[0].mlp.fc) is kernels.FastLinear and type(model.lm_head) is kernels.FastTiedHead
+    after = step_logits(model, ROWS, [5, 3], tokens)
     torch.testing.assert_close(after.float(), logits.float(), atol=0.05, rtol=0.02)
     fp32, half = fixture_model(), fixture_model().half()
-    fp32_logits = step_logits(fp32, ROWS, [5, 3], torch.tensor(before.new_tokens).T[:-1])
+    fp32_logits = step_logits(fp32, ROWS, [5, 3], tokens)
     optimize_for_decode(fp32)
     optimize_for_decode(half)
     assert type(half.blocks[0].mlp.fc) is torch.nn.Linear  # fp16: no kernels, the stock layers stay
-    if kernels.available():  # fp32 weights run the kernels' fp32 GEMV: the same logits up to summation order
-        assert type(fp32.blocks[0].mlp.fc) is kernels.FastLinear
-    fp32_after = step_logits(fp32, ROWS, [5, 3], torch.tensor(before.new_tokens).T[:-1])
+    assert type(fp32.blocks[0].mlp.fc) is kernels.FastLinear  # fp32 weights run the kernels' fp32 GEMV
+    fp32_after = step_logits(fp32, ROWS, [5, 3], tokens)
     torch.testing.assert_close(fp32_after, fp32_logits, atol=1e-4, rtol=1e-4)
+
+
+def test_library_calls_decode_on_the_kernels_unless_told_not_to():
+    """``generate``, ``stream``, ``fill_blank_ids`` and ``model.generate`` put a plain model on the kernels
+    themselves (where they run), as the CLI does; ``kernels=False`` leaves it alone."""
+    from glmkit.generate import fill_blank_ids, stream
+
+    swapped = kernels.FastLinear if kernels.available() else torch.nn.Linear
+    for call in (
+        lambda m: generate(m, ROWS, special_tokens=SPECIAL, max_new_tokens=3),
+        lambda m: list(stream(m, ROWS[1], special_tokens=SPECIAL, max_new_tokens=3)),
+        lambda m: fill_blank_ids(m, ROWS[0], special_tokens=SPECIAL, max_new_tokens=3),
+        lambda m: m.generate(ROWS, special_tokens=SPECIAL, max_new_tokens=3),
+    ):
+        model = fixture_model().to(torch.bfloat16)
+        call_kwargs_off = generate(model, ROWS, special_tokens=SPECIAL, max_new_tokens=3, kernels=False)
+        assert type(model.blocks[0].mlp.fc) is torch.nn.Linear and call_kwargs_off.sequences.shape[0] == 2
+        call(model)
+        assert type(model.blocks[0].mlp.fc) is swapped and not model.training
+    model = fixture_model()
+    out = model.generate(torch.tensor([ROWS[0]]), special_tokens=SPECIAL, max_new_tokens=5, num_beams=2)
+    assert torch.equal(out, generate(model, [ROWS[0]], special_tokens=SPECIAL, max_new_tokens=5, num_beams=2).sequences)
 
 
 def _steps(model, rows, blanks, tokens, fused: bool, slots=None):

@@ -20,7 +20,7 @@ from ..kv_cache import KVCache
 from ..masks import find_blanks, mask_with_cache, part_b_positions, prefix_lm_mask
 from ..tokenizer import TokenizerLike
 from .config import GenerationConfig
-from .engine import Decoding, GLMStepper, Streamer, prefill, resolve_special_tokens, seeded_generator
+from .engine import Decoding, GLMStepper, Streamer, prefill, prepare_model, resolve_special_tokens, seeded_generator
 from .fast import cache_dtype, forward_for
 from .stopping import FinishReason
 
@@ -74,7 +74,7 @@ def fill_blank_ids(
     cfg = model.config
     if len(row) > cfg.n_positions:
         raise ValueError(f"input_ids: {len(row)} tokens is longer than the context of {cfg.n_positions} positions")
-    model.eval()
+    prepare_model(model, config)
     device = next(model.parameters()).device
     max_new = min(config.max_new_tokens, cfg.max_sequence_length)
     R = config.num_beams

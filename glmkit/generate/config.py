@@ -35,6 +35,9 @@ class GenerationConfig:
         stop_strings: stop once the generated text contains one of these (needs a tokenizer).
         seed: seed a private ``torch.Generator`` for sampling; ``None`` = the global RNG, like transformers.
         compile: ``torch.compile`` the one-token decode step; True = inductor, or a backend name.
+        kernels: decode on glmkit's C++ kernels where they run (``optimize_for_decode``: the model's linear layers
+            and LM head are swapped, in place, for modules with the same parameters, state dict and function);
+            False leaves the model as it is.
     """
 
     max_new_tokens: int = 20
@@ -57,6 +60,7 @@ class GenerationConfig:
     stop_strings: str | list[str] | None = None
     seed: int | None = None
     compile: bool | str = False
+    kernels: bool = True
 
     def __post_init__(self) -> None:
         for name in ("max_new_tokens", "num_beams", "num_return_sequences"):
@@ -95,6 +99,8 @@ class GenerationConfig:
             raise ValueError(f"stop_strings: expected non-empty strings, got {self.stop_strings!r}")
         if self.seed is not None:
             _check_int("seed", self.seed, low=0)
+        if not isinstance(self.kernels, bool):
+            raise ValueError(f"kernels: expected True or False, got {self.kernels!r}")
         if not isinstance(self.compile, (bool, str)):
             raise ValueError(f"compile: expected a bool or a torch.compile backend name, got {self.compile!r}")
 

@@ -24,7 +24,7 @@ from ..kv_cache import KVCache, KVCacheRows
 from ..masks import find_blanks, part_a_positions, part_b_step_positions, prefix_lm_mask
 from .beam import beam_search
 from .config import GenerationConfig
-from .fast import DecodeStep, cache_dtype, forward_for
+from .fast import DecodeStep, cache_dtype, forward_for, optimize_for_decode
 from .processors import build_processors
 from .sampling import SampleRun, Stepper
 from .stopping import Decoder, FinishReason, StopCriteria, StopStrings
@@ -233,6 +233,15 @@ class Decoding:
         return GenerationOutput(run.ids, P, new, [r or "length" for r in run.reasons])
 
 
+def prepare_model(model: torch.nn.Module, config: GenerationConfig) -> None:
+    """Eval mode and, unless ``config.kernels`` is False, glmkit's kernels (``optimize_for_decode``, in place), so a
+    library call decodes as fast as the CLI."""
+    if config.kernels:
+        optimize_for_decode(model)
+    else:
+        model.eval()
+
+
 def _start(
     model: torch.nn.Module,
     input_ids: TokenIds,
@@ -304,7 +313,7 @@ def generate(
     """
     config = GenerationConfig.from_kwargs(generation_config, **kwargs)
     special = resolve_special_tokens(model, special_tokens, tokenizer)
-    model.eval()
+    prepare_model(model, config)
     decoding, rows = _start(model, input_ids, attention_mask, config, special, tokenizer, generator)
     if streamer is not None:
         if config.num_beams > 1:
@@ -333,7 +342,7 @@ def stream(
     if config.num_beams > 1 or config.num_return_sequences > 1:
         raise ValueError("num_beams: stream() yields one sequence; use generate() for beams or several samples")
     special = resolve_special_tokens(model, special_tokens, tokenizer)
-    model.eval()
+    prepare_model(model, config)
     with torch.inference_mode():
         decoding, rows = _start(model, input_ids, None, config, special, tokenizer, generator)
     if len(rows) != 1:

@@ -10,6 +10,8 @@
 //   bf16: vdpbf16ps on the plain nn.Linear weight [N, K] (no repacking); x rounded to bf16. From 8 rows, tiles of
 //         4 weight rows x 4 activation rows share their loads in registers (tile_bf16); above
 //         BF16_GEMV_MAX_ROWS bf16 rows oneDNN's blocked GEMM takes over.
+//   AVX2 (no AVX-512): the same rows, bf16 widened to fp32 by a shift and FMA'd (row_bf16 below); above
+//         BF16_GEMV_MAX_ROWS, oneDNN's fp32 GEMM on a widened copy of the weight.
 // int8 / int4: quantized.cpp; the shared driver: gemv.h.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -224,7 +226,15 @@ at::Tensor linear_bf16(const at::Tensor& x, const at::Tensor& w, const c10::opti
   TORCH_CHECK(w.scalar_type() == at::kBFloat16 && w.dim() == 2, "weight: expected bf16 [N, K]");
   const int64_t N = w.size(0), K = w.size(1);
   check_common(x, w, K, bias);
+#if defined(GLMKIT_ISA_AVX512)
   if (x.scalar_type() == at::kBFloat16 && x.size(0) > BF16_GEMV_MAX_ROWS) return at::linear(x, w, bias);
+#else
+  // without AVX-512 BF16, oneDNN's bf16 GEMM runs at a fifth of its fp32 GEMM here: widen the weight once (O(N K)
+  // against the GEMM's O(M N K)) and take the fp32 GEMM, x rounded to bf16 first as on every other path
+  if (x.scalar_type() == at::kBFloat16 && x.size(0) > BF16_GEMV_MAX_ROWS)
+    return at::linear(x.to(at::kFloat), w.to(at::kFloat), bias ? c10::optional<at::Tensor>(bias->to(at::kFloat)) : bias)
+        .to(at::kBFloat16);
+#endif
   auto xb = bf16_activations(x);
   const uint16_t* xp = reinterpret_cast<const uint16_t*>(xb.data_ptr());
   const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.data_ptr());
