@@ -11,21 +11,29 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pickle
 import shutil
 import tempfile
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .config import GLMConfig
+from .config import GLMConfig, read_json_object
 from .model import GLM
 from .quantize.scheme import METADATA_KEY, QuantScheme, read_scheme
 
 
 class CheckpointError(ValueError):
     """A checkpoint is missing, malformed, or does not match its config; the message names the key or file."""
+
+
+class OutputFolderError(CheckpointError):
+    """The folder a checkpoint is to be written to is a file, or holds something that ``overwrite`` would lose."""
 
 
 def hub_key_map(config: GLMConfig, scheme: QuantScheme | None = None) -> dict[str, str]:
@@ -128,11 +136,21 @@ def _expected_tensors(config: GLMConfig, scheme: QuantScheme | None) -> dict[str
 
 def _torch_load(path: Path) -> dict[str, torch.Tensor]:
     # Megatron checkpoints may pickle their argparse args next to the weights; nothing else is allowed
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError:  # mmap needs the zipfile format; legacy files load without it
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]), warnings.catch_warnings():
+            # a plain pickle (not torch.save's format) draws a protocol warning before the refusal below says more
+            warnings.filterwarnings("ignore", "Detected pickle protocol", UserWarning)
+            try:
+                obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError:  # mmap needs the zipfile format; legacy files load without it
+                obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:  # torch's weights-only unpickler refused an object, or the bytes are no pickle
+        raise CheckpointError(
+            f"{path}: refused to load: not a plain tensor checkpoint ({_pickle_reason(e)}); glmkit never unpickles "
+            "code or objects other than tensors, so convert the file to safetensors where it is trusted"
+        ) from e
+    except (RuntimeError, EOFError) as e:  # what torch.load raises for a truncated or corrupted file
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({_first_line(e)})") from e
     if isinstance(obj, dict) and "module" in obj and isinstance(obj["module"], dict):
         obj = obj["module"]
     if not isinstance(obj, dict):
@@ -140,14 +158,34 @@ def _torch_load(path: Path) -> dict[str, torch.Tensor]:
     return obj
 
 
+def _first_line(e: BaseException) -> str:
+    return next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+
+
+def _pickle_reason(e: pickle.UnpicklingError) -> str:
+    """The first sentence of the specific reason in torch's weights-only error, without its advice to load with
+    weights_only=False or to allowlist the object."""
+    tail = str(e).split("WeightsUnpickler error:", 1)[-1]
+    paragraphs = [p.strip() for p in tail.split("\n\n") if p.strip()]
+    specific = [p for p in paragraphs if not p.startswith(("Weights only load failed", "Check the documentation"))]
+    first = (specific or paragraphs or ["not a pickle"])[0]
+    return " ".join(first.split(". ", 1)[0].split()).rstrip(".")
+
+
 def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    with safe_open(str(path), framework="pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a mapping)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a mapping)
+    except SafetensorError as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file, truncated or corrupted? ({e})") from e
 
 
 def read_metadata(path: str | Path) -> dict[str, str]:
-    with safe_open(str(path), framework="pt") as f:
-        return f.metadata() or {}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return f.metadata() or {}
+    except SafetensorError as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file, truncated or corrupted? ({e})") from e
 
 
 def read_quantization(folder: str | Path) -> QuantScheme | None:
@@ -156,12 +194,14 @@ def read_quantization(folder: str | Path) -> QuantScheme | None:
     if not (folder / "config.json").is_file():
         return None
     try:
-        config = json.loads((folder / "config.json").read_text())
+        config = read_json_object(folder / "config.json")
         for f in find_weights(folder):
             if f.suffix == ".safetensors":  # every header must record what config.json records
                 read_scheme(config, folder / "config.json", read_metadata(f), f)
         return read_scheme(config, folder / "config.json")
-    except (ValueError, json.JSONDecodeError) as e:
+    except CheckpointError:
+        raise
+    except ValueError as e:
         raise CheckpointError(str(e)) from e
 
 
@@ -169,10 +209,9 @@ def find_weights(folder: Path) -> list[Path]:
     """The weight files of a checkpoint folder, in the order the formats are preferred."""
     for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         if (folder / index).is_file():
-            try:
-                weight_map = json.loads((folder / index).read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError) as e:
-                raise CheckpointError(f"{folder / index}: not a valid shard index ({e})") from e
+            weight_map = read_json_object(folder / index).get("weight_map")
+            if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+                raise CheckpointError(f"{folder / index}: not a shard index (no weight_map of tensor name to file)")
             files = [folder / f for f in sorted(set(weight_map.values()))]
             for f in files:
                 if not f.is_file():
@@ -260,9 +299,7 @@ def save_state_pretrained(
 ) -> None:
     """``save_pretrained`` for a glmkit-named state dict (e.g. gathered from a sharded model)."""
     dest = Path(path)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-    try:
+    with staged_folder(dest, overwrite=True) as tmp:
         hub_config = config.to_hub_dict()
         metadata = {"format": "pt", **(metadata or {})}
         if quantization is not None:
@@ -271,17 +308,50 @@ def save_state_pretrained(
         (tmp / "config.json").write_text(json.dumps(hub_config, indent=2) + "\n")
         state = {k: v.detach().contiguous().cpu() for k, v in _to_hub_names(state, config, quantization).items()}
         save_file(state, str(tmp / "model.safetensors"), metadata=metadata)
-        _normal_permissions(tmp)
-        if dest.exists():
+        if dest.is_dir():
             for f in dest.iterdir():  # keep what else lives there (tokenizer files, README)
                 if not (tmp / f.name).exists():
                     (shutil.copytree if f.is_dir() else shutil.copy2)(f, tmp / f.name)
-            old = dest.with_name(f".{dest.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
+
+
+def check_output_folder(path: str | Path, overwrite: bool = False) -> Path:
+    """``path`` as a folder a new checkpoint may take: absent or empty, or (``overwrite``) any folder. A file, or a
+    folder with content without ``overwrite``, raises ``OutputFolderError``."""
+    dest = Path(path)
+    if dest.exists() and not dest.is_dir():
+        raise OutputFolderError(f"{dest} is a file, not a folder; give a folder for the checkpoint")
+    if not overwrite and dest.is_dir():
+        held = sorted(f.name for f in dest.iterdir())
+        if held:
+            shown = ", ".join(held[:4]) + (f" and {len(held) - 4} more" if len(held) > 4 else "")
+            raise OutputFolderError(
+                f"{dest} is not empty (it holds {shown}); "
+                "choose another folder, or pass --overwrite to replace it whole"
+            )
+    return dest
+
+
+@contextmanager
+def staged_folder(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """A hidden temporary folder next to ``path`` for the caller to fill; when the block ends it becomes ``path`` in
+    one rename (with ``overwrite``, replacing the old folder whole), and when the block raises, KeyboardInterrupt
+    included, it is removed and ``path`` is left as it was. ``path`` is checked by ``check_output_folder`` first."""
+    dest = check_output_folder(path, overwrite)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
+    old = tmp.with_suffix(".old")
+    try:
+        yield tmp
+        _normal_permissions(tmp)
+        if dest.is_dir() and any(dest.iterdir()):  # a rename replaces only an empty folder: move the old one aside
             os.replace(dest, old)
-            os.replace(tmp, dest)
-            shutil.rmtree(old, ignore_errors=True)
+            try:
+                os.replace(tmp, dest)
+            except BaseException:
+                os.replace(old, dest)
+                raise
         else:
             os.replace(tmp, dest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)

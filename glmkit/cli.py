@@ -3,6 +3,11 @@
 Each command lives in its own module, which defines ``configure(parser)`` (its arguments) and ``run(args)``
 (turns parsed arguments into a call of the module's typed Python function). Modules are imported only when
 their command runs, so ``glmkit --help`` stays fast.
+
+A failure the user can cause and fix (bad input, a wrong or unreadable path, a broken file) is raised as a
+``ValueError`` (``ConfigError``, ``CheckpointError``, ...) or an ``OSError`` naming the file and the problem, where it
+arises; it becomes one line ``glmkit CMD: error: ...`` and exit code 2. Any other exception is a bug and keeps its
+traceback, and ``--debug`` shows the traceback of every failure.
 """
 
 from __future__ import annotations
@@ -25,8 +30,18 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+# FloatingPointError: training diverged (loop.fit says so, with the step and a remedy)
+EXPECTED_ERRORS = (ValueError, OSError, FloatingPointError)
+INTERRUPTED = 130  # the shell's code for a process ended by SIGINT
+
+
+def _add_debug_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--debug", action="store_true", help="show the Python traceback of a failure")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="glmkit", description="GLM-family language models: train, run, serve.")
+    _add_debug_flag(parser)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
@@ -35,22 +50,43 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def error_message(e: BaseException) -> str:
+    """``e`` as one line: the file and the OS's reason for an ``OSError``, else its message."""
+    if isinstance(e, OSError) and e.filename is not None and e.strerror:
+        text = f"{e.filename}: {e.strerror}" + (f" (and {e.filename2})" if e.filename2 is not None else "")
+    else:
+        text = str(e)
+    return " ".join(text.split()) or type(e).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = bool(argv) and argv[0] == "--debug"
+    rest = argv[1:] if debug else argv
     # build only the chosen command's parser so one command's imports never slow another
-    if argv and argv[0] in COMMANDS:
-        parser = argparse.ArgumentParser(prog=f"glmkit {argv[0]}", description=COMMANDS[argv[0]][1])
-        module = importlib.import_module(COMMANDS[argv[0]][0])
+    if rest and rest[0] in COMMANDS:
+        command = rest[0]
+        parser = argparse.ArgumentParser(prog=f"glmkit {command}", description=COMMANDS[command][1])
+        module = importlib.import_module(COMMANDS[command][0])
         module.configure(parser)
-        args = parser.parse_args(argv[1:])
+        _add_debug_flag(parser)
+        args = parser.parse_args(rest[1:])
     else:
         args = build_parser().parse_args(argv)
-        module = importlib.import_module(args._module)
+        command, module = args.command, importlib.import_module(args._module)
+    debug = debug or args.debug
     try:
         return int(module.run(args) or 0)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"glmkit {argv[0]}: error: {e}", file=sys.stderr)
+    except EXPECTED_ERRORS as e:
+        if debug:
+            raise
+        print(f"glmkit {command}: error: {error_message(e)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"glmkit {command}: interrupted", file=sys.stderr)
+        return INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -41,6 +41,8 @@ class SpecialTokens:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SpecialTokens:
+        if not isinstance(d, dict):
+            raise ConfigError(f"special_tokens: expected a mapping of token name to id, found {_json_kind(d)}")
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
@@ -119,6 +121,8 @@ class GLMConfig:
             raise ConfigError(f"position_encoding: expected 'learned' or 'rotary_2d', got {self.position_encoding!r}")
         if self.position_encoding == "rotary_2d" and self.head_size % 4:
             raise ConfigError(f"position_encoding: rotary_2d needs a head size divisible by 4, got {self.head_size}")
+        if not isinstance(self.initializer_range, (int, float)) or not self.initializer_range > 0:
+            raise ConfigError(f"initializer_range: expected a positive float, got {self.initializer_range!r}")
         if not isinstance(self.block_position_encoding, bool):
             raise ConfigError(f"block_position_encoding: expected a bool, got {self.block_position_encoding!r}")
         for k, v in (self.special_tokens.to_dict() if self.special_tokens else {}).items():
@@ -168,24 +172,26 @@ class GLMConfig:
     @classmethod
     def from_hub_dict(cls, d: dict[str, Any], **overrides: Any) -> GLMConfig:
         """Build from a hub ``config.json`` dict. Unknown keys and unsupported variants raise ``ConfigError``."""
+        if not isinstance(d, dict):
+            raise ConfigError(f"expected a hub config (a JSON object), found {_json_kind(d)}")
         unknown = sorted(set(d) - set(_HUB_TO_FIELD) - _HUB_IGNORED - _GLMKIT_KEYS)
         if unknown:
-            raise ConfigError(f"config.json: unknown field(s) {unknown}")
+            raise ConfigError(f"unknown hub config field(s) {unknown}")
         if d.get("model_type", "glm") != "glm":
             raise ConfigError(f"model_type: expected 'glm', got {d['model_type']!r}")
         if d.get("relative_encoding", False):
             raise ConfigError("relative_encoding: Transformer-XL relative encoding is not used by any released GLM")
-        if float(d.get("attention_scale", 1.0)) != 1.0:
+        if d.get("attention_scale", 1.0) != 1.0:
             raise ConfigError(f"attention_scale: only 1.0 is supported, got {d['attention_scale']!r}")
         for key in ("num_layers", "hidden_size", "num_attention_heads", "vocab_size", "max_sequence_length"):
             if key not in d:
-                raise ConfigError(f"config.json: missing required field {key!r}")
+                raise ConfigError(f"missing required hub config field {key!r}")
         kwargs = {f: d[hub] for hub, f in _HUB_TO_FIELD.items() if hub in d}
         if "glmkit_gelu" in d:
             kwargs["gelu"] = d["glmkit_gelu"]
         elif "hidden_act" in d:
             acts = {"gelu": "erf", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh"}
-            if d["hidden_act"] not in acts:
+            if not isinstance(d["hidden_act"], str) or d["hidden_act"] not in acts:
                 raise ConfigError(f"hidden_act: expected one of {sorted(acts)}, got {d['hidden_act']!r}")
             kwargs["gelu"] = acts[d["hidden_act"]]
         if "glmkit_position_encoding" in d:
@@ -194,7 +200,7 @@ class GLMConfig:
             kwargs["special_tokens"] = SpecialTokens.from_dict(d["glmkit_special_tokens"])
         bad = sorted(set(overrides) - {f.name for f in dataclasses.fields(cls)})
         if bad:
-            raise ConfigError(f"unknown config field(s) {bad}")
+            raise ConfigError(f"overrides: unknown GLMConfig field(s) {bad}")
         return cls(**{**kwargs, **overrides})
 
     def save(self, path: str | Path) -> None:
@@ -202,16 +208,36 @@ class GLMConfig:
 
     @classmethod
     def from_file(cls, path: str | Path, **overrides: Any) -> GLMConfig:
+        """Read a hub ``config.json`` (or the one in folder ``path``); a bad field raises ``ConfigError`` naming it
+        and the file."""
         path = Path(path)
         if path.is_dir():
             path = path / "config.json"
         if not path.is_file():
             raise FileNotFoundError(f"no config.json in {path.parent}")
+        d = read_json_object(path)
         try:
-            d = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}: not valid JSON ({e})") from e
-        return cls.from_hub_dict(d, **overrides)
+            return cls.from_hub_dict(d, **overrides)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from e
+
+
+def read_json_object(path: str | Path) -> dict[str, Any]:
+    """The JSON object a file holds; a file that is not UTF-8 JSON, or holds another JSON value, raises
+    ``ConfigError`` naming the file."""
+    path = Path(path)
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(d, dict):
+        raise ConfigError(f"{path}: expected a JSON object {{...}}, found {_json_kind(d)}")
+    return d
+
+
+def _json_kind(value: Any) -> str:
+    kinds = {list: "an array", str: "a string", bool: "a boolean", int: "a number", float: "a number"}
+    return "null" if value is None else kinds.get(type(value), type(value).__name__)
 
 
 _HUB_TO_FIELD = {

@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-from .config import SpecialTokens
+from .config import SpecialTokens, read_json_object
 
 EOT, SOP, EOP = "<|endoftext|>", "<|startofpiece|>", "<|endofpiece|>"
 SP_MODEL_FILE = "cog-pretrain.model"
@@ -93,12 +93,7 @@ def _split_on_specials(
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        return {}
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from e
+    return read_json_object(path) if path.is_file() else {}
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -111,18 +106,23 @@ class _HFBackend:
     def __init__(self, folder: Path, kind: str) -> None:
         from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
 
-        if kind == "bpe":
-            self.tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
-        elif kind == "bert":
-            self.tok = Tokenizer(models.WordPiece.from_file(str(folder / "vocab.txt"), unk_token="[UNK]"))
-            self.tok.normalizer = normalizers.BertNormalizer(lowercase=True)  # uncased, as every GLM BERT vocab
-            self.tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-            self.tok.decoder = decoders.WordPiece()
-        else:
-            vocab, merges = models.BPE.read_file(str(folder / "vocab.json"), str(folder / "merges.txt"))
-            self.tok = Tokenizer(models.BPE(vocab, merges))
-            self.tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-            self.tok.decoder = decoders.ByteLevel()
+        try:
+            if kind == "bpe":
+                self.tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+            elif kind == "bert":
+                self.tok = Tokenizer(models.WordPiece.from_file(str(folder / "vocab.txt"), unk_token="[UNK]"))
+                self.tok.normalizer = normalizers.BertNormalizer(lowercase=True)  # uncased, as every GLM BERT vocab
+                self.tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+                self.tok.decoder = decoders.WordPiece()
+            else:
+                vocab, merges = models.BPE.read_file(str(folder / "vocab.json"), str(folder / "merges.txt"))
+                self.tok = Tokenizer(models.BPE(vocab, merges))
+                self.tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+                self.tok.decoder = decoders.ByteLevel()
+        except Exception as e:  # tokenizers reports an unreadable or malformed file as a bare Exception, nothing finer
+            if type(e) is not Exception:
+                raise
+            raise ValueError(f"{folder}: cannot read its {kind} tokenizer files ({e})") from e
         self.size = self.tok.get_vocab_size(with_added_tokens=False)
         self.base = 0 if kind == "bpe" else self.size
         self.kind = kind
@@ -163,7 +163,10 @@ class _SentencePieceBackend:
         import sentencepiece as spm
 
         self.proto = (folder / SP_MODEL_FILE).read_bytes()
-        self.sp = spm.SentencePieceProcessor(model_proto=self.proto)
+        try:
+            self.sp = spm.SentencePieceProcessor(model_proto=self.proto)
+        except RuntimeError as e:  # what sentencepiece raises for bytes that are not a model
+            raise ValueError(f"{folder / SP_MODEL_FILE}: not a SentencePiece model ({e})") from e
         self.size = self.base = self.sp.get_piece_size()
         self.specials: dict[int, str] = {}
 
@@ -206,7 +209,7 @@ def _detect_kind(folder: Path, config: dict[str, Any]) -> str:
         return declared
     for kind in ("sentencepiece", "bert", "gpt2", "bpe"):
         if all(f in present for f in _FILES[kind]):
-            if kind == "gpt2" and {"<s>", "<mask>"} <= json.loads((folder / "vocab.json").read_text()).keys():
+            if kind == "gpt2" and {"<s>", "<mask>"} <= read_json_object(folder / "vocab.json").keys():
                 return "roberta"
             return kind
     raise FileNotFoundError(f"{folder}: no tokenizer files found; looked for {_LOOKED_FOR}; "
@@ -263,6 +266,8 @@ class GLMTokenizer:
         tokenizer_config.json list, else the release default (GPT-2 and Chinese yes, BERT and RoBERTa no).
         """
         folder = Path(folder)
+        if folder.is_file():
+            raise NotADirectoryError(f"{folder} is a file; give the tokenizer's folder (holding {_LOOKED_FOR})")
         if not folder.is_dir():
             raise FileNotFoundError(f"tokenizer folder {folder} does not exist (looked for {_LOOKED_FOR})")
         config = _read_json(folder / "tokenizer_config.json")
@@ -370,7 +375,10 @@ class WhitespaceTokenizer:
         path = Path(folder) / WHITESPACE_VOCAB_FILE
         if not path.is_file():
             raise FileNotFoundError(f"{folder}: no {WHITESPACE_VOCAB_FILE}")
-        return cls(json.loads(path.read_text(encoding="utf-8"))["words"])
+        words = read_json_object(path).get("words")
+        if not isinstance(words, list) or not all(isinstance(w, str) for w in words):
+            raise ValueError(f"{path}: expected {{\"words\": [...]}}, a list of the vocabulary's words")
+        return cls(words)
 
     def encode(self, text: str) -> list[int]:
         ids: list[int] = []

@@ -107,3 +107,37 @@ def test_shipped_configs_validate(name):
 
     with torch.device("meta"):
         GLM(cfg.model)
+
+
+def test_out_dir_is_refused_or_replaced_and_final_written_whole(corpus, tmp_path, monkeypatch, capsys):
+    from glmkit.tokenizer import WhitespaceTokenizer, load_tokenizer
+
+    out = tmp_path / "run"
+    path = _write_config(corpus, out, max_steps=1)
+    assert main(["pretrain", "--config", str(path)]) == 0
+    final = (out / "final" / "model.safetensors").read_bytes()
+    (out / "stale.txt").write_text("from an older run")
+    assert main(["pretrain", "--config", str(path), "--no-resume"]) == 2
+    assert "is not empty" in capsys.readouterr().err and (out / "stale.txt").exists()
+
+    def failing_save(self, folder):
+        raise OSError("No space left on device")
+
+    tok_class = type(load_tokenizer(corpus / "tok"))
+    assert tok_class is not WhitespaceTokenizer
+    monkeypatch.setattr(tok_class, "save_pretrained", failing_save)
+    assert main(["pretrain", "--config", str(path), "--overwrite"]) == 2  # the tokenizer fails to be written
+    assert not (out / "final").exists() and not [p for p in out.iterdir() if p.name.startswith(".")]
+    monkeypatch.undo()
+    assert main(["pretrain", "--config", str(path), "--overwrite"]) == 0
+    assert not (out / "stale.txt").exists()  # the old run is gone whole
+    names = {f.name for f in (out / "final").iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= names and "training_state.pt" not in names
+    assert (out / "final" / "model.safetensors").read_bytes() == final  # same config, same seed: same weights
+
+
+def test_overwrite_never_deletes_the_run_inputs(corpus, tmp_path, capsys):
+    path = _write_config(corpus, corpus, max_steps=1)  # out_dir is the folder holding the data and tokenizer
+    assert main(["pretrain", "--config", str(path), "--overwrite"]) == 2
+    assert "would delete it" in capsys.readouterr().err
+    assert (corpus / "shards").is_dir() and (corpus / "tok").is_dir()

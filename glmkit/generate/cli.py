@@ -249,12 +249,23 @@ def _prompts(args: argparse.Namespace) -> list[str]:
         raise ValueError("prompt: give a PROMPT or --file (one of them)")
     if args.file is None:
         return [args.prompt]
-    if not args.file.is_file():
-        raise FileNotFoundError(f"--file: {args.file} does not exist")
-    prompts = [line for line in args.file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    prompts = [line for line in read_prompt_file(args.file, "--file").splitlines() if line.strip()]
     if not prompts:
         raise ValueError(f"--file: {args.file} holds no prompt")
     return prompts
+
+
+def read_prompt_file(path: Path, flag: str) -> str:
+    """The UTF-8 text of the prompt file a command-line ``flag`` names; a folder, a missing file or other bytes raise an
+    error naming the flag, the path and the problem."""
+    if path.is_dir():
+        raise IsADirectoryError(f"{flag}: {path} is a folder; give a text file with one prompt per line")
+    if not path.exists():
+        raise FileNotFoundError(f"{flag}: {path} does not exist")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{flag}: {path} is not UTF-8 text ({e.reason} at byte {e.start})") from e
 
 
 def run(args: argparse.Namespace) -> int:

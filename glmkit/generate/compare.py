@@ -26,7 +26,7 @@ import torch
 
 from ..masks import find_blanks
 from ..tokenizer import TokenizerLike
-from .cli import DTYPES, prompt_ids
+from .cli import DTYPES, prompt_ids, read_prompt_file
 from .engine import generate
 from .fast import optimize_for_decode
 from .metrics import distinct_n, perplexity, repetition_rate, self_bleu, span_nll
@@ -273,9 +273,7 @@ def plot(results: Sequence[StrategyResult], path: str | Path) -> None:
 
 def read_prompts(path: Path) -> tuple[list[str], list[str] | None]:
     """One prompt per line; a tab may separate a prompt from its true continuation (given for all or none)."""
-    if not path.is_file():
-        raise FileNotFoundError(f"--prompts: {path} does not exist")
-    rows = [line.split("\t", 1) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = [line.split("\t", 1) for line in read_prompt_file(path, "--prompts").splitlines() if line.strip()]
     with_ref = [len(r) == 2 for r in rows]
     if any(with_ref) and not all(with_ref):
         raise ValueError(f"--prompts: {path} gives a continuation (after a tab) for some prompts only")

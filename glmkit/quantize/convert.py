@@ -23,36 +23,46 @@ _NOT_COPIED = ("config.json", "model*.safetensors*", "pytorch_model*.bin*", "mp_
 
 
 def quantize_checkpoint(
-    src: str | Path, dst: str | Path, bits: int, group_size: int = 32, quantize_embeddings: bool = True
+    src: str | Path,
+    dst: str | Path,
+    bits: int,
+    group_size: int = 32,
+    quantize_embeddings: bool = True,
+    overwrite: bool = False,
 ) -> None:
     """Quantize the checkpoint folder ``src`` into ``dst``.
 
     Args:
         src: a full-precision glmkit / hub checkpoint folder.
-        dst: the output folder (written atomically; must differ from ``src``).
+        dst: the output folder; absent or empty unless ``overwrite``. Model, config and the tokenizer and other
+            files of ``src`` are written to a temporary folder next to it, which replaces ``dst`` in one rename.
         bits: 8 (symmetric per output channel) or 4 (symmetric per group of ``group_size`` inputs).
         group_size: inputs per int4 scale, 32, 64 or 128; must divide every layer's input width. Ignored for int8.
         quantize_embeddings: quantize the word embeddings and with them the tied LM head (False: keep them).
+        overwrite: replace a ``dst`` that holds files, whole (nothing of the old folder is kept).
     """
-    from ..checkpoint import read_quantization
+    from ..checkpoint import read_quantization, staged_folder
 
     src, dst = Path(src), Path(dst)
     scheme = QuantScheme(bits, group_size if bits == 4 else None, quantize_embeddings)
+    if src.is_file():
+        raise NotADirectoryError(f"IN: {src} is a file; give the checkpoint's folder")
     if not src.is_dir():
-        raise FileNotFoundError(f"checkpoint folder {src} does not exist")
-    if dst.resolve() == src.resolve():
-        raise ValueError(f"OUT: {dst} is the input folder; write the quantized copy to another folder")
+        raise FileNotFoundError(f"IN: checkpoint folder {src} does not exist")
+    if dst.resolve() == src.resolve() or dst.resolve() in src.resolve().parents:
+        raise ValueError(f"OUT: {dst} is or holds the input folder; write the quantized copy to another folder")
     existing = read_quantization(src)
     if existing is not None:
         raise ValueError(
             f"{src} is already quantized ({existing.describe()}); quantize the full-precision checkpoint instead"
         )
-    model = GLM.from_pretrained(src)
-    quantize_model(model, scheme)  # checks every layer width first, then quantizes
-    model.save_pretrained(dst)
-    for f in src.iterdir():
-        if f.is_file() and not any(f.match(p) for p in _NOT_COPIED):
-            shutil.copy2(f, dst / f.name)
+    with staged_folder(dst, overwrite) as tmp:
+        model = GLM.from_pretrained(src)
+        quantize_model(model, scheme)  # checks every layer width first, then quantizes
+        model.save_pretrained(tmp)
+        for f in src.iterdir():
+            if f.is_file() and not any(f.match(p) for p in _NOT_COPIED):
+                shutil.copy2(f, tmp / f.name)
 
 
 def configure(p: argparse.ArgumentParser) -> None:
@@ -68,13 +78,14 @@ def configure(p: argparse.ArgumentParser) -> None:
         default=True,
         help="quantize the word embeddings / tied LM head too (default; --no-quantize-embeddings keeps them)",
     )
+    p.add_argument("--overwrite", action="store_true", help="replace OUT whole if it holds files")
 
 
 def run(args: argparse.Namespace) -> int:
     if args.bits == 8 and args.group_size is not None:
         raise ValueError("--group-size: int8 uses one scale per output channel; the group size is for --bits 4")
     group_size = 32 if args.group_size is None else args.group_size
-    quantize_checkpoint(args.src, args.dst, args.bits, group_size, args.quantize_embeddings)
+    quantize_checkpoint(args.src, args.dst, args.bits, group_size, args.quantize_embeddings, args.overwrite)
     scheme = QuantScheme(args.bits, group_size if args.bits == 4 else None, args.quantize_embeddings)
     size = sum(f.stat().st_size for f in Path(args.dst).glob("*.safetensors"))
     print(f"wrote {args.dst} ({scheme.describe()}, {size / 2**20:.1f} MiB of weights)")

@@ -6,6 +6,11 @@ past it), JSON access logs, error bodies in each protocol's own shape (``{"error
 ``{"error": {"message", "type", "code"}}`` for OpenAI), backpressure answers with ``Retry-After``, and a lifespan
 that drains in-flight requests before the engines stop. Any unexpected exception becomes a logged 500 and the
 server keeps serving.
+
+The app can start before its model (``build_app(None, config)``): until ``app.state.glmkit`` is set,
+``/v2/health/live`` answers 200, readiness says not ready and every other route 503 + ``Retry-After``, so a
+first start that compiles the C++ kernels is visibly alive. ``drain`` is what SIGTERM runs before the listener
+closes: not ready, new work refused with 503 + ``Retry-After``, in-flight requests finish.
 """
 
 from __future__ import annotations
@@ -44,9 +49,9 @@ class APIError(Exception):
     def __init__(self, status: int, message: str, headers: dict[str, str] | None = None, kind: str = "") -> None:
         super().__init__(message)
         self.status, self.message, self.headers = status, message, headers or {}
-        self.kind = kind or {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError"}.get(
-            status, "ServiceUnavailableError" if status in (429, 503) else "InternalServerError"
-        )
+        unavailable = "ServiceUnavailableError"
+        named = {401: "AuthenticationError", 404: "NotFoundError", 429: unavailable, 503: unavailable}
+        self.kind = kind or named.get(status, "BadRequestError" if status < 500 else "InternalServerError")
 
 
 @dataclass
@@ -80,9 +85,22 @@ class ServerState:
     metrics: Any = None
     draining: bool = False
     started: float = field(default_factory=time.time)
+    active: int = 0  # HTTP requests in flight (health and metrics aside): what a drain waits for
 
     def overloaded(self, message: str, status: int = 503) -> APIError:
         return APIError(status, message, {"Retry-After": str(self.config.retry_after)})
+
+
+async def drain(state: ServerState) -> bool:
+    """Stop taking work and wait up to ``drain_timeout`` s for the requests in flight; True if all finished.
+
+    New requests get 503 + ``Retry-After`` meanwhile (the handlers check ``draining``, the engine refuses)."""
+    state.draining = True
+    deadline = time.monotonic() + state.config.drain_timeout
+    idle = await state.engine.drain(state.config.drain_timeout)
+    while state.active and time.monotonic() < deadline:  # streams sending their last events, one-shot batches
+        await asyncio.sleep(0.02)
+    return idle and not state.active
 
 
 def is_openai(path: str) -> bool:
@@ -137,6 +155,7 @@ class Middleware:
     """Pure ASGI: access log, auth and the body limit, without buffering streamed responses."""
 
     OPEN = ("/v2/health/live", "/v2/health/ready", "/health")
+    UNCOUNTED = (*OPEN, "/metrics")  # a drain does not wait for probes and scrapes
 
     def __init__(self, app: Callable[..., Awaitable[None]], config: ServerConfig) -> None:
         self.app, self.config = app, config
@@ -165,12 +184,18 @@ class Middleware:
                     raise BodyTooLarge
             return message
 
+        state: ServerState | None = scope["app"].state.glmkit
+        counted = state is not None and path not in self.UNCOUNTED
+        if counted:
+            state.active += 1
         try:
             length = headers.get("content-length", "0")
             if self.config.api_key and path not in self.OPEN and not self._authorized(headers):
                 await error_response(path, 401, "missing or invalid API key (Authorization: Bearer <key>)")(
                     scope, receive, send_logged
                 )
+            elif state is None:
+                await self._loading(path, scope, receive, send_logged)
             elif length.isdigit() and int(length) > self.config.max_body_bytes:
                 await self._too_large(path, scope, receive, send_logged)
             else:
@@ -180,6 +205,8 @@ class Middleware:
                     if info["status"] == 0:
                         await self._too_large(path, scope, receive, send_logged)
         finally:
+            if counted:
+                state.active -= 1
             access_log.info(
                 json.dumps(
                     {
@@ -199,29 +226,50 @@ class Middleware:
         auth = headers.get("authorization", "")
         return auth == f"Bearer {self.config.api_key}"
 
+    async def _loading(self, path: str, scope: dict, receive: Callable, send: Callable) -> None:
+        """Before the model is loaded: alive, not ready, everything else 503 + Retry-After."""
+        if path == "/v2/health/live":
+            response = Response(status_code=200)
+        elif path in self.OPEN:
+            response = Response(status_code=400 if path == "/v2/health/ready" else 503)  # Triton's "not ready"
+        else:
+            retry = {"Retry-After": str(self.config.retry_after)}
+            response = error_response(path, 503, "the server is starting: the model is not loaded yet", retry)
+        await response(scope, receive, send)
+
     async def _too_large(self, path: str, scope: dict, receive: Callable, send: Callable) -> None:
         msg = f"request body exceeds the limit of {self.config.max_body_bytes} bytes"
         await error_response(path, 413, msg)(scope, receive, send)
 
 
-def build_app(state: ServerState) -> FastAPI:
-    """The ASGI app over ``state`` (engines already started); shutting it down drains and stops them."""
+def build_app(state: ServerState | None, config: ServerConfig | None = None) -> FastAPI:
+    """The ASGI app over ``state`` (engines already started); shutting it down drains and stops them.
+
+    With ``state=None`` the app serves ``config`` and answers as starting until ``app.state.glmkit`` is set."""
     from . import metrics, openai_api, triton_http
+    from .openapi import openapi_schema
+
+    if state is None and config is None:
+        raise ValueError("build_app: give the server state, or the config of a server still loading its model")
+    config = state.config if state is not None else config
+    assert config is not None
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
-        state.draining = True
-        await state.engine.drain(state.config.drain_timeout)
-        state.engine.shutdown()
-        for b in state.batchers:
+        current: ServerState | None = app.state.glmkit
+        if current is None:  # stopped while loading
+            return
+        await drain(current)
+        current.engine.shutdown()
+        for b in current.batchers:
             b.shutdown()
 
     # FastAPI's own OpenTelemetry hooks look up the global providers on every request (~9 % of the event loop under
     # scoring load); they stay on where OpenTelemetry is configured through OTEL_* variables
     otel = any(k.startswith("OTEL_") for k in os.environ)
     quiet = {} if otel else {"telemetry": {"tracing": False, "metrics": False, "logs": False}}
-    app = FastAPI(title="glmkit", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None, **quiet)
+    app = FastAPI(title="glmkit", lifespan=lifespan, docs_url=None, redoc_url=None, **quiet)
     app.state.glmkit = state
 
     @app.exception_handler(APIError)
@@ -241,15 +289,16 @@ def build_app(state: ServerState) -> FastAPI:
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, e: Exception) -> Response:
-        err = translate(e, state, request.url.path)
+        err = translate(e, request.app.state.glmkit, request.url.path)
         return error_response(request.url.path, err.status, err.message, err.headers, err.kind)
 
     @app.get("/health")
-    async def health() -> Response:
-        return Response(status_code=200 if not state.draining else 503)
+    async def health(request: Request) -> Response:
+        return Response(status_code=200 if not request.app.state.glmkit.draining else 503)
 
     app.include_router(triton_http.router)
     app.include_router(openai_api.router)
     app.include_router(metrics.router)
-    app.add_middleware(Middleware, config=state.config)
+    app.add_middleware(Middleware, config=config)
+    app.openapi = lambda: openapi_schema(app)  # type: ignore[method-assign]
     return app

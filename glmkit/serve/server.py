@@ -1,24 +1,36 @@
 """``glmkit serve``: one process serving a GLM over the Triton/KServe v2 and OpenAI HTTP APIs.
 
 ``build_state`` wires a model and tokenizer into the engines (continuous batching for ``llm``, one dynamic
-batcher per one-shot model) and is what tests call; ``serve`` runs it under uvicorn, loopback by default. On
-SIGTERM/SIGINT the server stops reporting ready, refuses new work with 503 + Retry-After, lets in-flight requests
-finish (up to ``--drain-timeout`` s) and then stops the engines.
+batcher per one-shot model) and is what tests call; ``serve`` runs it under uvicorn, loopback by default.
+
+Startup listens first: the C++ kernels (compiled on a machine's first start, up to ~90 s) and the model load on
+a thread while ``/v2/health/live`` answers 200 and readiness says not ready. The KV pool is sized from memory
+unless ``--max-num-seqs`` is given: ``--kv-cache-memory`` (a share of the RAM available once the model is loaded,
+as vLLM sizes its pool from GPU memory) divided by the bytes one slot of ``--max-model-len`` tokens takes. On
+SIGTERM/SIGINT the server keeps listening while it drains: not ready, new work refused with 503 + Retry-After,
+in-flight requests finish (up to ``--drain-timeout`` s); then it stops listening and stops the engines. A
+second signal stops at once.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import dataclasses
 import logging
+import os
+import threading
+import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
+import uvicorn
 
 from .. import kernels
-from ..generate.fast import optimize_for_decode
-from .app import ServerConfig, ServerState, build_app
+from ..generate.fast import cache_dtype, optimize_for_decode
+from .app import ServerConfig, ServerState, build_app, drain
 from .batcher import DynamicBatcher, DynamicBatchingConfig, QueuePolicy
 from .engine import AsyncLLMEngine, LLMEngine
 from .metrics import ServerMetrics
@@ -47,18 +59,77 @@ class ServeOptions:
     # row-major ones: the tied head's copy of the embedding is the only extra memory. None: wherever the kernels run
     # a bf16 model; True: also say when nothing could be packed; False: never
     pack_weights: bool | None = None
+    # None: scheduler.max_num_seqs KV slots as given; a fraction: as many slots (at most MAX_AUTO_SEQS) as that
+    # share of the memory available once the model is loaded holds (glmkit serve's default: DEFAULT_KV_MEMORY)
+    kv_cache_memory: float | None = None
+
+
+log = logging.getLogger("glmkit.serve")
+DEFAULT_KV_MEMORY = 0.5
+MAX_AUTO_SEQS = 256  # vLLM's default max_num_seqs: beyond it a step's batch, not memory, is the limit
+
+
+def available_memory() -> int:
+    """Bytes of RAM this process can still take: MemAvailable, or less where a cgroup (container) limit says so."""
+    try:
+        meminfo = Path("/proc/meminfo").read_text()
+        free = int(next(line.split()[1] for line in meminfo.splitlines() if line.startswith("MemAvailable:"))) * 1024
+    except (OSError, StopIteration, ValueError):
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            free = min(free, int(limit) - int(Path("/sys/fs/cgroup/memory.current").read_text()))
+    except (OSError, ValueError):
+        pass
+    return max(free, 0)
+
+
+def kv_slot_bytes(model: torch.nn.Module, max_model_len: int) -> int:
+    """Bytes of one KV slot: keys and values of every layer for ``max_model_len`` tokens, in the cache's dtype."""
+    c = model.config
+    itemsize = torch.empty((), dtype=cache_dtype(model)).element_size()
+    return 2 * c.n_layer * c.n_head * c.head_size * itemsize * max_model_len
+
+
+def size_kv_pool(
+    model: torch.nn.Module, scheduler: SchedulerConfig, fraction: float, available: int
+) -> SchedulerConfig:
+    """``scheduler`` with ``max_num_seqs`` = the slots ``fraction`` of ``available`` bytes holds (at most
+    ``MAX_AUTO_SEQS`` and ``max_num_batched_tokens``); ``ValueError`` if not even one fits."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"kv_cache_memory: expected a fraction in (0, 1], got {fraction}")
+    slot = kv_slot_bytes(model, scheduler.max_model_len)
+    fits = int(available * fraction) // slot
+    if fits < 1:
+        raise ValueError(
+            f"kv_cache_memory: {fraction:.0%} of the {available / 2**30:.2f} GiB available holds no KV slot of "
+            f"{scheduler.max_model_len} tokens ({slot / 2**20:.1f} MiB); lower --max-model-len or set --max-num-seqs"
+        )
+    return dataclasses.replace(scheduler, max_num_seqs=min(fits, MAX_AUTO_SEQS, scheduler.max_num_batched_tokens))
 
 
 def build_state(model: torch.nn.Module, tokenizer: Any, options: ServeOptions | None = None) -> ServerState:
     """Start the engines over ``model`` and return the state ``build_app`` serves."""
     options = options or ServeOptions()
     model.eval()  # the engine's runner also puts a bf16 model's linears and LM head on the kernels (in place)
+    if options.kv_cache_memory is not None:
+        available = available_memory()
+        options = dataclasses.replace(
+            options, scheduler=size_kv_pool(model, options.scheduler, options.kv_cache_memory, available)
+        )
+        s = options.scheduler
+        slot = kv_slot_bytes(model, s.max_model_len)
+        log.info(
+            f"glmkit serve: KV pool of {s.max_num_seqs} slots x {s.max_model_len} tokens "
+            f"({s.max_num_seqs * slot / 2**30:.2f} GiB; --kv-cache-memory {options.kv_cache_memory:g} of "
+            f"{available / 2**30:.1f} GiB available, {slot / 2**20:.1f} MiB a slot, at most {MAX_AUTO_SEQS}): "
+            f"up to {s.max_num_seqs} requests decode together"
+        )
     if options.pack_weights is not False:
         packed = kernels.pack_linear(optimize_for_decode(model), release=True)
         if options.pack_weights and not packed:
-            logging.getLogger("glmkit.serve").warning(
-                "pack_weights: nothing packed (it needs bf16 weights on a CPU with glmkit's kernels)"
-            )
+            log.warning("pack_weights: nothing packed (it needs bf16 weights on a CPU with glmkit's kernels)")
     llm_stats = ModelStats("llm")
     engine = AsyncLLMEngine(
         LLMEngine(model, tokenizer, options.scheduler, stats=llm_stats), options.max_jobs, options.threads
@@ -77,6 +148,62 @@ def build_state(model: torch.nn.Module, tokenizer: Any, options: ServeOptions | 
     return state
 
 
+class DrainingServer(uvicorn.Server):
+    """uvicorn that drains before it stops listening, over an app whose model may still be loading.
+
+    uvicorn closes its listener as soon as a signal arrives, so clients of a draining server would get connection
+    refused; here the first SIGTERM/SIGINT runs ``app.drain`` (not ready, 503 + Retry-After, in-flight requests
+    finish) and only then lets uvicorn shut down. A signal while loading, or a second one, stops at once."""
+
+    def __init__(self, config: uvicorn.Config, app: Any) -> None:
+        super().__init__(config)
+        self.app = app
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._drain_task: asyncio.Future | None = None
+
+    async def serve(self, sockets: Any = None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().serve(sockets)
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        state: ServerState | None = self.app.state.glmkit
+        if state is None or state.draining or self._loop is None:
+            super().handle_exit(sig, frame)
+            return
+        state.draining = True  # readiness drops before the drain's first step runs
+        log.info(f"glmkit serve: draining (signal {sig}): new requests get 503, in-flight requests finish")
+        self._loop.call_soon_threadsafe(self._start_drain, state, sig, frame)
+
+    def _start_drain(self, state: ServerState, sig: int, frame: Any) -> None:
+        async def drain_then_exit() -> None:
+            finished = await drain(state)
+            log.info(f"glmkit serve: drained ({'all requests finished' if finished else 'drain timeout'}); stopping")
+            super(DrainingServer, self).handle_exit(sig, frame)
+
+        self._drain_task = asyncio.ensure_future(drain_then_exit())
+
+
+def load_state(model_path: str | None, options: ServeOptions, dtype: str) -> ServerState:
+    """Build (or load) the kernels, load the model and start the engines, saying what takes time."""
+    from ..bundled import load_model_and_tokenizer
+    from ..kernels import build
+
+    log.info(
+        "glmkit serve: building/loading glmkit's C++ kernels (a machine's first start compiles them, up to ~90 s; "
+        "/v2/health/live answers meanwhile)"
+    )
+    start = time.perf_counter()
+    if build.load():
+        log.info(f"glmkit serve: C++ kernels loaded ({time.perf_counter() - start:.1f} s)")
+    else:
+        why = build.unavailable_reason()
+        log.info(f"glmkit serve: C++ kernels unavailable ({why}); using PyTorch ({time.perf_counter() - start:.1f} s)")
+    start = time.perf_counter()
+    model, tokenizer = load_model_and_tokenizer(model_path, dtype=getattr(torch, dtype))
+    log.info(f"glmkit serve: model loaded ({time.perf_counter() - start:.1f} s)")
+    return build_state(model, tokenizer, options)
+
+
 def serve(
     model_path: str | None,
     host: str = "127.0.0.1",
@@ -84,35 +211,43 @@ def serve(
     options: ServeOptions | None = None,
     dtype: str = "float32",
 ) -> None:
-    """Load the model (``None`` = the bundled one) in ``dtype`` and serve until SIGTERM/SIGINT."""
-    import uvicorn
-
-    from ..bundled import load_model_and_tokenizer
-
+    """Listen at once, load the model (``None`` = the bundled one) in ``dtype`` on a thread, serve until
+    SIGTERM/SIGINT. A failed load stops the server and is raised here."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     options = dataclasses.replace(options or ServeOptions())
     options.threads = options.threads or torch.get_num_threads()
-    torch.set_num_threads(1)  # the main thread (loading, then HTTP) starts no OpenMP team: see AsyncLLMEngine._run
-    model, tokenizer = load_model_and_tokenizer(model_path, dtype=getattr(torch, dtype))
-    state = build_state(model, tokenizer, options)
+    app = build_app(None, options.server)
     config = uvicorn.Config(
-        build_app(state),
+        app,
         host=host,
         port=port,
         log_level="warning",
         timeout_graceful_shutdown=int(options.server.drain_timeout) + 1,
         limit_concurrency=4096,
     )
-    server = uvicorn.Server(config)
-    handle_exit = server.handle_exit
+    server = DrainingServer(config, app)
+    failure: list[BaseException] = []
 
-    def draining_exit(sig: int, frame: Any) -> None:
-        state.draining = True  # not ready, new work gets 503 + Retry-After; in-flight requests finish
-        handle_exit(sig, frame)
+    def load() -> None:
+        torch.set_num_threads(1)  # loading starts no OpenMP team beside the engine's: see AsyncLLMEngine._run
+        try:
+            state = load_state(model_path, options, dtype)
+        except BaseException as e:
+            failure.append(e)
+            server.should_exit = True
+            return
+        if server.should_exit:  # stopped while loading
+            state.engine.shutdown()
+            return
+        app.state.glmkit = state
+        log.info("glmkit serve: ready")
 
-    server.handle_exit = draining_exit  # type: ignore[method-assign]
-    logging.getLogger("glmkit.serve").info(f"glmkit serve: http://{host}:{port} (Triton /v2, OpenAI /v1, /metrics)")
+    torch.set_num_threads(1)  # the main thread (HTTP) too
+    log.info(f"glmkit serve: http://{host}:{port} (Triton /v2, OpenAI /v1, /metrics, /openapi.json); loading")
+    threading.Thread(target=load, name="glmkit-load", daemon=True).start()
     server.run()
+    if failure:
+        raise failure[0]
 
 
 def configure(p: argparse.ArgumentParser) -> None:
@@ -122,7 +257,20 @@ def configure(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every route but health")
-    p.add_argument("--max-num-seqs", type=int, default=16, help="sequences decoding together (KV slots)")
+    p.add_argument(
+        "--max-num-seqs",
+        type=int,
+        default=None,
+        help="sequences decoding together (KV slots); default: as many as --kv-cache-memory holds, at most "
+        f"{MAX_AUTO_SEQS}",
+    )
+    p.add_argument(
+        "--kv-cache-memory",
+        type=float,
+        default=DEFAULT_KV_MEMORY,
+        help="share of the RAM available after loading the model that the KV pool may take when --max-num-seqs is "
+        "not given (default %(default)s; the resulting limit is logged)",
+    )
     p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="tokens per model step")
     p.add_argument("--max-model-len", type=int, default=None, help="KV rows per slot (default: 2x the context)")
     p.add_argument("--max-queue-size", type=int, default=256, help="waiting requests before 503/429")
@@ -154,7 +302,7 @@ def run(args: argparse.Namespace) -> int:
     n_positions = GLMConfig.from_file(model_path(args.model) / "config.json").n_positions
     options = ServeOptions(
         scheduler=SchedulerConfig(
-            max_num_seqs=args.max_num_seqs,
+            max_num_seqs=args.max_num_seqs or 1,  # without --max-num-seqs, build_state sizes it from memory
             max_num_batched_tokens=args.max_num_batched_tokens,
             max_model_len=args.max_model_len or 2 * n_positions,
             max_queue_size=args.max_queue_size,
@@ -172,6 +320,7 @@ def run(args: argparse.Namespace) -> int:
         ),
         threads=args.threads,
         pack_weights=args.pack_weights,
+        kv_cache_memory=None if args.max_num_seqs else args.kv_cache_memory,
     )
     serve(args.model, args.host, args.port, options, args.dtype)
     return 0
