@@ -30,3 +30,28 @@ def memory_bandwidth_gbs(mib: int = 512, seconds: float = 3.0) -> float:
         x.sum()
         best = max(best, x.numel() * 4 / (time.perf_counter() - t) / 1e9)
     return best
+
+
+def select_isa(isa: str | None) -> None:
+    """Run glmkit's kernels built for ``isa`` (``GLMKIT_ISA``); call before the kernels load."""
+    import os
+
+    if isa:
+        os.environ["GLMKIT_ISA"] = isa
+
+
+def machine() -> str:
+    """The CPU model and the instruction set glmkit's kernels run on, for every reported figure."""
+    import platform
+    from pathlib import Path
+
+    from glmkit import kernels
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        cpu = next(ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    isa = kernels.isa() or f"reference ({kernels.unavailable_reason()})"
+    return f"{cpu}, {torch.get_num_threads()} threads, kernels: {isa}"

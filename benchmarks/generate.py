@@ -3,10 +3,13 @@
 One run measures everything it compares, because this shared machine's speed moves by up to 2x between runs:
 - the ceilings: memory read bandwidth (before and after the run, and right before each glmkit decode) and the
   bf16/fp32 matmul peaks;
-- single-stream greedy decoding, 32-token prompt, 64 new tokens, in bf16 and fp32: glmkit ``generate()`` (bf16
-  through ``optimize_for_decode``) and transformers ``GPT2LMHeadModel.generate()`` (random weights, 24 layers,
-  hidden 1024, 16 heads, vocab 30592), interleaved, medians of ``--repeats``. Both are timed end to end (prefill
-  included) and per decoded token (from a streamer's timestamps, first token excluded);
+- single-stream greedy decoding, 32-token prompt, 64 new tokens, in bf16 and fp32: glmkit ``generate()`` (which puts
+  the model on glmkit's kernels itself) against two transformers baselines, each in its faster dtype on this CPU
+  (a short probe of both picks it: without AVX-512 BF16, transformers' bf16 matmuls crawl): ``GPT2LMHeadModel``
+  (random weights, 24 layers, hidden 1024, 16 heads, vocab 30592) and ``GlmForCausalLM`` (GLM-4 architecture,
+  same size: 24 layers, hidden 1024, 16 heads of 64, 2 KV groups, FFN 2816, vocab 32000), interleaved, medians of
+  ``--repeats``. All are timed end to end (prefill included) and per decoded token (from a streamer's timestamps,
+  first token excluded);
 - the decode roofline: measured bandwidth / weight bytes read per token (every parameter but the position tables,
   of which a step reads two rows; the KV cache adds ~2 % at these lengths and is not counted), against the higher
   of the before/after readings and, because this machine's bandwidth flips between ~50 and ~80 GB/s from minute
@@ -14,7 +17,7 @@ One run measures everything it compares, because this shared machine's speed mov
 - aggregate decode tokens/s at batch 8 and 32, and prefill tokens/s of a 512-token prompt against the matmul peak
   (FLOPs = 2 · matmul parameters · tokens + 4 · layers · tokens² · hidden for the attention).
 
-    python -m benchmarks.generate [--repeats 3] [--json out.json]
+    python -m benchmarks.generate [--repeats 3] [--isa avx2|avx512] [--json out.json]
 """
 
 from __future__ import annotations
@@ -27,12 +30,12 @@ import time
 
 import torch
 
-from benchmarks.common import matmul_peak_gflops, memory_bandwidth_gbs
+from benchmarks.common import machine, matmul_peak_gflops, memory_bandwidth_gbs, select_isa
 from glmkit import GLM, GLMConfig, KVCache
 from glmkit.config import SpecialTokens
 from glmkit.generate import generate
 from glmkit.generate.engine import prefill
-from glmkit.generate.fast import cache_dtype, optimize_for_decode
+from glmkit.generate.fast import cache_dtype
 
 L, H, NH, V = 24, 1024, 16, 30592
 PROMPT, NEW, PREFILL = 32, 64, 512
@@ -86,11 +89,37 @@ def batch_rates(model: GLM, prompts: list[list[int]]) -> dict[str, float]:
     return {"tokens_per_s": end_to_end, "decode_tokens_per_s": decode}
 
 
-def run_hf(model, ids: torch.Tensor) -> tuple[float, float]:
+def run_hf(model, ids: torch.Tensor, new: int = NEW) -> tuple[float, float]:
     clock = Clock()
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW, do_sample=False, streamer=clock)
-    assert out.shape[1] == ids.shape[1] + NEW
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, do_sample=False, streamer=clock)
+    assert out.shape[1] == ids.shape[1] + new
     return clock.rates()
+
+
+def hf_baselines() -> dict[str, torch.nn.Module]:
+    """transformers' GPT-2 and GLM-4 (``GlmForCausalLM``) of GLM-Large's size, random weights, fp32, no stop id."""
+    from transformers import GlmConfig, GlmForCausalLM, GPT2Config, GPT2LMHeadModel
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    gpt2 = GPT2Config(n_layer=L, n_embd=H, n_head=NH, vocab_size=V, n_positions=1024, bos_token_id=0)
+    glm4 = GlmConfig(
+        num_hidden_layers=L, hidden_size=H, num_attention_heads=NH, num_key_value_heads=2, head_dim=H // NH,
+        intermediate_size=2816, vocab_size=32000, max_position_embeddings=1024,
+    )  # fmt: skip
+    models = {"GPT-2": GPT2LMHeadModel(gpt2), "GlmForCausalLM": GlmForCausalLM(glm4)}
+    for m in models.values():
+        m.generation_config.eos_token_id = m.generation_config.pad_token_id = None  # always NEW tokens
+        m.config.eos_token_id = m.config.pad_token_id = None
+    return {k: m.eval() for k, m in models.items()}
+
+
+def faster_dtype(model: torch.nn.Module, ids: torch.Tensor) -> tuple[str, torch.nn.Module, dict[str, float]]:
+    """The baseline in the dtype it decodes faster in here (a 16-token probe of each), and the probe's rates."""
+    variants = {"fp32": model, "bf16": copy.deepcopy(model).to(torch.bfloat16)}
+    probe = {d: run_hf(m, ids, new=16)[1] for d, m in variants.items()}
+    best = max(probe, key=probe.get)
+    return best, variants[best], probe
 
 
 def weight_bytes(model: torch.nn.Module) -> int:
@@ -116,45 +145,42 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--isa", choices=["avx2", "avx512"], help="run glmkit's kernels built for this instruction set")
     args = ap.parse_args()
+    select_isa(args.isa)
     torch.manual_seed(0)
     rng = torch.Generator().manual_seed(0)
     bandwidth = [memory_bandwidth_gbs()]
     peaks = {"bf16": matmul_peak_gflops(torch.bfloat16), "fp32": matmul_peak_gflops(torch.float32)}
-
-    from transformers import GPT2Config, GPT2LMHeadModel
-    from transformers.utils import logging
-
-    logging.set_verbosity_error()
-    hf_cfg = GPT2Config(n_layer=L, n_embd=H, n_head=NH, vocab_size=V, n_positions=1024, bos_token_id=0)
-    hf_cfg.eos_token_id = hf_cfg.pad_token_id = None  # no stop id: always 64 tokens
-    hf32 = GPT2LMHeadModel(hf_cfg).eval()
     glm32 = GLM(GLMConfig(n_layer=L, n_embd=H, n_head=NH, vocab_size=V, max_sequence_length=1024)).eval()
-    models = {
-        "bf16": (optimize_for_decode(copy.deepcopy(glm32).to(torch.bfloat16)), copy.deepcopy(hf32).to(torch.bfloat16)),
-        "fp32": (optimize_for_decode(glm32), hf32),
-    }
+    models = {"bf16": copy.deepcopy(glm32).to(torch.bfloat16), "fp32": glm32}
     prompt, hf_ids = glm_prompt(rng, PROMPT), torch.randint(0, V, (1, PROMPT), generator=rng)
-    runs: dict[str, dict[str, list]] = {d: {"glmkit": [], "hf": [], "bandwidth": []} for d in models}
+    hf = {name: faster_dtype(m, hf_ids) for name, m in hf_baselines().items()}
+    runs: dict[str, list] = {k: [] for k in [*models, *hf, "bandwidth"]}
     for _ in range(args.repeats + 1):  # the first round warms up
-        for d, (glm, hf) in models.items():
-            runs[d]["hf"].append(run_hf(hf, hf_ids))
-            runs[d]["bandwidth"].append(memory_bandwidth_gbs(seconds=1.0))
-            runs[d]["glmkit"].append(run_glm(glm, [prompt]))
+        for name, (_, m, _) in hf.items():
+            runs[name].append(run_hf(m, hf_ids))
+        for d, glm in models.items():
+            runs["bandwidth"].append(memory_bandwidth_gbs(seconds=1.0))
+            runs[d].append(run_glm(glm, [prompt]))
+    med = {k: [statistics.median(x[i] for x in runs[k][1:]) for i in (0, 1)] for k in [*models, *hf]}
+    baselines = {
+        name: {"dtype": d, "probe_decode_tokens_per_s": probe, "tokens_per_s": med[name][0],
+               "decode_tokens_per_s": med[name][1]}
+        for name, (d, _, probe) in hf.items()
+    }  # fmt: skip
     single = {}
-    for d, (glm, _) in models.items():
-        med = {k: [statistics.median(x[i] for x in runs[d][k][1:]) for i in (0, 1)] for k in ("glmkit", "hf")}
+    for i, (d, glm) in enumerate(models.items()):
         nbytes = weight_bytes(glm)
-        rounds = zip(runs[d]["glmkit"][1:], runs[d]["bandwidth"][1:], strict=True)
+        rounds = zip(runs[d][1:], runs["bandwidth"][len(models) + i :: len(models)], strict=True)
         paired = [g[1] * nbytes / (bw * 1e9) for g, bw in rounds]
         single[d] = {
-            "glmkit_tokens_per_s": med["glmkit"][0],
-            "glmkit_decode_tokens_per_s": med["glmkit"][1],
-            "hf_tokens_per_s": med["hf"][0],
-            "hf_decode_tokens_per_s": med["hf"][1],
-            "speedup_vs_hf": med["glmkit"][0] / med["hf"][0],
+            "glmkit_tokens_per_s": med[d][0],
+            "glmkit_decode_tokens_per_s": med[d][1],
+            "speedup_vs": {name: med[d][0] / b["tokens_per_s"] for name, b in baselines.items()},
+            "decode_speedup_vs": {name: med[d][1] / b["decode_tokens_per_s"] for name, b in baselines.items()},
             "weight_bytes_per_token": nbytes,
-            "paired_bandwidth_gbs": runs[d]["bandwidth"][1:],
+            "paired_bandwidth_gbs": runs["bandwidth"][len(models) + i :: len(models)],
             "paired_roofline_fractions": paired,
             "paired_roofline_fraction": statistics.median(paired),
         }
@@ -165,12 +191,13 @@ def main() -> None:
     for s in single.values():
         s["roofline_tokens_per_s"] = max(bandwidth) * 1e9 / s["weight_bytes_per_token"]
         s["roofline_fraction"] = s["glmkit_decode_tokens_per_s"] / s["roofline_tokens_per_s"]
-        s["hf_roofline_fraction"] = s["hf_decode_tokens_per_s"] / s["roofline_tokens_per_s"]
     summary = {
+        "machine": machine(),
         "threads": torch.get_num_threads(),
         "bandwidth_gbs": bandwidth,
         "matmul_peak_gflops": peaks,
         "single_stream": single,
+        "baselines": baselines,
         "batch": batches,
         "prefill_512": prefills,
     }
@@ -182,16 +209,21 @@ def main() -> None:
 
 def report(r: dict) -> None:
     bw, peaks = r["bandwidth_gbs"], r["matmul_peak_gflops"]
+    print(r["machine"])
     print(f"bandwidth {bw[0]:.1f} / {bw[1]:.1f} GB/s (before / after); matmul peak bf16 {peaks['bf16']:.0f}, "
-          f"fp32 {peaks['fp32']:.0f} GFLOP/s; {r['threads']} threads")  # fmt: skip
+          f"fp32 {peaks['fp32']:.0f} GFLOP/s")  # fmt: skip
+    for name, b in r["baselines"].items():
+        probe = ", ".join(f"{d} {v:.1f}" for d, v in b["probe_decode_tokens_per_s"].items())
+        print(f"transformers {name} in {b['dtype']} (probe decode tok/s: {probe}): {b['tokens_per_s']:.1f} tok/s, "
+              f"decode {b['decode_tokens_per_s']:.1f}")  # fmt: skip
     for d, s in r["single_stream"].items():
         b, p = r["batch"][d], r["prefill_512"][d]
+        vs = ", ".join(f"{s['speedup_vs'][n]:.2f}x {n}" for n in s["speedup_vs"])
         print(
             f"{d}: glmkit {s['glmkit_tokens_per_s']:.1f} tok/s, decode {s['glmkit_decode_tokens_per_s']:.1f} = "
             f"{s['roofline_fraction']:.0%} of the {s['roofline_tokens_per_s']:.1f} tok/s roofline "
             f"({s['paired_roofline_fraction']:.0%} against each round's own bandwidth reading, "
-            f"{' / '.join(f'{b:.0f}' for b in s['paired_bandwidth_gbs'])} GB/s) | HF GPT-2 "
-            f"{s['hf_tokens_per_s']:.1f}, decode {s['hf_decode_tokens_per_s']:.1f} | {s['speedup_vs_hf']:.2f}x HF"
+            f"{' / '.join(f'{b:.0f}' for b in s['paired_bandwidth_gbs'])} GB/s) | end to end {vs}"
         )
         batch = " / ".join(f"{b[n]['decode_tokens_per_s']:.0f}" for n in (8, 32))
         print(f"      batch 8 / 32: {batch} tok/s decode; prefill 512: {p['tokens_per_s']:.0f} tok/s = "

@@ -15,7 +15,7 @@ excluded). bf16 runs twice: with the stock ``F.linear`` (``GLMKIT_KERNELS=0``) a
 bandwidth measured in the same run divided by the bytes a decode step reads; "matmul ms" times a step's matmuls
 alone (every linear layer and the head on one token), "rest ms" is the remainder of the step.
 
-    python -m benchmarks.quantize [--rounds 3] [--new 64] [--threads N] [--json out.json]
+    python -m benchmarks.quantize [--rounds 3] [--new 64] [--threads N] [--isa avx2|avx512] [--json out.json]
 
 Accuracy (``--model DIR --data DIR``, a checkpoint folder and the ``glmkit prepare-data`` folder it was trained
 on): held-out blank-infilling loss per objective (``glmkit.train.loop.evaluate`` on ``batch_sources`` batches) in
@@ -39,7 +39,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import memory_bandwidth_gbs
+from benchmarks.common import machine, memory_bandwidth_gbs, select_isa
 from glmkit import GLM, GLMConfig
 from glmkit.config import SpecialTokens
 from glmkit.quantize import quantize_checkpoint
@@ -183,6 +183,7 @@ def speed(rounds: int, new: int, threads: int) -> dict:
             p.wait()
     bw = max(bandwidth)
     out = {
+        "machine": machine(),
         "threads": threads,
         "bandwidth_gbs": bandwidth,
         "rounds": rounds,
@@ -216,6 +217,7 @@ def speed(rounds: int, new: int, threads: int) -> dict:
 
 def print_speed(res: dict) -> None:
     bw = ", ".join(f"{b:.0f}" for b in res["bandwidth_gbs"])
+    print(res["machine"])
     print(f"{res['threads']} thread(s); memory bandwidth (fp32 sum, GB/s) per round: {bw}; roofline uses the best")
     head = f"{'variant':13s} {'tok/s':>6s} {'x bf16':>6s} {'roofline':>8s} {'MB/tok':>6s} {'matmul ms':>9s}"
     head += f" {'x bf16':>6s} {'rest ms':>7s} {'RSS MiB':>7s} {'x bf16':>6s} {'model MiB':>9s} {'x bf16':>6s}"
@@ -314,8 +316,10 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=50, help="accuracy: held-out greedy prompts")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads per variant")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--isa", choices=["avx2", "avx512"], help="run glmkit's kernels built for this instruction set")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    select_isa(args.isa)  # the workers inherit GLMKIT_ISA
     torch.set_num_threads(int(os.environ.get("GLMKIT_THREADS", args.threads)))  # workers: the controller's value
     if args.worker:
         return worker(args.worker, os.environ.get("GLMKIT_KERNELS", "1") != "0", args.new or 64)

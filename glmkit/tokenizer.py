@@ -377,7 +377,7 @@ class WhitespaceTokenizer:
             raise FileNotFoundError(f"{folder}: no {WHITESPACE_VOCAB_FILE}")
         words = read_json_object(path).get("words")
         if not isinstance(words, list) or not all(isinstance(w, str) for w in words):
-            raise ValueError(f"{path}: expected {{\"words\": [...]}}, a list of the vocabulary's words")
+            raise ValueError(f'{path}: expected {{"words": [...]}}, a list of the vocabulary\'s words')
         return cls(words)
 
     def encode(self, text: str) -> list[int]:

@@ -20,6 +20,7 @@ import os
 import platform
 import shutil
 import subprocess
+import tempfile
 import threading
 import warnings
 from pathlib import Path
@@ -119,13 +120,6 @@ def isa() -> str | None:
     return _isa if load() else None
 
 
-def is_built(isa_name: str | None = None) -> bool:
-    """Whether the build for ``isa_name`` (default: the one ``load()`` would pick) is already compiled, so that
-    loading it takes no compiler run (a server can say that it is building the kernels first)."""
-    isa_name = isa_name or requested_isa() or best_isa()
-    return isa_name is not None and (_build_dir(isa_name) / f"{_build_dir(isa_name).name}.so").exists()
-
-
 def _flags(isa_name: str) -> list[str]:
     return CFLAGS + ISA_FLAGS[isa_name]
 
@@ -134,6 +128,34 @@ def _build_dir(isa_name: str) -> Path:
     source = b"".join(p.read_bytes() for p in [*SOURCES, *sorted(CSRC.glob("*.h"))])
     tag = hashlib.sha256(source + torch.__version__.encode() + " ".join(_flags(isa_name)).encode()).hexdigest()[:12]
     return cache_dir() / f"glmkit_kernels_{isa_name}_{tag}"
+
+
+def _compile(isa_name: str, build_dir: Path) -> None:
+    """Compile and load the library from a private folder, then rename that into place: a build killed midway leaves
+    no half-built library and no lock behind, and processes that build at once each finish (the first rename wins;
+    later processes load the library without running the compiler)."""
+    from torch.utils.cpp_extension import load as load_extension
+
+    log.info("building glmkit's C++ kernels for %s in %s (once per source version; ~10-40 s)", isa_name, build_dir)
+    build_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{build_dir.name}-", dir=build_dir.parent))
+    try:
+        load_extension(
+            name=build_dir.name,
+            sources=[str(p) for p in SOURCES],
+            extra_cflags=_flags(isa_name),
+            build_directory=str(staging),
+            is_python_module=False,
+            verbose=False,
+        )
+        try:
+            staging.rename(build_dir)
+        except OSError:  # another process got there first (or a stale, incomplete folder is in the way)
+            if not (build_dir / f"{build_dir.name}.so").exists():
+                shutil.rmtree(build_dir, ignore_errors=True)
+                staging.rename(build_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _warn(reason: str) -> None:
@@ -161,20 +183,12 @@ def _try_load() -> str | None:
         _warn(reason)
         return reason
     build_dir = _build_dir(isa_name)
-    if not is_built(isa_name):
-        log.info("building glmkit's C++ kernels for %s in %s (once per source version; ~10-40 s)", isa_name, build_dir)
+    library = build_dir / f"{build_dir.name}.so"
     try:
-        build_dir.mkdir(parents=True, exist_ok=True)
-        from torch.utils.cpp_extension import load as load_extension
-
-        load_extension(
-            name=build_dir.name,
-            sources=[str(p) for p in SOURCES],
-            extra_cflags=_flags(isa_name),
-            build_directory=str(build_dir),
-            is_python_module=False,
-            verbose=False,
-        )
+        if library.exists():
+            torch.ops.load_library(str(library))
+        else:
+            _compile(isa_name, build_dir)
     except (RuntimeError, OSError, ImportError, subprocess.CalledProcessError) as e:
         reason = f"could not build the C++ kernels in {build_dir}: {str(e).strip().splitlines()[-1][:300]}"
         _warn(reason)
