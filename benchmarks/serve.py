@@ -10,9 +10,16 @@ time to first token p50/p99). Scoring: ``/v2/models/glm_score/infer`` with the d
     python -m benchmarks.serve --model small                 # bundled-model shape (random weights if absent)
     python -m benchmarks.serve --model large --concurrency 1 4 16 32 64 --max-tokens 16
     python -m benchmarks.serve --model small --write         # also write benchmarks/RESULTS.md
+    python -m benchmarks.serve --client guidellm --write     # guidellm against `glmkit serve` as shipped
 
 ``--model`` takes a checkpoint folder, ``bundled``, ``small`` (the bundled model if present, else its shape
 with random weights) or ``large`` (GLM-Large's shape, 335M parameters, random weights).
+
+``--client guidellm`` drives a plain ``glmkit serve`` (the bundled model, default settings, plus
+``--serve-args``) with guidellm (PyPI ``guidellm``, the vLLM project's load tool; not a glmkit dependency):
+concurrent streams at each ``--streams`` level, synthetic prompts of ``--prompt-tokens`` and answers of
+``--max-tokens`` tokens, counted with the bundled tokenizer. Client and server share the machine, so the report
+gives the CPU share each used.
 """
 
 from __future__ import annotations
@@ -21,9 +28,12 @@ import argparse
 import asyncio
 import datetime
 import json
+import os
 import random
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -36,6 +46,7 @@ from benchmarks.common import memory_bandwidth_gbs
 
 RESULTS = Path(__file__).parent / "RESULTS.md"
 SECTION = "## Serving (issue 6)"
+GUIDELLM_SECTION = "## Serving under guidellm (issue 15)"
 WORDS = "and the lord said unto moses go in to pharaoh king of egypt let my people go that they may serve me".split()
 
 
@@ -114,9 +125,12 @@ def start_server(args: argparse.Namespace, port: int, max_batch_size: int, delay
     cmd += ["--tokenizer", args.tokenizer, "--threads", str(args.threads), "--max-num-seqs", str(args.max_num_seqs)]
     cmd += ["--max-batch-size", str(max_batch_size), "--max-queue-delay-us", str(delay_us), "--dtype", args.dtype]
     cmd += ["--max-tokens", str(args.max_tokens)] + (["--pack-weights"] if args.pack_weights else [])
-    proc = subprocess.Popen(cmd, cwd=Path(__file__).parent.parent)
+    return _ready(subprocess.Popen(cmd, cwd=Path(__file__).parent.parent), port)
+
+
+def _ready(proc: subprocess.Popen, port: int) -> Server:
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
+    deadline = time.monotonic() + 600  # a first glmkit serve on a machine compiles the kernels
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError("the server process exited")
@@ -302,12 +316,62 @@ def score_table(rows: list[tuple[int, dict]]) -> str:
     return "\n".join(out)
 
 
-def write_results(text: str) -> None:
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a live process (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def guidellm_report(args: argparse.Namespace) -> str:
+    """Run guidellm against ``glmkit serve`` and return its figures as a Markdown table."""
+    from glmkit.bundled import BUNDLED_MODEL
+
+    if shutil.which("guidellm") is None:
+        raise SystemExit("benchmarks.serve --client guidellm needs guidellm: pip install guidellm")
+    cmd = [sys.executable, "-m", "glmkit.cli", "serve", "--port", str(args.port), *args.serve_args]
+    server = _ready(subprocess.Popen(cmd), args.port)
+    out = Path(tempfile.mkdtemp()) / "guidellm.json"
+    streams = ",".join(str(c) for c in args.streams)
+    run = ["guidellm", "run", "--backend", f"kind=openai_http,target={server.url},model=llm"]
+    run += ["--profile", "kind=concurrent", "--override", "profile.streams", streams, "--disable-progress"]
+    run += ["--data", f"kind=synthetic_text,prompt_tokens={args.prompt_tokens},output_tokens={args.max_tokens}"]
+    run += ["--tokenizer", f"kind=hf_auto,model={BUNDLED_MODEL}", "--output", f"kind=json,path={out}"]
+    run += ["--constraint", f"kind=max_requests,count={args.guidellm_requests}"]
+    try:
+        server_cpu, wall = _cpu_seconds(server.proc.pid), time.monotonic()
+        before = os.times()
+        subprocess.run(run, check=True)
+        after = os.times()
+        wall, server_cpu = time.monotonic() - wall, _cpu_seconds(server.proc.pid) - server_cpu
+    finally:
+        server.stop()
+    client_cpu = (after.children_user + after.children_system) - (before.children_user + before.children_system)
+    rows = ["| streams | req/s | output tok/s | TTFT p50 / p95 ms | ITL p50 ms | latency p50 / p95 s | errors |"]
+    rows.append("|---|---|---|---|---|---|---|")
+    rate = {}
+    for b in json.loads(out.read_text())["benchmarks"]:
+        m = {k: v["successful"] for k, v in b["metrics"].items() if isinstance(v, dict) and "successful" in v}
+        n, ttft, lat = b["config"]["strategy"]["streams"], m["time_to_first_token_ms"], m["request_latency"]
+        rate[n] = m["output_tokens_per_second"]["mean"]
+        rows.append(
+            f"| {n} | {m['requests_per_second']['mean']:.2f} | {rate[n]:.1f} | {ttft['median']:.0f} / "
+            f"{ttft['percentiles']['p95']:.0f} | {m['inter_token_latency_ms']['median']:.1f} | "
+            f"{lat['median']:.2f} / {lat['percentiles']['p95']:.2f} | {b['metrics']['request_totals']['errored']} |"
+        )
+    cores = os.cpu_count() or 1
+    share = f"guidellm used {client_cpu / wall / cores:.0%} and the server {server_cpu / wall / cores:.0%}"
+    lines = [*rows, "", f"CPU over the run ({wall:.0f} s, {cores} cores): {share} of the machine."]
+    if 1 in rate and 32 in rate:
+        lines.append(f"Output tok/s at 32 streams / 1 stream: **{rate[32] / rate[1]:.1f}x**.")
+    return "\n".join(lines)
+
+
+def write_results(text: str, section: str = SECTION) -> None:
     """Replace this benchmark's section of RESULTS.md (re-read now: other benchmarks write other sections)."""
     old = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    start = old.find(SECTION)
+    start = old.find(section)
     if start >= 0:
-        end = old.find("\n## ", start + len(SECTION))
+        end = old.find("\n## ", start + len(section))
         old = old[:start].rstrip("\n") + ("\n\n" + old[end + 1 :] if end >= 0 else "\n")
     RESULTS.write_text(old.rstrip("\n") + "\n\n" + text.rstrip("\n") + "\n")
 
@@ -337,11 +401,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pack-weights", action="store_true", help="bf16 weights in panels (glmkit serve's default)")
     # server-process flags
     p.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--client", choices=["builtin", "guidellm"], default="builtin", help="the load generator")
+    p.add_argument("--streams", type=int, nargs="+", default=[1, 8, 32, 64], help="guidellm: concurrent streams")
+    p.add_argument("--prompt-tokens", type=int, default=32, help="guidellm: synthetic prompt length")
+    p.add_argument("--guidellm-requests", type=int, default=128, help="guidellm: requests per stream level")
+    p.add_argument("--serve-args", nargs=argparse.REMAINDER, default=[], help="guidellm: glmkit serve flags (last)")
     p.add_argument("--max-batch-size", type=int, default=16, help=argparse.SUPPRESS)
     p.add_argument("--max-queue-delay-us", type=int, default=2000, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.serve:
         serve_main(args)
+        return 0
+    if args.client == "guidellm":
+        command = " ".join(argv if argv is not None else sys.argv[1:])
+        report = f"### guidellm, {datetime.date.today().isoformat()}\n\n`python -m benchmarks.serve {command}`\n\n"
+        report += guidellm_report(args)
+        print(report)
+        if args.write:
+            write_results(f"{GUIDELLM_SECTION}\n\n{report}\n", GUIDELLM_SECTION)
         return 0
 
     bandwidth = [memory_bandwidth_gbs(seconds=1.0)]  # the machine's state: decode speed follows it
