@@ -258,7 +258,7 @@ def optimize_for_decode(model: torch.nn.Module, pack: bool = False) -> torch.nn.
 
     ``pack``: also keep a copy of every bf16 weight packed in panels (``kernels.pack_weight``), which every batch
     multiplies with (as fast as the GEMV at 1 row, 1.6x the matmuls at 32) at twice the weight memory — for servers.
-    Other dtypes and machines keep the stock layers (no compiler, a CPU without AVX-512 BF16, CUDA).
+    Other dtypes and machines keep the stock layers (no compiler, a CPU without AVX2, CUDA).
     """
     p = next(model.parameters())
     if p.dtype in (torch.bfloat16, torch.float32) and kernels.available(p.device):

@@ -210,7 +210,7 @@ def attention(
 
 
 def gelu(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
-    """``F.gelu``; a bf16 CPU tensor with ``approximate="tanh"`` takes the kernels' AVX-512 GELU (fp32 math, one
+    """``F.gelu``; a bf16 CPU tensor with ``approximate="tanh"`` takes the kernels' vector GELU (fp32 math, one
     rounding: ~10x ATen's bf16 GELU on this CPU, the same values within one bf16 rounding)."""
     fits = x.is_cpu and x.dtype == torch.bfloat16 and not (torch.is_grad_enabled() and x.requires_grad)
     if approximate == "tanh" and fits and build.load():
