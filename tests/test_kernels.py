@@ -118,6 +118,26 @@ def test_interleaved_int4_kernel_is_the_row_major_kernel(M, N, K, group_size, dt
         close(y, reference.linear_int4(x, packed, scales, group_size, bias), 2**-7)
 
 
+@pytest.mark.parametrize("N,K,group_size", [(16, 64, 32), (48, 160, 32), (32, 256, 128)])
+def test_the_reference_is_the_weight_formats_math(N, K, group_size):
+    """What every CPU without the kernels runs (and the kernels are held to), against the formats' definitions
+    computed element by element: w = q * scale (int8), (u - 8) * scale[n, k // G] (int4, both layouts)."""
+    w = torch.randn(N, K)
+    x, b = torch.randn(3, K), torch.randn(N)
+    q, s = quantize_int8(w)
+    torch.testing.assert_close(reference.linear_int8(x, q, s, b), x @ (q.double() * s.double()[:, None]).float().T + b)
+    packed, s4 = quantize_int4(w, group_size)
+    u = reference.unpack_int4(packed).double()
+    w4 = ((u - 8) * s4.double().repeat_interleave(group_size, dim=1)).float()
+    expected = x @ w4.T + b
+    torch.testing.assert_close(reference.linear_int4(x, packed, s4, group_size, b), expected)
+    w16, s16 = reference.interleave_int4(packed, s4)
+    torch.testing.assert_close(reference.linear_int4x16(x, w16, s16, group_size, b), expected)
+    fixed = reference.fixed16(x)  # 16-bit fixed point per row: within half a step of x, max |x| exact
+    step = x.abs().amax(dim=1, keepdim=True) / reference.FIXED16_MAX
+    assert ((fixed - x).abs() <= step / 2 * 1.001).all() and torch.equal(fixed.abs().amax(1), x.abs().amax(1))
+
+
 @pytest.mark.parametrize("N,K", [(16, 32), (32, 96), (48, 256)])
 def test_int4_interleaving_round_trips(N, K):
     packed, s = quantize_int4(torch.randn(N, K), 32)
