@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import aclosing
 from typing import Any, TypeVar
 
 import torch
@@ -25,8 +26,8 @@ from ..generate.config import GenerationConfig
 from ..generate.engine import resolve_special_tokens
 from ..generate.stopping import Decoder
 from .request import Fill, Request, RequestOutput
-from .runner import ModelRunner
-from .scheduler import QueueFullError, Scheduler, SchedulerConfig
+from .runner import Failures, ModelRunner
+from .scheduler import QueueFullError, RunnerOutput, Scheduler, SchedulerConfig, SchedulerOutput
 from .stats import ModelStats
 
 log = logging.getLogger("glmkit.serve")
@@ -83,19 +84,42 @@ class LLMEngine:
             device=self.runner.device,
         )
 
-    def add_request(self, request: Request) -> None:
-        if request.num_prompt_tokens > self.model.config.n_positions:
+    def check_size(self, num_requests: int) -> None:
+        """``ValueError`` when ``num_requests`` queued together could never fit the waiting queue (no retry helps)."""
+        size = self.config.max_queue_size
+        if size and num_requests > size:
             raise ValueError(
-                f"prompt: {request.num_prompt_tokens} tokens (blank included) exceed the model's context of "
-                f"{self.model.config.n_positions} positions"
+                f"the request holds {num_requests} sequences (prompts x n), more than the server's queue of {size} "
+                "(max_queue_size); send them in smaller requests"
             )
+
+    def add_request(self, request: Request) -> None:
+        self.add_requests([request])
+
+    def add_requests(self, requests: list[Request]) -> None:
+        """Queue ``requests`` all or none: a bad one (``ValueError``) or a full queue (``QueueFullError``) queues
+        none of them, so a refused API call leaves nothing behind to run or to count."""
+        self.check_size(len(requests))
+        for request in requests:
+            if request.num_prompt_tokens > self.model.config.n_positions:
+                raise ValueError(
+                    f"prompt: {request.num_prompt_tokens} tokens (blank included) exceed the model's context of "
+                    f"{self.model.config.n_positions} positions"
+                )
         with self._lock:
+            added: list[str] = []
             try:
-                self.scheduler.add_request(request)
-            except QueueFullError:
-                self.stats.rejected()
+                for request in requests:
+                    self.scheduler.add_request(request)
+                    added.append(request.request_id)
+            except Exception as e:
+                # under the lock no step has seen them: taking them back leaves the scheduler as it was
+                self.scheduler.finish_requests(added, "abort")
+                if isinstance(e, QueueFullError):
+                    self.stats.rejected()
                 raise
-            self.stats.pending = self.scheduler.num_waiting
+            finally:
+                self.stats.pending = self.scheduler.num_waiting
 
     def abort(self, request_ids: list[str], error: str | None = None) -> list[RequestOutput]:
         """Abort requests (client gone, or ``error``); each gets a final output."""
@@ -119,13 +143,9 @@ class LLMEngine:
         if not scheduled.decode:
             return []
         start = time.perf_counter_ns()
-        try:
-            sampled = self.runner.execute(scheduled)
-        except Exception as e:  # a model failure fails this step's requests, never the server
-            log.exception("model step failed")
-            error = f"model execution failed: {type(e).__name__}: {e}"
-            return self.abort([r.request_id for r in scheduled.decode], error)
+        sampled, failed = self._execute(scheduled)
         elapsed = time.perf_counter_ns() - start
+        failures = [out for rid, error in failed.items() for out in self.abort([rid], error)]
         with self._lock:
             outputs = self.scheduler.update_from_output(scheduled, sampled)
             self.stats.pending, self.stats.running = self.scheduler.num_waiting, self.scheduler.num_running
@@ -135,7 +155,31 @@ class LLMEngine:
         for out in outputs:
             if out.finished:
                 self._account(by_id[out.request_id], out, "OTHER")
-        return outputs
+        return failures + outputs
+
+    def _execute(self, scheduled: SchedulerOutput) -> tuple[RunnerOutput, Failures]:
+        """Run a step; a step that raises is rewound and retried on each half of its rows, down to single rows, so
+        only the rows that fail alone fail (a row computes what it would alone, so the others' tokens are the same).
+        """
+        lengths = self.runner.cache.host_lengths()
+        try:
+            return self.runner.execute(scheduled)
+        except Exception as e:
+            self.runner.cache.set_lengths(lengths)  # the failed step's cache writes lie past these and are redone
+            if len(scheduled.decode) == 1:
+                request = scheduled.decode[0]
+                log.exception("model step failed for request %s", request.request_id)
+                return {}, {request.request_id: f"model execution failed: {type(e).__name__}: {e}"}
+            log.warning("model step over %d rows failed (%r); retrying in halves", len(scheduled.decode), e)
+        sampled: RunnerOutput = {}
+        failed: Failures = {}
+        half = len(scheduled.decode) // 2
+        for rows in (scheduled.decode[:half], scheduled.decode[half:]):
+            part = SchedulerOutput(prefill=[r for r in scheduled.prefill if r in rows], decode=rows)
+            s, f = self._execute(part)
+            sampled |= s
+            failed |= f
+        return sampled, failed
 
     def _account(self, request: Request, out: RequestOutput, failure: str) -> None:
         """Triton request counters and LLM histograms for a request that just finished."""
@@ -172,6 +216,7 @@ class AsyncLLMEngine:
         self._accepting = True
         self._thread = threading.Thread(target=self._run, name="glmkit-engine", daemon=True)
         self._jobs = ThreadPoolExecutor(max_workers=1, thread_name_prefix="glmkit-job")
+        self.max_jobs = max_jobs
         self._job_slots = threading.BoundedSemaphore(max_jobs)
 
     def start(self) -> AsyncLLMEngine:
@@ -209,34 +254,41 @@ class AsyncLLMEngine:
 
     async def generate(self, request: Request) -> AsyncIterator[RequestOutput]:
         """Queue ``request`` and yield its outputs; leaving early (client gone, task cancelled) aborts it."""
+        async with aclosing(self.generate_many([request])) as outputs:
+            async for out in outputs:
+                yield out
+
+    async def generate_many(self, requests: list[Request]) -> AsyncIterator[RequestOutput]:
+        """Queue ``requests`` all or none (``LLMEngine.add_requests``) and yield their outputs, interleaved, as the
+        steps produce them; leaving early (client gone, task cancelled) aborts the unfinished ones."""
         if not self._accepting:
             raise EngineClosedError("the server is shutting down")
         queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
-        self._streams[request.request_id] = (asyncio.get_running_loop(), queue)
+        loop = asyncio.get_running_loop()
+        for request in requests:
+            self._streams[request.request_id] = (loop, queue)
         try:
-            self.engine.add_request(request)
+            self.engine.add_requests(requests)
         except Exception:
-            self._streams.pop(request.request_id, None)
+            for request in requests:
+                self._streams.pop(request.request_id, None)
             raise
         self._wake.set()
-        finished, held = False, None
+        unfinished = {r.request_id for r in requests}
         try:
-            while not finished:
-                out = held if held is not None else await queue.get()
-                held = None
-                # a consumer that fell behind gets the steps it missed in one output (vLLM does the same)
-                while not out.finished and not queue.empty():
-                    nxt = queue.get_nowait()
-                    if nxt.span_index != out.span_index:
-                        held = nxt
-                        break
-                    out = _join(out, nxt)
-                finished = out.finished
-                yield out
+            while unfinished:
+                outs = [await queue.get()]
+                while not queue.empty():
+                    outs.append(queue.get_nowait())
+                for out in _coalesce(outs):
+                    if out.finished:
+                        unfinished.discard(out.request_id)
+                    yield out
         finally:
-            self._streams.pop(request.request_id, None)
-            if not finished:
-                self.engine.abort([request.request_id])
+            for request in requests:
+                self._streams.pop(request.request_id, None)
+            if unfinished:
+                self.engine.abort(list(unfinished))
 
     async def run_job(self, fn: Callable[[], T]) -> T:
         """Run a one-shot model job (beam search) on the job thread; ``QueueFullError`` when too many wait."""
@@ -273,6 +325,20 @@ class AsyncLLMEngine:
 def _put_all(items: list[tuple[asyncio.Queue, RequestOutput]]) -> None:
     for queue, out in items:
         queue.put_nowait(out)
+
+
+def _coalesce(outputs: list[RequestOutput]) -> list[RequestOutput]:
+    """A consumer that fell behind gets each request's missed steps of one span as one output (as vLLM does)."""
+    joined: list[RequestOutput] = []
+    last: dict[str, int] = {}
+    for out in outputs:
+        i = last.get(out.request_id)
+        if i is not None and not joined[i].finished and joined[i].span_index == out.span_index:
+            joined[i] = _join(joined[i], out)
+        else:
+            last[out.request_id] = len(joined)
+            joined.append(out)
+    return joined
 
 
 def _join(a: RequestOutput, b: RequestOutput) -> RequestOutput:

@@ -14,7 +14,6 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
-from contextlib import aclosing
 from typing import Any
 
 import numpy as np
@@ -23,9 +22,10 @@ from fastapi.responses import Response, StreamingResponse
 
 from ..masks import find_blanks
 from .app import APIError, ServerState, translate, until_disconnect
+from .request import Fill
 from .sampling import SamplingParams
 from .scoring import ScoreRow
-from .served import Delta, OneShotModel
+from .served import Delta, OneShotModel, parse_json
 from .specs import EMBED
 from .text import CHAT_STOP, chat_prompt, completion_ids, infill_ids, safe_decode
 
@@ -38,9 +38,9 @@ def _state(request: Request) -> ServerState:
 
 async def _body(request: Request) -> dict[str, Any]:
     try:
-        body = json.loads(await request.body())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise APIError(400, f"request body is not valid JSON: {e}") from e
+        body = parse_json(await request.body())
+    except ValueError as e:
+        raise APIError(400, f"request body: {e}") from e
     if not isinstance(body, dict):
         raise APIError(400, "request body must be a JSON object")
     state = _state(request)
@@ -51,54 +51,33 @@ async def _body(request: Request) -> dict[str, Any]:
     return body
 
 
-async def _merge(streams: list[AsyncIterator[Delta]], n: int) -> AsyncIterator[Delta]:
-    """Interleave the choices of several prompts; prompt ``p``'s choice ``i`` becomes index ``p * n + i``."""
-    if len(streams) == 1:
-        async with aclosing(streams[0]) as stream:
-            async for d in stream:
-                yield d
-        return
-    queue: asyncio.Queue[Delta | BaseException | None] = asyncio.Queue()
-
-    async def pump(p: int, s: AsyncIterator[Delta]) -> None:
-        try:
-            async for d in s:
-                d.index += p * n
-                queue.put_nowait(d)
-        except Exception as e:
-            queue.put_nowait(e)
-        queue.put_nowait(None)
-
-    tasks = [asyncio.create_task(pump(p, s)) for p, s in enumerate(streams)]
-    try:
-        left = len(tasks)
-        while left:
-            item = await queue.get()
-            if item is None:
-                left -= 1
-            elif isinstance(item, BaseException):
-                raise item
-            else:
-                yield item
-    finally:
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-
-
-def _prompts(state: ServerState, prompt: Any) -> list[tuple[list[int], str, str]]:
+def _prompts(state: ServerState, prompt: Any, params: SamplingParams) -> list[tuple[list[int], Fill, str]]:
     """(ids, fill mode, prompt text) per prompt: text → ``[CLS] text [gMASK]``; token ids are Part A as given."""
     tok = state.service.tok
+    if isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt):
+        try:  # before any tokenizing: a request that can never be queued whole is refused outright
+            state.service.check_size(len(prompt), params)
+        except ValueError as e:
+            raise APIError(400, str(e)) from e
     if isinstance(prompt, str):
         return [(completion_ids(tok, prompt), "all", prompt)]
     if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
         return [(completion_ids(tok, p), "all", p) for p in prompt]
     if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-        return [(list(prompt), "first", safe_decode(tok, prompt))]
+        return [(list(prompt), "first", _ids_text(state, prompt))]
     if isinstance(prompt, list) and prompt and all(isinstance(p, list) and p for p in prompt):
         if all(isinstance(t, int) and not isinstance(t, bool) for p in prompt for t in p):
-            return [(list(p), "first", safe_decode(tok, p)) for p in prompt]
+            return [(list(p), "first", _ids_text(state, p)) for p in prompt]
     raise APIError(400, "prompt: expected a string, a list of strings, or token ids (a list or a list of lists)")
+
+
+def _ids_text(state: ServerState, ids: list[int]) -> str:
+    """The text of a token-id prompt (for ``echo``), once its ids are known to be in the vocabulary."""
+    try:
+        state.service.check_prompt(ids)
+    except ValueError as e:
+        raise APIError(400, str(e)) from e
+    return safe_decode(state.service.tok, ids)
 
 
 def _params(state: ServerState, body: dict[str, Any], default_max: int, chat: bool = False) -> SamplingParams:
@@ -112,8 +91,12 @@ def _params(state: ServerState, body: dict[str, Any], default_max: int, chat: bo
         raise APIError(400, "logprobs: expected an int (the number of top log-probabilities)")
     if body.get("suffix"):
         raise APIError(400, "suffix: not supported (use /v1/infill with [MASK] for GLM blank filling)")
-    if body.get("stream_options") is not None and not body.get("stream"):
-        raise APIError(400, "stream_options: only allowed with stream=true")
+    options = body.get("stream_options")
+    if options is not None:
+        if not body.get("stream"):
+            raise APIError(400, "stream_options: only allowed with stream=true")
+        if not isinstance(options, dict) or not isinstance(options.get("include_usage", False), bool):
+            raise APIError(400, 'stream_options: expected an object such as {"include_usage": true}')
     try:
         return SamplingParams.from_dict(d, state.config.limits, default_max)
     except ValueError as e:
@@ -151,16 +134,15 @@ def _chat_logprobs(state: ServerState, deltas: list[Delta]) -> dict[str, Any]:
     }
 
 
-async def _start(state: ServerState, request: Request, streams: list[AsyncIterator[Delta]], n: int):
-    """The merged stream and its first delta (awaited here so refusals keep their status code)."""
-    merged = _merge(streams, n)
+async def _start(state: ServerState, request: Request, stream: AsyncIterator[Delta]):
+    """The stream and its first delta (awaited here so refusals keep their status code)."""
     try:
-        first = await until_disconnect(request, anext(merged, None))
+        first = await until_disconnect(request, anext(stream, None))
     except APIError:
         raise
     except Exception as e:
         raise translate(e, state, request.url.path) from e
-    return merged, first
+    return stream, first
 
 
 def _sse(obj: Any) -> str:
@@ -183,22 +165,22 @@ async def _generate(request: Request, chat: bool) -> Response:
         messages = body.get("messages")
         if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
             raise APIError(400, "messages: expected a list of message objects")
+    params = _params(state, body, state.config.limits.max_tokens if chat else 16, chat)
+    if chat:
         try:
             text = chat_prompt(messages)
         except ValueError as e:
             raise APIError(400, str(e)) from e
-        prompts = [(completion_ids(state.service.tok, text), "all", text)]
+        except TypeError as e:  # a text part whose "text" is not a string
+            raise APIError(400, f"messages: a text part's text must be a string ({e})") from e
+        prompts: list[tuple[list[int], Fill, str]] = [(completion_ids(state.service.tok, text), "all", text)]
     else:
-        prompts = _prompts(state, body.get("prompt"))
-    params = _params(state, body, state.config.limits.max_tokens if chat else 16, chat)
+        prompts = _prompts(state, body.get("prompt"), params)
     priority = body.get("priority", 0)
     if not isinstance(priority, int) or isinstance(priority, bool):
         raise APIError(400, "priority: expected an int")
-    try:
-        streams = [state.service.stream(ids, params, fill=fill, priority=priority) for ids, fill, _ in prompts]
-        merged, first = await _start(state, request, streams, params.n)
-    except ValueError as e:
-        raise APIError(400, str(e)) from e
+    stream = state.service.stream([(ids, fill) for ids, fill, _ in prompts], params, priority=priority)
+    merged, first = await _start(state, request, stream)
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
     head = {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time())}
     head["model"] = state.config.served_model_name
@@ -317,7 +299,7 @@ async def infill(request: Request) -> Response:
         raise APIError(400, "prompt: no blank ([MASK], [sMASK] or [gMASK]) to fill")
     params = _params(state, {**body, "n": 1, "stream": None}, 16)
     try:
-        merged, first = await _start(state, request, [state.service.stream(ids, params, fill="all")], 1)
+        merged, first = await _start(state, request, state.service.stream([(ids, "all")], params))
         last = first
         while last is not None and last.finish_reason is None:
             last = await until_disconnect(request, anext(merged, None))

@@ -199,8 +199,9 @@ class Request:
         return out
 
     def finish(self, reason: FinishReason) -> None:
+        # the feed is left as it is: an abort may land while a step is reading this request's next input, and the
+        # scheduler skips finished requests when the step's results come back
         self.status, self.finish_reason = "finished", reason
-        self._feed.clear()
 
     def final_output(self) -> RequestOutput:
         """The closing output of a request finished from outside (abort)."""

@@ -4,7 +4,8 @@ The KV cache is one ``KVCache`` with a row ("slot") per running sequence; each s
 part (``KVCache.rows``), whose lengths differ — the cache and ``mask_with_cache`` handle ragged rows, so a row
 computes what it would alone. Positions come from masks.py and the prefill is ``glmkit.generate``'s, so serving
 and ``generate`` share one definition of GLM's Part A / Part B layout. Token choice applies each request's own
-processors (transformers' order) and its own generator, as ``SampleRun`` does for a single request.
+processors (transformers' order) and its own generator, as ``SampleRun`` does for a single request. A row whose
+token cannot be chosen (probabilities that are not finite) fails alone: ``execute`` reports it in ``Failures``.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from ..kv_cache import KVCache
 from .request import Request, TokenLogprob
 from .scheduler import RunnerOutput, SchedulerOutput
 
+Failures = dict[str, str]  # request id -> why its row failed
+
 
 class ModelRunner:
     """Owns the model and the slot cache (``num_slots`` rows of ``max_model_len`` tokens)."""
@@ -29,14 +32,14 @@ class ModelRunner:
         self.decode = DecodeStep(model)  # the one-token step generation uses
 
     @torch.inference_mode()
-    def execute(self, scheduled: SchedulerOutput) -> RunnerOutput:
+    def execute(self, scheduled: SchedulerOutput) -> tuple[RunnerOutput, Failures]:
         if scheduled.prefill:
             rows = [r.prompt_ids for r in scheduled.prefill]
             view = self.cache.rows([r.slot for r in scheduled.prefill])
             view.set_lengths([0] * len(rows))  # a reused slot still counts its previous sequence
             prefill(self.model, rows, view)
         if not scheduled.decode:
-            return {}
+            return {}, {}
         requests = scheduled.decode
         inputs = [r.next_input() for r in requests]
         tokens = torch.tensor([[t] for t, _, _ in inputs], device=self.device)  # (N, 1)
@@ -45,9 +48,10 @@ class ModelRunner:
         logits = self.decode(tokens, positions, view).float()  # (N, V)
         return self.sample(requests, logits)
 
-    def sample(self, requests: list[Request], logits: torch.Tensor) -> RunnerOutput:
-        """Choose each sampling request's token from its row of ``logits [N, V]``."""
+    def sample(self, requests: list[Request], logits: torch.Tensor) -> tuple[RunnerOutput, Failures]:
+        """Choose each sampling request's token from its row of ``logits [N, V]``; a row that fails fails alone."""
         out: RunnerOutput = {}
+        failed: Failures = {}
         plain = [
             i for i, r in enumerate(requests) if r.samples_this_step() and not r.processors and not r.config.do_sample
         ]
@@ -59,18 +63,32 @@ class ModelRunner:
         for i, r in enumerate(requests):
             if not r.samples_this_step():
                 continue
-            if i not in chosen:
-                scores = apply_processors(r.processors, r.ids, logits[i : i + 1])
-                if r.config.do_sample:
-                    probs = torch.softmax(scores, dim=-1)
-                    chosen[i] = int(torch.multinomial(probs, 1, generator=r.generator))
-                else:
-                    chosen[i] = int(scores.argmax(-1))
-            lp = None
-            if r.logprobs is not None and logprobs is not None:
-                row = logprobs[i]
-                top = torch.topk(row, r.logprobs) if r.logprobs else None
-                pairs = list(zip(top.indices.tolist(), top.values.tolist(), strict=True)) if top is not None else []
-                lp = TokenLogprob(chosen[i], float(row[chosen[i]]), pairs)
-            out[r.request_id] = (chosen[i], lp)
-        return out
+            try:  # nothing here may raise past a row: a retried step would draw from the generators again
+                token = chosen[i] if i in chosen else _choose(r, logits[i : i + 1])
+                lp = None
+                if r.logprobs is not None and logprobs is not None:
+                    row = logprobs[i]
+                    pairs = []
+                    if r.logprobs:
+                        top = torch.topk(row, r.logprobs)
+                        pairs = list(zip(top.indices.tolist(), top.values.tolist(), strict=True))
+                    lp = TokenLogprob(token, float(row[token]), pairs)
+            except Exception as e:
+                failed[r.request_id] = f"sampling failed: {type(e).__name__}: {e}"
+                continue
+            out[r.request_id] = (token, lp)
+        return out, failed
+
+
+def _choose(r: Request, logits: torch.Tensor) -> int:
+    """The token of one row: its processors, then argmax or a draw from its own generator."""
+    scores = apply_processors(r.processors, r.ids, logits)
+    if not r.config.do_sample:
+        return int(scores.argmax(-1))
+    probs = torch.softmax(scores, dim=-1)
+    # checked here rather than left to multinomial, whose error names neither the cause nor the request
+    if not bool(torch.isfinite(probs).all()) or not float(probs.sum()) > 0:
+        raise ValueError(
+            "the token probabilities are not finite (an extreme temperature, top_p, min_p or repetition_penalty?)"
+        )
+    return int(torch.multinomial(probs, 1, generator=r.generator))

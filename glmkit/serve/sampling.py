@@ -1,12 +1,14 @@
 """Request parameters with vLLM's names (the OpenAI API, vLLM's extras, Triton's vLLM backend), mapped onto
 ``GenerationConfig`` so the engine sees transformers' semantics.
 
-Mapping: ``temperature == 0`` is greedy; otherwise sampling with ``top_k`` off unless given (vLLM's default, not
-transformers' 50); ``min_tokens`` → ``min_new_tokens``; ``stop`` → ``stop_strings`` (the text is cut before the
-stop string unless ``include_stop_str_in_output``); ``stop_token_ids`` join the stop ids; ``seed`` seeds the
-request's own generator (choice ``i`` of ``n`` uses ``seed + i``). Beam search: ``use_beam_search`` with
-``best_of``/``n`` as the width, or ``num_beams`` directly. Penalties glmkit does not implement are refused
-rather than ignored. Every bad value is a ``ValueError`` naming the field (HTTP 400).
+Mapping: ``temperature == 0`` is greedy; a temperature in (0, ``MIN_TEMPERATURE``) is raised to it as vLLM does
+(logits divided by a tiny temperature overflow to inf and the probabilities to NaN; at 0.01 sampling is all but
+greedy already); otherwise sampling with ``top_k`` off unless given (vLLM's default, not transformers' 50);
+``min_tokens`` → ``min_new_tokens``; ``stop`` → ``stop_strings`` (the text is cut before the stop string unless
+``include_stop_str_in_output``); ``stop_token_ids`` join the stop ids; ``seed`` seeds the request's own generator
+(choice ``i`` of ``n`` uses ``seed + i``). Beam search: ``use_beam_search`` with ``best_of``/``n`` as the width, or
+``num_beams`` directly. Penalties glmkit does not implement are refused rather than ignored. Every bad value is a
+``ValueError`` naming the field (HTTP 400).
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from typing import Any
 
 from ..config import SpecialTokens
 from ..generate.config import GenerationConfig
+
+MIN_TEMPERATURE = 0.01  # vLLM's _MAX_TEMP: the smallest temperature that samples; below it, only 0 (greedy)
 
 
 @dataclass
@@ -85,6 +89,8 @@ class SamplingParams:
         if self.logprobs is not None:
             _int("logprobs", self.logprobs, 0, 20)
         _float("temperature", self.temperature, 0.0, 100.0)
+        if 0 < self.temperature < MIN_TEMPERATURE:
+            self.temperature = MIN_TEMPERATURE
         _float("top_p", self.top_p, 1e-9, 1.0)
         _float("min_p", self.min_p, 0.0, 1.0)
         _float("typical_p", self.typical_p, 1e-9, 1.0)

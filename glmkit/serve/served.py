@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import re
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass, field
@@ -23,7 +24,7 @@ from ..generate import fill_blank_ids, generate
 from ..masks import find_blanks
 from .batcher import DynamicBatcher
 from .engine import AsyncLLMEngine
-from .request import TokenLogprob
+from .request import Fill, Request, RequestOutput, TokenLogprob
 from .sampling import Limits, SamplingParams
 from .scoring import Kind, Scorer, ScoreResult, ScoreRow
 from .specs import EMBED, LOGITS, SCORE, ModelSpec
@@ -31,6 +32,27 @@ from .stats import ModelStats
 from .text import IncrementalText, completion_ids
 
 _ids = itertools.count()
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def parse_json(raw: bytes) -> Any:
+    """A request body (or a JSON parameter) as Python objects; ``ValueError`` naming the problem for what no handler
+    could take: not JSON, not UTF-8, nested deeper than the parser recurses, or a string with a lone surrogate
+    (``"\\ud800"`` is valid JSON but not Unicode text: tokenizers and encoders refuse it)."""
+    try:
+        obj = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"not valid JSON: {e}") from e
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
+    if _SURROGATE_ESCAPE.search(raw):  # a surrogate pair decodes to one character; only a lone half survives
+        try:
+            json.dumps(obj, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("a string holds a lone UTF-16 surrogate (\\ud800-\\udfff), which is not text") from None
+        except RecursionError:
+            raise ValueError("JSON nested too deeply") from None
+    return obj
 
 
 @dataclass
@@ -44,6 +66,26 @@ class Delta:
     finish_reason: str | None = None
     spans: list[list[int]] = field(default_factory=list)
     error: str | None = None
+
+
+class _Choice:
+    """One engine request's text: tokens of earlier blanks are context, not answer."""
+
+    def __init__(self, index: int, request: Request, params: SamplingParams, tok: Any) -> None:
+        self.index, self.request = index, request
+        self.text = IncrementalText(tok, params.stop, params.include_stop_str_in_output)
+        self.last_span = len(request.blanks) - 1
+
+    def delta(self, out: RequestOutput) -> Delta | None:
+        mine = out.span_index == self.last_span
+        delta = Delta(self.index, self.text.push(out.token_ids if mine else [], final=out.finished))
+        if mine:
+            delta.token_ids, delta.logprobs = list(out.token_ids), list(out.logprobs)
+        if out.finished:
+            delta.finish_reason = "stop" if self.text.stopped else _reason(out.finish_reason)
+            delta.spans = out.spans
+            delta.error = out.error
+        return delta if delta.text or delta.token_ids or delta.finish_reason else None
 
 
 def _reason(engine_reason: str | None) -> str:
@@ -63,70 +105,65 @@ class GenerationService:
         if any(not 0 <= t < vocab for t in ids):
             raise ValueError(f"prompt: token ids must be in [0, {vocab})")
 
-    async def stream(
-        self, prompt_ids: list[int], params: SamplingParams, *, fill: str = "all", priority: int = 0
-    ) -> AsyncIterator[Delta]:
-        """Deltas of ``params.n`` choices, interleaved; the answer is the span of the last blank."""
-        self.check_prompt(prompt_ids)
+    def check_size(self, num_prompts: int, params: SamplingParams) -> None:
+        """``ValueError`` when ``num_prompts`` prompts of ``params.n`` choices could never be queued at once: a
+        request larger than the queue is a client error, not backpressure to retry."""
         if params.beams > 1:
-            for d in await self._beams(prompt_ids, params):
+            if num_prompts > self.engine.max_jobs:
+                raise ValueError(
+                    f"prompt: {num_prompts} prompts with beam search exceed the server's {self.engine.max_jobs} "
+                    "one-shot jobs; send them in smaller requests"
+                )
+        else:
+            self.engine.engine.check_size(num_prompts * params.n)
+
+    async def stream(
+        self, prompts: list[tuple[list[int], Fill]], params: SamplingParams, *, priority: int = 0
+    ) -> AsyncIterator[Delta]:
+        """Deltas of every prompt's ``params.n`` choices, interleaved (choice ``i`` of prompt ``p`` has index
+        ``p * n + i``); each answer is the span of its prompt's last blank.
+
+        The call is validated whole and queued whole before the first delta, or refused with nothing queued.
+        """
+        self.check_size(len(prompts), params)
+        for ids, _ in prompts:
+            self.check_prompt(ids)
+        if params.beams > 1:
+            for d in await self._all_beams(prompts, params):
                 yield d
             return
-        requests = [
-            self.engine.engine.make_request(
-                f"gen-{next(_ids)}",
-                prompt_ids,
-                params.generation_config(self.special, i, self.model.config.vocab_size),
-                fill=fill,  # type: ignore[arg-type]
-                ignore_eos=params.ignore_eos,
-                logprobs=params.logprobs,
-                priority=priority,
-            )
-            for i in range(params.n)
-        ]
-        if len(requests) == 1:  # no merging needed: fewer hops per token
-            async with aclosing(self._deltas(0, requests[0], params)) as deltas:
-                async for d in deltas:
-                    yield d
-            return
-        queue: asyncio.Queue[Delta | BaseException] = asyncio.Queue()
-        tasks = [asyncio.create_task(self._choice(i, r, params, queue)) for i, r in enumerate(requests)]
-        try:
-            done = 0
-            while done < len(tasks):
-                item = await queue.get()
-                if isinstance(item, BaseException):
-                    raise item
-                done += item.finish_reason is not None
-                yield item
-        finally:
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-
-    async def _deltas(self, index: int, request: Any, params: SamplingParams) -> AsyncIterator[Delta]:
-        """Text deltas of one choice; tokens of earlier blanks are context, not answer."""
-        text = IncrementalText(self.tok, params.stop, params.include_stop_str_in_output)
-        last_span = len(request.blanks) - 1
-        async with aclosing(self.engine.generate(request)) as outputs:
+        vocab = self.model.config.vocab_size
+        choices = {}
+        for p, (ids, fill) in enumerate(prompts):
+            for i in range(params.n):
+                request = self.engine.engine.make_request(
+                    f"gen-{next(_ids)}",
+                    ids,
+                    params.generation_config(self.special, i, vocab),
+                    fill=fill,
+                    ignore_eos=params.ignore_eos,
+                    logprobs=params.logprobs,
+                    priority=priority,
+                )
+                choices[request.request_id] = _Choice(p * params.n + i, request, params, self.tok)
+        requests = [c.request for c in choices.values()]
+        async with aclosing(self.engine.generate_many(requests)) as outputs:
             async for out in outputs:
-                mine = out.span_index == last_span
-                delta = Delta(index, text.push(out.token_ids if mine else [], final=out.finished))
-                if mine:
-                    delta.token_ids, delta.logprobs = list(out.token_ids), list(out.logprobs)
-                if out.finished:
-                    delta.finish_reason = "stop" if text.stopped else _reason(out.finish_reason)
-                    delta.spans = out.spans
-                    delta.error = out.error
-                if delta.text or delta.token_ids or delta.finish_reason:
+                delta = choices[out.request_id].delta(out)
+                if delta is not None:
                     yield delta
 
-    async def _choice(self, index: int, request: Any, params: SamplingParams, queue: asyncio.Queue) -> None:
-        try:
-            async for delta in self._deltas(index, request, params):
-                queue.put_nowait(delta)
-        except Exception as e:  # refused by the engine (queue full, bad request): the caller raises it
-            queue.put_nowait(e)
+    async def _all_beams(self, prompts: list[tuple[list[int], Fill]], params: SamplingParams) -> list[Delta]:
+        jobs = [self._beams(ids, params) for ids, _ in prompts]
+        results = await asyncio.gather(*jobs, return_exceptions=True)
+        deltas = []
+        for p, result in enumerate(results):
+            if isinstance(result, BaseException):
+                raise result
+            for d in result:
+                d.index += p * params.n
+                deltas.append(d)
+        return deltas
 
     async def _beams(self, prompt_ids: list[int], params: SamplingParams) -> list[Delta]:
         if params.logprobs is not None:
@@ -188,9 +225,9 @@ class LLMModel:
         raw = _scalar(inputs, "sampling_parameters", None)
         if raw is not None:
             try:
-                sampling = json.loads(raw.decode("utf-8") if isinstance(raw, bytes) else raw)
-            except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise ValueError(f"sampling_parameters: not a JSON object ({e})") from e
+                sampling = parse_json(raw if isinstance(raw, bytes) else str(raw).encode("utf-8", "surrogatepass"))
+            except ValueError as e:
+                raise ValueError(f"sampling_parameters: {e}") from e
             if not isinstance(sampling, dict):
                 raise ValueError("sampling_parameters: not a JSON object")
         else:
@@ -202,7 +239,7 @@ class LLMModel:
         ids = completion_ids(self.service.tok, prompt[0])
         head = "" if exclude else prompt[0]
         text, reason = head, None
-        async for d in self.service.stream(ids, sp, priority=priority if isinstance(priority, int) else 0):
+        async for d in self.service.stream([(ids, "all")], sp, priority=priority if isinstance(priority, int) else 0):
             if d.error:
                 raise RuntimeError(d.error)
             if stream:

@@ -20,7 +20,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from .. import __version__
 from .app import APIError, ServerState, translate, until_disconnect
-from .served import LLMModel, OneShotModel
+from .served import LLMModel, OneShotModel, parse_json
 from .specs import ModelSpec
 from .tensors import NUMPY, TensorError, decode_input, encode_output, split_body
 
@@ -178,7 +178,10 @@ async def repository_index(request: Request) -> list[dict[str, Any]]:
 
 @router.post("/v2/repository/models/{name}/load")
 async def load(request: Request, name: str) -> Response:
-    if await request.body() and (await _json(request)).get("parameters", {}).get("config"):
+    params = (await _json(request)).get("parameters") if await request.body() else None
+    if params is not None and not isinstance(params, dict):
+        raise APIError(400, "load: 'parameters' must be an object")
+    if params and params.get("config"):
         raise APIError(400, "load: config overrides are not supported; models are defined by the server")
     _model(request, name, ready=False).ready = True  # type: ignore[union-attr]
     return Response(status_code=200)
@@ -193,8 +196,8 @@ async def unload(request: Request, name: str) -> Response:
 async def _json(request: Request, body: bytes | None = None) -> dict[str, Any]:
     raw = await request.body() if body is None else body
     try:
-        obj = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        obj = parse_json(raw)
+    except ValueError as e:
         raise APIError(400, f"failed to parse the request JSON buffer: {e}") from e
     if not isinstance(obj, dict):
         raise APIError(400, "failed to parse the request JSON buffer: expected a JSON object")
