@@ -105,7 +105,7 @@ def hf_baselines() -> dict[str, torch.nn.Module]:
     gpt2 = GPT2Config(n_layer=L, n_embd=H, n_head=NH, vocab_size=V, n_positions=1024, bos_token_id=0)
     glm4 = GlmConfig(
         num_hidden_layers=L, hidden_size=H, num_attention_heads=NH, num_key_value_heads=2, head_dim=H // NH,
-        intermediate_size=2816, vocab_size=32000, max_position_embeddings=1024,
+        intermediate_size=2816, vocab_size=32000, max_position_embeddings=1024, pad_token_id=0,
     )  # fmt: skip
     models = {"GPT-2": GPT2LMHeadModel(gpt2), "GlmForCausalLM": GlmForCausalLM(glm4)}
     for m in models.values():

@@ -163,11 +163,14 @@ inline void widen16(const uint16_t* p, int64_t n, __m256& even, __m256& odd) {
   widen16(t, even, odd);
 }
 
+// separate accumulators for the even and the odd elements, so that each FMA chain takes one FMA per step (AVX2's
+// 16 registers hold U pairs per activation row for up to 2 rows, one pair for more)
 template <int NM>
 void row_bf16(const uint16_t* w, int64_t K, const uint16_t* x, float* out) {
-  __m256 acc[NM][U];
+  constexpr int UA = NM <= 2 ? U : 1;
+  __m256 even[NM][U], odd[NM][U];
   for (int m = 0; m < NM; m++)
-    for (int u = 0; u < U; u++) acc[m][u] = _mm256_setzero_ps();
+    for (int u = 0; u < U; u++) even[m][u] = odd[m][u] = _mm256_setzero_ps();
   int64_t k = 0;
   for (; k + 16 * U <= K; k += 16 * U) {
     prefetch_ahead<U / 2>(w + k);
@@ -177,7 +180,8 @@ void row_bf16(const uint16_t* w, int64_t K, const uint16_t* x, float* out) {
       for (int u = 0; u < U; u++) {
         __m256 xe, xo;
         widen16(x + m * K + k + 16 * u, xe, xo);
-        acc[m][u] = _mm256_fmadd_ps(wo[u], xo, _mm256_fmadd_ps(we[u], xe, acc[m][u]));
+        even[m][u % UA] = _mm256_fmadd_ps(we[u], xe, even[m][u % UA]);
+        odd[m][u % UA] = _mm256_fmadd_ps(wo[u], xo, odd[m][u % UA]);
       }
   }
   for (; k < K; k += 16) {
@@ -187,10 +191,13 @@ void row_bf16(const uint16_t* w, int64_t K, const uint16_t* x, float* out) {
     for (int m = 0; m < NM; m++) {
       __m256 xe, xo;
       widen16(x + m * K + k, n, xe, xo);
-      acc[m][0] = _mm256_fmadd_ps(wo, xo, _mm256_fmadd_ps(we, xe, acc[m][0]));
+      even[m][0] = _mm256_fmadd_ps(we, xe, even[m][0]);
+      odd[m][0] = _mm256_fmadd_ps(wo, xo, odd[m][0]);
     }
   }
-  reduce_rows<NM>(acc, out);
+  for (int m = 0; m < NM; m++)
+    for (int u = 0; u < U; u++) even[m][u] = u < UA ? _mm256_add_ps(even[m][u], odd[m][u]) : _mm256_setzero_ps();
+  reduce_rows<NM>(even, out);
 }
 
 template <int NM>
