@@ -125,7 +125,9 @@ def test_serve_process_is_live_while_loading_and_drains_on_sigterm(model_dir, tm
         assert events[-1] == "[DONE]"
         chunks = [json.loads(e) for e in events[:-1]]
         assert chunks[-1]["choices"][0]["finish_reason"] == "length"
-        assert sum(1 for c in chunks if c["choices"][0]["text"]) >= 20  # 40 tokens, streamed one step at a time
+        # all 40 tokens ran (finish_reason "length"), streamed as they came (how many tokens end a whole character
+        # depends on what the random model writes)
+        assert sum(1 for c in chunks if c["choices"][0]["text"]) >= 5
         proc.wait(60)
         with pytest.raises(httpx.ConnectError):
             httpx.get(f"{base}/v2/health/live")
