@@ -14,6 +14,8 @@ import argparse
 import shutil
 from pathlib import Path
 
+from ..checkpoint import check_output_folder, staged_folder
+from ..config import GLMConfig
 from .batcher import DynamicBatchingConfig, QueuePolicy
 from .specs import LLM, ModelSpec, llm_spec, one_shot_specs
 
@@ -69,12 +71,9 @@ def export_triton(
             ``EXECUTION_ENV_PATH``.
     """
     from ..bundled import model_path
-    from ..config import GLMConfig
 
     source = model_path(model)
-    out = Path(out_dir)
-    if out.exists() and any(out.iterdir()):
-        raise ValueError(f"out_dir: {out} exists and is not empty")
+    final = check_output_folder(out_dir)
     config = GLMConfig.from_file(source / "config.json")
     batching = batching or DynamicBatchingConfig(
         max_batch_size=16, max_queue_delay_microseconds=1000, default_queue_policy=QueuePolicy(max_queue_size=256)
@@ -83,6 +82,22 @@ def export_triton(
     common = {"dtype": dtype}
     if execution_env is not None:
         common["EXECUTION_ENV_PATH"] = "$$TRITON_MODEL_DIRECTORY/" + Path(execution_env).name
+    with staged_folder(final) as out:  # written whole or not at all: a failure or Ctrl-C leaves no half repository
+        _write_repository(out, source, config, batching, kind, common, engine, copy, execution_env)
+    return [final / LLM] + [final / spec.name for spec in one_shot_specs(batching, config.n_embd, config.vocab_size)]
+
+
+def _write_repository(
+    out: Path,
+    source: Path,
+    config: GLMConfig,
+    batching: DynamicBatchingConfig,
+    kind: str,
+    common: dict[str, str],
+    engine: dict | None,
+    copy: bool,
+    execution_env: str | Path | None,
+) -> None:
     checkpoint = out / LLM / "1" / "checkpoint"
     llm = llm_spec()
     llm.parameters = {**common, "checkpoint": "1/checkpoint" if copy else str(source.resolve())}
@@ -97,7 +112,6 @@ def export_triton(
     if execution_env is not None:
         for folder in folders:
             shutil.copy2(execution_env, folder / Path(execution_env).name)
-    return folders
 
 
 def configure(p: argparse.ArgumentParser) -> None:

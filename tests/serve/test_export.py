@@ -166,3 +166,21 @@ def test_a_bf16_export_holds_its_weights_in_panels(model_dir, tmp_path):
         assert request.sender.responses[0].output("text_output")[0].decode().startswith("the king said")
     finally:
         m.finalize()
+
+
+def test_the_repository_is_written_whole_or_not_at_all(model_dir, tmp_path, monkeypatch, capsys):
+    import shutil
+
+    out = tmp_path / "repo"
+    out.mkdir()
+    (out / "other").write_text("not ours")
+    assert main(["export-triton", str(out), "--model", str(model_dir)]) == 2  # a non-empty folder is refused
+    assert "is not empty" in capsys.readouterr().err and (out / "other").read_text() == "not ours"
+
+    def fail(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(shutil, "copytree", fail)  # the checkpoint copy, the last big write, fails
+    fresh = tmp_path / "fresh"
+    assert main(["export-triton", str(fresh), "--model", str(model_dir)]) == 2
+    assert not fresh.exists() and [p.name for p in tmp_path.iterdir()] == ["repo"]  # no half repository, no temp
