@@ -14,7 +14,7 @@ import argparse
 import shutil
 from pathlib import Path
 
-from ..checkpoint import check_output_folder, staged_folder
+from ..checkpoint import check_output_folder, load_state_dict, staged_folder
 from ..config import GLMConfig
 from .batcher import DynamicBatchingConfig, QueuePolicy
 from .specs import LLM, ModelSpec, llm_spec, one_shot_specs
@@ -75,6 +75,7 @@ def export_triton(
     source = model_path(model)
     final = check_output_folder(out_dir)
     config = GLMConfig.from_file(source / "config.json")
+    load_state_dict(source)  # read once: a corrupt or truncated checkpoint is refused here, not by Triton later
     batching = batching or DynamicBatchingConfig(
         max_batch_size=16, max_queue_delay_microseconds=1000, default_queue_policy=QueuePolicy(max_queue_size=256)
     )

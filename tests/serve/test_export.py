@@ -184,3 +184,10 @@ def test_the_repository_is_written_whole_or_not_at_all(model_dir, tmp_path, monk
     fresh = tmp_path / "fresh"
     assert main(["export-triton", str(fresh), "--model", str(model_dir)]) == 2
     assert not fresh.exists() and [p.name for p in tmp_path.iterdir()] == ["repo"]  # no half repository, no temp
+    monkeypatch.undo()
+    broken = tmp_path / "broken"
+    shutil.copytree(model_dir, broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # truncated
+    assert main(["export-triton", str(fresh), "--model", str(broken)]) == 2
+    assert "model.safetensors" in capsys.readouterr().err and not fresh.exists()
