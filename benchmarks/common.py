@@ -55,3 +55,21 @@ def machine() -> str:
         pass
     isa = kernels.isa() or f"reference ({kernels.unavailable_reason()})"
     return f"{cpu}, {torch.get_num_threads()} threads, kernels: {isa}"
+
+
+class Clock:
+    """A transformers-style streamer that timestamps every generated token (the first ``put`` is the prompt)."""
+
+    def __init__(self) -> None:
+        self.start, self.stamps = time.perf_counter(), []
+
+    def put(self, value: torch.Tensor) -> None:
+        self.stamps.append(time.perf_counter())
+
+    def end(self) -> None:
+        self.stamps = self.stamps[1:]
+
+    def rates(self) -> tuple[float, float]:
+        """(end-to-end tokens/s, decode tokens/s after the first token)."""
+        n = len(self.stamps)
+        return n / (self.stamps[-1] - self.start), (n - 1) / (self.stamps[-1] - self.stamps[0])

@@ -30,7 +30,7 @@ import time
 
 import torch
 
-from benchmarks.common import machine, matmul_peak_gflops, memory_bandwidth_gbs, select_isa
+from benchmarks.common import Clock, machine, matmul_peak_gflops, memory_bandwidth_gbs, select_isa
 from glmkit import GLM, GLMConfig, KVCache, kernels
 from glmkit.config import SpecialTokens
 from glmkit.generate import generate
@@ -41,24 +41,6 @@ L, H, NH, V = 24, 1024, 16, 30592
 PROMPT, NEW, PREFILL = 32, 64, 512
 SPECIAL = SpecialTokens(eos=30522, pad=30522, cls=30523, mask=30524, sop=30525, eop=30526, gmask=30527, smask=30528)
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
-
-
-class Clock:
-    """A transformers-style streamer that timestamps every generated token (the first ``put`` is the prompt)."""
-
-    def __init__(self) -> None:
-        self.start, self.stamps = time.perf_counter(), []
-
-    def put(self, value: torch.Tensor) -> None:
-        self.stamps.append(time.perf_counter())
-
-    def end(self) -> None:
-        self.stamps = self.stamps[1:]
-
-    def rates(self) -> tuple[float, float]:
-        """(end-to-end tokens/s, decode tokens/s after the first token)."""
-        n = len(self.stamps)
-        return n / (self.stamps[-1] - self.start), (n - 1) / (self.stamps[-1] - self.stamps[0])
 
 
 def glm_prompt(rng: torch.Generator, n: int) -> list[int]:

@@ -59,7 +59,7 @@ from types import SimpleNamespace
 
 import torch
 
-from benchmarks.common import machine, memory_bandwidth_gbs, select_isa
+from benchmarks.common import Clock, machine, memory_bandwidth_gbs, select_isa
 from glmkit import GLM, GLMConfig
 from glmkit.config import SpecialTokens
 from glmkit.quantize import QuantScheme, quantize_model
@@ -182,19 +182,6 @@ def run_chatglm(pipeline, prompt: list[int]) -> tuple[float, float]:
 
 
 # ---- glmkit ---------------------------------------------------------------------------------------------------------
-
-
-class Clock:
-    """Streamer that timestamps every generated token (the first ``put`` is the prompt)."""
-
-    def __init__(self) -> None:
-        self.start, self.stamps = time.perf_counter(), []
-
-    def put(self, value: torch.Tensor) -> None:
-        self.stamps.append(time.perf_counter())
-
-    def end(self) -> None:
-        self.stamps = self.stamps[1:]
 
 
 def glm_models() -> dict[str, GLM]:
