@@ -1,0 +1,127 @@
+"""How a prompt is laid out, per model family: the one place that decides which ids surround a user's text.
+
+Every entry point (``glmkit generate``, ``generate``/``fill_blanks``/``complete``, the HTTP server's completions,
+infill, scoring and embeddings, the transformers wrapper) asks a ``PromptLayout`` instead of appending ids itself,
+so the same text becomes the same ids everywhere. A family says four things (the ``PromptLayout`` protocol):
+
+* ``continuation(body)``: a prompt the model continues;
+* ``infilling(body)``: a prompt whose blanks are filled (``ValueError`` when it has none);
+* ``model_input(ids)``: token ids a caller passed as the model input, completed the way the family needs;
+* ``stop_ids()``: the ids that end a generation by default.
+
+``body`` is the tokenizer's ``encode(text)``, without any special id added; ``prompt_ids`` and friends below do the
+encoding. A family registers a factory from its special-token ids to its layout (``register``); ``layout`` looks
+it up. The GLM family (THUDM/GLM, ``generate_samples.py`` ``read_context``): ``[CLS] text``; a text without a
+blank gets the generation blank ([gMASK], or [MASK] in a vocabulary without task masks) appended; ``[eos]``
+follows unless the text ends in a blank; generation stops at ``<eop>`` or ``<eos>``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from .config import SpecialTokens
+from .masks import find_blanks
+from .tokenizer import TokenizerLike
+
+DEFAULT_FAMILY = "glm"
+
+
+class PromptLayout(Protocol):
+    """The prompt rules of one model family over one vocabulary's special ids."""
+
+    def blank_ids(self) -> tuple[int, ...]:
+        """Ids that mark a blank to fill (empty for a family without blank infilling)."""
+        ...
+
+    def continuation(self, body: Sequence[int]) -> list[int]:
+        """The prompt that asks the model to continue ``body`` (blanks inside it are context, filled first)."""
+        ...
+
+    def infilling(self, body: Sequence[int]) -> list[int]:
+        """The prompt whose blanks are all filled; ``ValueError`` if ``body`` has no blank."""
+        ...
+
+    def model_input(self, ids: Sequence[int]) -> list[int]:
+        """``ids`` given as the model input (token-id prompts), completed with what generation needs."""
+        ...
+
+    def stop_ids(self) -> list[int]:
+        """The ids that end a generated span by default, first the one the family emits at a span's end."""
+        ...
+
+
+@dataclass(frozen=True)
+class GLMPrompts:
+    """GLM (BlockLM: glm-large/-2b/-10b and glmkit's own models): Part A is ``[CLS] text``, bidirectional; the
+    engine feeds ``<sop>`` at each blank and decodes its span."""
+
+    special: SpecialTokens
+
+    @property
+    def generation_blank(self) -> int:
+        """The blank a continuation is generated at: [gMASK] (long, document-level spans), else [MASK]."""
+        return self.special.gmask if self.special.gmask is not None else self.special.mask
+
+    def blank_ids(self) -> tuple[int, ...]:
+        return self.special.mask_ids()
+
+    def continuation(self, body: Sequence[int]) -> list[int]:
+        ids = [self.special.cls, *body]
+        return ids if ids[-1] == self.generation_blank else [*ids, self.generation_blank]
+
+    def infilling(self, body: Sequence[int]) -> list[int]:
+        ids = [self.special.cls, *body]
+        if not find_blanks(ids, self.blank_ids()):
+            raise ValueError("text: no blank ([MASK], [sMASK] or [gMASK]) to fill")
+        # read_context appends eos unless the raw text ends in "MASK]": after [MASK] and [sMASK] too, not only [gMASK]
+        return ids if ids[-1] in self.blank_ids() else [*ids, self.special.eos]
+
+    def model_input(self, ids: Sequence[int]) -> list[int]:
+        row = [int(t) for t in ids]
+        return row if find_blanks(row, self.blank_ids()) else [*row, self.generation_blank]
+
+    def stop_ids(self) -> list[int]:
+        return list(dict.fromkeys([self.special.eop, self.special.eos]))
+
+
+_FAMILIES: dict[str, Callable[[Any], PromptLayout]] = {DEFAULT_FAMILY: GLMPrompts}
+
+
+def register(family: str, factory: Callable[[Any], PromptLayout]) -> None:
+    """Add a model family: ``factory(special_ids)`` builds its layout. Re-registering a name replaces it."""
+    _FAMILIES[family] = factory
+
+
+def families() -> tuple[str, ...]:
+    return tuple(_FAMILIES)
+
+
+def layout(special: Any, family: str = DEFAULT_FAMILY) -> PromptLayout:
+    """The prompt layout of ``family`` over the special-token ids ``special`` (``SpecialTokens`` for GLM)."""
+    factory = _FAMILIES.get(family)
+    if factory is None:
+        raise ValueError(f"family: unknown model family {family!r}; known: {sorted(_FAMILIES)}")
+    return factory(special)
+
+
+def has_blank(prompts: PromptLayout, ids: Sequence[int]) -> bool:
+    return bool(find_blanks(ids, prompts.blank_ids()))
+
+
+def prompt_ids(tok: TokenizerLike, text: str, family: str = DEFAULT_FAMILY) -> list[int]:
+    """A text as typed: its blanks are filled when it has any (``infilling``), else it is continued."""
+    prompts, body = layout(tok.special, family), tok.encode(text)
+    return prompts.infilling(body) if has_blank(prompts, body) else prompts.continuation(body)
+
+
+def continuation_ids(tok: TokenizerLike, text: str, family: str = DEFAULT_FAMILY) -> list[int]:
+    """``text`` as a prompt to continue (GLM: ``[CLS] text [gMASK]``)."""
+    return layout(tok.special, family).continuation(tok.encode(text))
+
+
+def infilling_ids(tok: TokenizerLike, text: str, family: str = DEFAULT_FAMILY) -> list[int]:
+    """``text`` as a prompt whose blanks are filled (GLM: ``[CLS] text [eos]``, no eos after a final blank)."""
+    return layout(tok.special, family).infilling(tok.encode(text))
