@@ -161,6 +161,37 @@ def sample_mask(sample: BlankSample, device: torch.device | str | None = None) -
     return prefix_lm_mask(sample.sep, len(sample), device=device)[0, 0]
 
 
+def chatglm6b_inputs(
+    input_ids: torch.Tensor, *, sop_id: int, mask_id: int, gmask_id: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """ChatGLM-6B's 2D positions ``[B, 2, S]`` and mask ``[B, 1, S, S]`` (True = may attend) of ``input_ids``, as
+    the hub ``ChatGLMModel.get_position_ids`` / ``get_masks`` (THUDM/chatglm-6b ``modeling_chatglm.py``) derive them.
+
+    The context, every token before a row's first ``<sop>`` (the whole row without one), is Part A: bidirectional,
+    at positions ``(i, 0)``. From ``<sop>`` on (Part B) tokens are causal at ``(blank, 1), (blank, 2), ...``, where
+    the blank is the row's first [gMASK], or its first [MASK] when it has no [gMASK] (unlike GLM, which takes the
+    first blank of any kind). Padding is not recognised: left-padded batches pass the tokenizer's mask and positions.
+    """
+    B, S = input_ids.shape
+    rows = input_ids.tolist()
+    context = [r.index(sop_id) if sop_id in r else S for r in rows]
+    positions = torch.arange(S).repeat(B, 1)
+    blocks = torch.zeros(B, S, dtype=torch.long)
+    for b, (row, n) in enumerate(zip(rows, context, strict=True)):
+        if n == S:
+            continue
+        blank = gmask_id if gmask_id in row else mask_id
+        if blank not in row:
+            raise ValueError(
+                f"input_ids: row {b} has <sop> ({sop_id}) at {n} but no [gMASK] ({gmask_id}) or [MASK] ({mask_id}) "
+                "to take its position from"
+            )
+        positions[b, n:] = row.index(blank)
+        blocks[b, n:] = torch.arange(1, S - n + 1)
+    position_ids = torch.stack([positions, blocks], dim=1).to(input_ids.device)
+    return position_ids, prefix_lm_mask(context, S, device=input_ids.device)
+
+
 def normalize_attention_mask(
     attention_mask: int | torch.Tensor | Sequence[int] | None,
     batch: int,
