@@ -17,6 +17,14 @@ def test_no_decay_on_layernorm_and_bias(tiny_model):
     assert no_decay["weight_decay"] == 0.0 and decay["weight_decay"] == 0.1
 
 
+def test_wrapped_model_is_grouped_like_the_bare_one(tiny_model):
+    """DDP names parameters ``module.…``: ln_f must still get no weight decay (it did not, before)."""
+    wrapper = torch.nn.Module()
+    wrapper.module = tiny_model
+    bare = [{id(p) for p in g["params"]} for g in param_groups(tiny_model, 0.1)]
+    assert [{id(p) for p in g["params"]} for g in param_groups(wrapper, 0.1)] == bare
+
+
 def test_annealing_lr_matches_reference_formula():
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     s = AnnealingLR(opt, lr=4e-4, decay_iters=1000, warmup=0.05, style="cosine", decay_ratio=0.05)

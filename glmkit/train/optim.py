@@ -9,12 +9,17 @@ import torch
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """No weight decay on LayerNorm parameters and biases (``glm_get_params_for_weight_decay_optimization``)."""
+    """No weight decay on LayerNorm parameters and biases (``glm_get_params_for_weight_decay_optimization``).
+
+    Only the last two name parts are read, so a wrapped model (DDP's ``module.``, ``torch.compile``'s
+    ``_orig_mod.``) is grouped like the bare one.
+    """
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        is_norm = "norm" in name.split(".")[-2] or name.startswith("ln_f")
+        owner = name.split(".")[-2]
+        is_norm = "norm" in owner or owner == "ln_f"
         (no_decay if is_norm or name.endswith("bias") else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
