@@ -199,7 +199,7 @@ def _rename(
     for key, ours in names.items():
         t, exp = state[key], expected[ours]
         module = ours.rpartition(".")[0]
-        if hub is not None and module in quantized:
+        if hub is not None and module in quantized and ours.endswith((".weight", ".weight_scale")):
             if ours.endswith("_scale"):
                 continue
             m = model.get_submodule(module)
