@@ -36,7 +36,8 @@ def _state(request: Request) -> ServerState:
     return request.app.state.glmkit
 
 
-async def _body(request: Request) -> dict[str, Any]:
+async def _body(request: Request, served: str = "llm") -> dict[str, Any]:
+    """The request's JSON object, for the OpenAI model that Triton's model ``served`` serves."""
     try:
         body = parse_json(await request.body())
     except ValueError as e:
@@ -46,6 +47,9 @@ async def _body(request: Request) -> dict[str, Any]:
     state = _state(request)
     if body.get("model") not in (None, state.config.served_model_name):
         raise APIError(404, f"The model `{body.get('model')}` does not exist.", kind="NotFoundError")
+    if not state.models[served].ready:  # unloaded through Triton's model-repository extension
+        name = state.config.served_model_name
+        raise APIError(404, f"The model `{name}` is not loaded ('{served}' is unloaded).", kind="NotFoundError")
     if state.draining:
         raise state.overloaded("the server is shutting down")
     return body
@@ -154,6 +158,8 @@ async def models(request: Request) -> dict[str, Any]:
     state = _state(request)
     name = state.config.served_model_name
     card = {"id": name, "object": "model", "created": int(state.started), "owned_by": "glmkit", "root": name}
+    if state.engine is None:  # llm unloaded
+        return {"object": "list", "data": []}
     card |= {"parent": None, "max_model_len": state.engine.engine.config.max_model_len}
     return {"object": "list", "data": [card]}
 
@@ -330,7 +336,7 @@ async def infill(request: Request) -> Response:
 async def embeddings(request: Request) -> Response:
     """Mean-pooled, L2-normalised Part-A hidden states, through the ``glm_embed`` dynamic batcher."""
     state = _state(request)
-    body = await _body(request)
+    body = await _body(request, EMBED)
     model = state.models.get(EMBED)
     assert isinstance(model, OneShotModel)
     tok = state.service.tok
@@ -344,16 +350,14 @@ async def embeddings(request: Request) -> Response:
         raise APIError(400, "encoding_format: 'float' or 'base64'")
     try:
         rows = [
-            model.scorer.check(
-                ScoreRow("embedding", completion_ids(tok, x) if isinstance(x, str) else [int(t) for t in x])
-            )
+            model.check(ScoreRow("embedding", completion_ids(tok, x) if isinstance(x, str) else [int(t) for t in x]))
             for x in inputs
         ]
         for r in rows:
             state.service.check_prompt(r.context)
         mbs = model.spec.max_batch_size
         chunks = [rows[i : i + mbs] for i in range(0, len(rows), mbs)]
-        parts = await until_disconnect(request, asyncio.gather(*(model.batcher.submit(c, len(c)) for c in chunks)))
+        parts = await until_disconnect(request, asyncio.gather(*(model.run(c) for c in chunks)))
     except APIError:
         raise
     except (TypeError, ValueError) as e:
