@@ -99,3 +99,48 @@ def test_command_line_errors_are_one_line(capsys):
     assert "a chat streams one answer" in capsys.readouterr().err
     assert main(["chat", "--url", "127.0.0.1:1"]) == 2
     assert "no glmkit serve answers at http://127.0.0.1:1" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def chatglm3_folder(tmp_path_factory):
+    """A tiny random ChatGLM2-architecture model with a ChatGLM3 tokenizer, saved in the hub layout."""
+    import torch
+
+    from glmkit.chatglm import ChatGLM2, ChatGLM2Config
+    from glmkit.chatglm.tokenizers import load_chatglm_tokenizer
+    from tests.helpers.chatglm_vocab import build_chatglm2_tokenizer
+
+    folder = tmp_path_factory.mktemp("chatglm3")
+    build_chatglm2_tokenizer(folder, chatglm3=True)
+    tok = load_chatglm_tokenizer(folder)
+    config = ChatGLM2Config(vocab_size=tok.vocab_size + 3, seq_length=96, eos_token_id=list(tok.specials.stops))
+    torch.manual_seed(0)
+    model = ChatGLM2(config)
+    model.reset_parameters()
+    model.eval().save_pretrained(folder)
+    return folder
+
+
+def test_a_chatglm_checkpoint_is_chatted_with_its_template(chatglm3_folder):
+    import argparse
+
+    from glmkit.chat import configure, load_backend
+    from glmkit.chatglm.chat import chat_prompt
+
+    parser = argparse.ArgumentParser()
+    configure(parser)
+    args = parser.parse_args(["--model", str(chatglm3_folder), "--max-new-tokens", "16"])
+    backend = load_backend(args)
+    assert backend.chat_tuned and backend.tok.family == "chatglm3" and backend.context == 96
+    messages = [{"role": "system", "content": "Answer briefly."}]
+    for k in range(6):
+        messages += [
+            {"role": "user", "content": f"第{k}个问题：晚上睡不着应该怎么办"},
+            {"role": "assistant", "content": "听音乐。"},
+        ]
+    messages.append({"role": "user", "content": "你好"})
+    ids, stops = backend._prompt(messages)
+    assert ids == chat_prompt(backend.tok, messages, max_length=96 - 16).ids and len(ids) <= 80
+    assert stops == set(backend.tok.specials.stops)
+    assert "left out the oldest" in backend.notice
+    assert ids[-1] == backend.tok.specials.roles["assistant"]
