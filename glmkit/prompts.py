@@ -87,7 +87,39 @@ class GLMPrompts:
         return list(dict.fromkeys([self.special.eop, self.special.eos]))
 
 
-_FAMILIES: dict[str, Callable[[Any], PromptLayout]] = {DEFAULT_FAMILY: GLMPrompts}
+@dataclass(frozen=True)
+class ChatGLM6BPrompts:
+    """ChatGLM-6B (THUDM/chatglm-6b ``tokenization_chatglm.py`` ``build_inputs_with_special_tokens``): ``text [gMASK]
+    <sop>``, no [CLS]; the engine feeds ``<sop>`` itself, so a prompt here ends at the blank. The blank a span is
+    generated at is the row's [gMASK], or its [MASK] when it has none ([sMASK] is no blank to the hub code,
+    ``get_position_ids``); generation stops at ``<eop>``, the hub's ``eos_token_id``."""
+
+    special: SpecialTokens
+
+    def blank_ids(self) -> tuple[int, ...]:
+        return tuple(i for i in (self.special.mask, self.special.gmask) if i is not None)
+
+    def continuation(self, body: Sequence[int]) -> list[int]:
+        ids = [int(t) for t in body]
+        return ids if ids and ids[-1] == self.special.gmask else [*ids, self.special.gmask]
+
+    def infilling(self, body: Sequence[int]) -> list[int]:
+        ids = [int(t) for t in body]
+        if not find_blanks(ids, self.blank_ids()):
+            raise ValueError("no blank ([MASK] or [gMASK]) to fill")
+        return ids
+
+    def model_input(self, ids: Sequence[int]) -> list[int]:
+        row = [int(t) for t in ids]
+        if row and row[-1] == self.special.sop:  # the tokenizer's `text [gMASK] <sop>`
+            row = row[:-1]
+        return row if find_blanks(row, self.blank_ids()) else [*row, self.special.gmask]
+
+    def stop_ids(self) -> list[int]:
+        return list(dict.fromkeys([self.special.eop, self.special.eos]))
+
+
+_FAMILIES: dict[str, Callable[[Any], PromptLayout]] = {DEFAULT_FAMILY: GLMPrompts, "chatglm6b": ChatGLM6BPrompts}
 
 
 def register(family: str, factory: Callable[[Any], PromptLayout]) -> None:

@@ -8,12 +8,16 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
-from glmkit import KVCache
-from glmkit.chatglm.v1 import ChatGLM6B, ChatGLM6BConfig, from_hub_state_dict
+from glmkit import GLM, KVCache
+from glmkit.chatglm.hub import load_pretrained, save_pretrained
+from glmkit.chatglm.v1 import ChatGLM6B, ChatGLM6BConfig
+from glmkit.checkpoint import CheckpointError
 from glmkit.config import ConfigError
+from glmkit.generate import generate
 from glmkit.masks import chatglm6b_inputs
+from glmkit.prompts import layout
 
 from .conftest import FIXTURES
 
@@ -25,16 +29,37 @@ TOL = META["tolerance"]
 HUB_CONFIG = json.loads((FX / "config.json").read_text())
 
 
-def load(config: dict, state: dict[str, torch.Tensor]) -> ChatGLM6B:
-    cfg = ChatGLM6BConfig.from_hub_dict(config)
-    model = ChatGLM6B(cfg)
-    model.load_state_dict({k: v.float() for k, v in from_hub_state_dict(state, cfg).items()})
-    return model.eval()
+def write_checkpoint(folder, config: dict, state: dict[str, torch.Tensor]):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config))
+    save_file({k: v.contiguous() for k, v in state.items()}, str(folder / "model.safetensors"))
+    return folder
 
 
 @pytest.fixture(scope="module")
 def model():
-    return load(HUB_CONFIG, load_file(str(FX / "model.safetensors")))
+    """The fixture folder through the ordinary loader (fp16 weights upcast to fp32, as the reference ran)."""
+    m = GLM.from_pretrained(FX, dtype=torch.float32)
+    assert type(m) is ChatGLM6B
+    return m
+
+
+def test_loads_hub_layout_unchanged(model, tmp_path):
+    raw = load_file(str(FX / "model.safetensors"))
+    ours = model.state_dict()
+    assert torch.equal(
+        ours["blocks.1.attn.qkv.weight"], raw["transformer.layers.1.attention.query_key_value.weight"].float()
+    )
+    assert torch.equal(ours["lm_head.weight"], raw["lm_head.weight"].float())
+    assert not torch.equal(ours["lm_head.weight"], ours["wte.weight"])  # untied
+    assert model.config.inner_hidden_size == 256 and model.blocks[0].mlp.fc.out_features == 256
+    save_pretrained(model, tmp_path / "saved")
+    again = load_file(str(tmp_path / "saved" / "model.safetensors"))
+    expected = {k for k in raw if not k.endswith("rotary_emb.inv_freq")}
+    assert set(again) == expected and all(torch.equal(again[k], raw[k].float()) for k in expected)
+    assert json.loads((tmp_path / "saved" / "config.json").read_text())["inner_hidden_size"] == 256
+    reloaded = load_pretrained(tmp_path / "saved")
+    assert all(torch.equal(a, b) for a, b in zip(reloaded.state_dict().values(), ours.values(), strict=True))
 
 
 def _positions(case):
@@ -222,11 +247,11 @@ def random_checkpoint(hidden, heads, inner, layers, vocab=96, seed=0):
 
 
 @pytest.mark.parametrize(("hidden", "heads", "inner", "layers"), [(72, 3, 100, 3), (64, 8, 40, 1)])
-def test_other_shapes_match_reference(hidden, heads, inner, layers):
+def test_other_shapes_match_reference(hidden, heads, inner, layers, tmp_path):
     """Head sizes 24 and 8, an MLP narrower than the hidden size, 1 and 3 layers: a left-padded batch with a gMASK
     row and a MASK-infill row, against the reference, then greedy steps cached vs uncached."""
     config, state = random_checkpoint(hidden, heads, inner, layers)
-    model = load(config, state)
+    model = load_pretrained(write_checkpoint(tmp_path, config, state))
     rows = [[5, 6, 7, 8, 9, 10, 93, 90, 11, 12], [3, 3, 3, 20, 92, 21, 22, 90, 23, 24]]
     ids = torch.tensor(rows)
     position_ids = torch.zeros(2, 2, 10, dtype=torch.long)
@@ -258,7 +283,7 @@ def test_other_shapes_match_reference(hidden, heads, inner, layers):
         ({"num_attention_heads": 8}, "num_attention_heads: the head size .* = 8"),  # 8 is fine: 64 / 8 = 8
         ({"hidden_size": 72, "num_attention_heads": 12}, "num_attention_heads: the head size .* = 6 must be divis"),
         ({"position_encoding_2d": False}, "position_encoding_2d: expected true"),
-        ({"quantization_bit": 4}, "quantization_bit: expected 0"),
+        ({"quantization_bit": 3}, "quantization_bit: expected 0, 4 or 8"),
         ({"pre_seq_len": 16}, "pre_seq_len: expected null"),
         ({"gmask_token_id": 400}, "gmask_token_id: id 400 is outside the vocabulary"),
         ({"inner_hidden_size": 0}, "inner_hidden_size: expected a positive int, got 0"),
@@ -281,14 +306,19 @@ def test_missing_config_field_is_named():
         ChatGLM6BConfig.from_hub_dict(config)
 
 
-def test_bad_checkpoint_and_inputs_are_named(model):
+def test_bad_checkpoint_and_inputs_are_named(model, tmp_path):
     state = load_file(str(FX / "model.safetensors"))
-    cfg = ChatGLM6BConfig.from_hub_dict(HUB_CONFIG)
-    with pytest.raises(ValueError, match=r"missing tensor\(s\).*lm_head.weight"):
-        from_hub_state_dict({k: v for k, v in state.items() if k != "lm_head.weight"}, cfg)
-    bad = {**state, "transformer.layers.0.attention.dense.weight": torch.zeros(64, 65)}
-    with pytest.raises(ValueError, match=r"transformer.layers.0.attention.dense.weight: .*\(64, 65\).*\(64, 64\)"):
-        from_hub_state_dict(bad, cfg)
+    missing = write_checkpoint(tmp_path / "a", HUB_CONFIG, {k: v for k, v in state.items() if k != "lm_head.weight"})
+    with pytest.raises(CheckpointError, match=r"missing tensor\(s\).*lm_head.weight"):
+        load_pretrained(missing)
+    bad = write_checkpoint(
+        tmp_path / "b", HUB_CONFIG, {**state, "transformer.layers.0.attention.dense.weight": torch.zeros(64, 65)}
+    )
+    with pytest.raises(CheckpointError, match=r"transformer.layers.0.attention.dense.weight: .*\(64, 65\)"):
+        load_pretrained(bad)
+    odd = write_checkpoint(tmp_path / "c", {**HUB_CONFIG, "num_attention_heads": 5}, state)
+    with pytest.raises(ConfigError, match=r"config.json: num_attention_heads: 5 heads do not divide hidden_size=64"):
+        load_pretrained(odd)
     with pytest.raises(ValueError, match=r"input_ids: token ids must be in \[0, 320\)"):
         model(torch.tensor([[5, 320]]))
     with pytest.raises(ValueError, match="row 0 has <sop> .* but no \\[gMASK\\]"):
@@ -299,3 +329,37 @@ def test_bad_checkpoint_and_inputs_are_named(model):
     model(torch.tensor([[5, 281, 284]]), cache=cache)
     with pytest.raises(ValueError, match="position_ids: needed once the cache holds tokens"):
         model(torch.tensor([[7]]), cache=cache)
+
+
+# ---- glmkit's generation ----------------------------------------------------------------------------------------
+
+
+def test_generate_reproduces_greedy_cases():
+    """glmkit's engine (a right-padded prefill, then ``<sop>`` and each new token at (blank, block) over the KV cache)
+    gives the hub's greedy tokens, alone and in a ragged batch; top-k 1 sampling and beam search of width 1 too.
+    The prompts are the tokenizer's without the trailing ``<sop>``, which the engine feeds."""
+    model = GLM.from_pretrained(FX, dtype=torch.float32)  # generate() swaps in the kernels' layers: a copy of its own
+    single = CASES["a_gmask_sop_single"]["input_ids"][0][:-1]
+    (b0, b1), pads = CASES["b_batch2_left_pad"]["input_ids"], CASES["b_batch2_left_pad"]["left_pad_lengths"]
+    batch = [b0[pads[0] : -1], b1[pads[1] : -1]]
+    for prompts, name in (([single], "d_greedy_single"), (batch, "e_greedy_batch2_left_pad")):
+        expected = CASES[name]["expected_token_ids"]
+        no_stop = {"max_new_tokens": 12, "eos_token_id": 3}  # <pad> is never generated: no stop, as the hub loop
+        assert generate(model, prompts, **no_stop).new_tokens == expected
+        assert generate(model, prompts, **no_stop, do_sample=True, top_k=1, seed=0).new_tokens == expected
+        assert generate(model, prompts, **no_stop, num_beams=1).new_tokens == expected
+    out = generate(model, [single], max_new_tokens=12)  # stops at <eop> (the hub's eos), the 5th token here
+    assert out.new_tokens == [[81, 316, 131, 215, 285]] and out.finish_reasons == ["stop"]
+
+
+def test_prompt_layout():
+    special = ChatGLM6BConfig.from_hub_dict(HUB_CONFIG).special_tokens
+    prompts = layout(special, "chatglm6b")
+    gmask, mask, sop, eop = 281, 280, 284, 285
+    assert prompts.continuation([7, 8]) == [7, 8, gmask]  # no [CLS]; <sop> is fed by the engine
+    assert prompts.model_input([7, 8, gmask, sop]) == [7, 8, gmask]  # the tokenizer's `text [gMASK] <sop>`
+    assert prompts.model_input([7, 8]) == [7, 8, gmask]
+    assert prompts.infilling([7, mask, 8]) == [7, mask, 8]
+    assert prompts.stop_ids() == [eop]
+    with pytest.raises(ValueError, match="no blank"):
+        prompts.infilling([7, 282, 8])  # [sMASK] is no blank to ChatGLM-6B

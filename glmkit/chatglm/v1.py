@@ -20,17 +20,15 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
 
 from .. import kernels
-from ..config import ConfigError, SpecialTokens, read_json_object
+from ..config import ConfigError, SpecialTokens
 from ..kv_cache import KVCache
 from ..masks import chatglm6b_inputs, mask_with_cache
 
@@ -131,9 +129,10 @@ class ChatGLM6BConfig:
         }
 
     @classmethod
-    def from_hub_dict(cls, d: dict[str, Any]) -> ChatGLM6BConfig:
+    def from_hub_dict(cls, d: dict[str, Any], **overrides: Any) -> ChatGLM6BConfig:
         """Build from a THUDM/chatglm-6b ``config.json`` dict; unknown or unsupported fields raise ``ConfigError``
-        naming the field and what was expected."""
+        naming the field and what was expected. ``overrides`` replace fields (glmkit names). ``quantization_bit`` is
+        the loader's business (chatglm/hub.py): the network is the same."""
         if not isinstance(d, dict):
             raise ConfigError(f"expected a hub config (a JSON object), found {type(d).__name__}")
         unknown = sorted(set(d) - set(_HUB_TO_FIELD) - set(_HUB_CHECKED) - _HUB_IGNORED)
@@ -150,25 +149,15 @@ class ChatGLM6BConfig:
         if missing:
             raise ConfigError(f"missing required ChatGLM-6B config field(s) {missing}")
         kwargs = {f: d[hub] for hub, f in _HUB_TO_FIELD.items() if hub in d}
+        bad = sorted(set(overrides) - {f.name for f in dataclasses.fields(cls)})
+        if bad:
+            raise ConfigError(f"overrides: unknown ChatGLM6BConfig field(s) {bad}")
         try:
-            return cls(**kwargs)
+            return cls(**{**kwargs, **overrides})
         except ConfigError as e:  # name the hub key, not ours
             field = str(e).split(":", 1)[0]
             hub = {f: h for h, f in _HUB_TO_FIELD.items()}.get(field, field)
             raise ConfigError(f"{hub}{str(e)[len(field) :]}") from e
-
-    def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_hub_dict(), indent=2) + "\n")
-
-    @classmethod
-    def from_file(cls, path: str | Path) -> ChatGLM6BConfig:
-        path = Path(path)
-        if path.is_dir():
-            path = path / "config.json"
-        try:
-            return cls.from_hub_dict(read_json_object(path))
-        except ConfigError as e:
-            raise ConfigError(f"{path}: {e}") from e
 
 
 _HUB_TO_FIELD = {
@@ -191,8 +180,8 @@ _HUB_CHECKED = {
     "position_encoding_2d": (lambda v: v is True, "true (the 1-D rotary branch is used by no released checkpoint)"),
     "pre_seq_len": (lambda v: v in (None, 0), "null (P-tuning v2 prefixes are not supported yet)"),
     "prefix_projection": (lambda v: v in (None, False), "false (P-tuning v2 prefixes are not supported yet)"),
-    "quantization_bit": (lambda v: v in (None, 0), "0 (the hub INT4/INT8 checkpoints are not supported yet)"),
-    "quantization_embeddings": (lambda v: v in (None, False), "false"),
+    "quantization_bit": (lambda v: v in (None, 0, 4, 8), "0, 4 or 8"),
+    "quantization_embeddings": (lambda v: v in (None, False), "false (quantized embeddings are not supported)"),
 }
 # HF plumbing that does not change the math.
 _HUB_IGNORED = {
@@ -439,30 +428,3 @@ def is_ignored_hub_key(key: str) -> bool:
     """Buffers the hub checkpoints carry that the hub code itself ignores on load (``RotaryEmbedding``'s
     ``_load_from_state_dict`` is a no-op; the fp16-rounded values are rebuilt)."""
     return key.startswith("transformer.layers.") and key.endswith(".attention.rotary_emb.inv_freq")
-
-
-def from_hub_state_dict(state: dict[str, torch.Tensor], config: ChatGLM6BConfig) -> dict[str, torch.Tensor]:
-    """Rename a THUDM/chatglm-6b state dict to glmkit names, checking every key and shape against ``config``; a
-    missing, unexpected or misshapen tensor raises ``ValueError`` naming the hub key."""
-    kmap = hub_key_map(config)
-    with torch.device("meta"):
-        expected = ChatGLM6B(config).state_dict()
-    out: dict[str, torch.Tensor] = {}
-    unexpected = []
-    for key, t in state.items():
-        if key not in kmap:
-            if not is_ignored_hub_key(key):
-                unexpected.append(key)
-            continue
-        shape = expected[kmap[key]].shape
-        if t.shape != shape or not t.is_floating_point():
-            raise ValueError(
-                f"{key}: checkpoint has {t.dtype} {tuple(t.shape)}, the config implies a float tensor {tuple(shape)}"
-            )
-        out[kmap[key]] = t
-    if unexpected:
-        raise ValueError(f"unexpected tensor(s) in a ChatGLM-6B checkpoint: {unexpected[:10]}")
-    missing = [hub for hub, ours in kmap.items() if ours not in out]
-    if missing:
-        raise ValueError(f"missing tensor(s) in a ChatGLM-6B checkpoint: {missing[:10]}")
-    return out
