@@ -19,6 +19,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from ..kernels.training import use_training_kernels
 from ..masks import pad_batch
 from . import distributed as dist_utils
 from .optim import AnnealingLR, param_groups
@@ -143,7 +144,10 @@ def fit(
     resume: bool = True,
     on_step: Callable[[int, float], None] | None = None,
 ) -> History:
-    """Train ``model`` for ``args.max_steps`` optimizer steps; resumes from ``out_dir`` when a checkpoint exists."""
+    """Train ``model`` for ``args.max_steps`` optimizer steps; resumes from ``out_dir`` when a checkpoint exists.
+
+    ``model``'s attention and dropout modules are swapped, in place, for glmkit's CPU training kernels
+    (``kernels.training.use_training_kernels``: the same function, dropout masks from the kernels' hash)."""
     from .logging import MetricsLogger, ProgressBar
 
     out = Path(args.out_dir)
@@ -151,6 +155,7 @@ def fit(
     device = dist_utils.device_for_rank()
     torch.manual_seed(args.seed + rank)
     model.to(device).train()
+    use_training_kernels(model)  # glmkit's CPU attention and dropout, swapped in before DDP/FSDP wrap the modules
     base = model
     base.gradient_checkpointing = args.activation_checkpointing
     model = dist_utils.wrap(model, args.parallel, device)
