@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from ..kernels.training import use_training_kernels
 from ..masks import pad_batch
 from . import distributed as dist_utils
-from .optim import AnnealingLR, param_groups
+from .optim import AnnealingLR, annealed_lr, param_groups
 from .state import load_latest, save_training_checkpoint
 
 BatchSource = Callable[[int], dict]
@@ -75,6 +75,18 @@ class TrainArgs:
             raise ValueError(f"precision: expected bf16 or fp32, got {self.precision!r}")
         if self.parallel not in ("ddp", "fsdp"):
             raise ValueError(f"parallel: expected ddp or fsdp, got {self.parallel!r}")
+        if self.decay_iters is not None and int(self.decay_iters) <= 0:
+            raise ValueError(f"decay_iters: must be a positive integer or None, got {self.decay_iters!r}")
+        decay_iters = self.decay_iters or self.max_steps
+        warmup_iter, last = self.warmup * decay_iters, self.max_steps - 1
+        if self.decay_style == "linear" and last > warmup_iter:
+            end = annealed_lr(last, 1.0, warmup_iter, decay_iters - warmup_iter, "linear", self.decay_ratio)
+            if end <= 0:  # the reference's linear decay does not stop at decay_iters
+                raise ValueError(
+                    f"decay_iters: linear decay keeps falling after decay_iters={decay_iters}, as THUDM/GLM's "
+                    f"AnnealingLR does, and reaches lr 0 before max_steps={self.max_steps}; raise decay_iters or use "
+                    f"decay_style cosine"
+                )
 
 
 @dataclass
