@@ -66,9 +66,9 @@ class LocalBackend:
     notice: str | None = None
 
     def __post_init__(self) -> None:
-        from .chatglm.tokenizers import FAMILIES
+        from .chatglm.chat import is_chat_tokenizer
 
-        self.chat_tuned = getattr(self.tok, "family", None) in FAMILIES
+        self.chat_tuned = is_chat_tokenizer(self.tok)
         self.context = int(self.model.config.n_positions)
         self.max_new_tokens = int(self.generation.get("max_new_tokens") or min(512, self.context // 2))
         if self.max_new_tokens >= self.context - 8:

@@ -3,7 +3,7 @@
 
 import pytest
 
-from glmkit.chatglm.chat import chat_prompt
+from glmkit.chatglm.chat import chat_prompt, served_chat_prompt
 from glmkit.chatglm.tokenizers import load_chatglm_tokenizer
 from tests.helpers.chatglm_vocab import build_chatglm2_tokenizer, build_chatglm6b_tokenizer, build_glm4_tokenizer
 
@@ -151,3 +151,16 @@ def test_bad_messages_are_named(toks, messages, error):
 def test_too_small_a_context_is_refused(toks):
     with pytest.raises(ValueError, match="at least 8 tokens"):
         chat_prompt(toks["glm4"], THREE, max_length=3)
+
+
+def test_served_chat_prompt_fits_the_server_and_skips_other_tokenizers(toks):
+    from glmkit.tokenizer import WhitespaceTokenizer
+
+    tok = toks["glm4"]
+    long = [*THREE[:2]] * 20 + [THREE[2]]
+    out = served_chat_prompt(tok, long, max_prompt_tokens=4096, max_model_len=120, max_tokens=40)
+    assert len(out.ids) <= 80 and out.dropped_messages > 0 and out.stop_ids == tok.specials.stops
+    assert len(served_chat_prompt(tok, long, max_prompt_tokens=60, max_model_len=4096, max_tokens=40).ids) <= 60
+    assert served_chat_prompt(WhitespaceTokenizer(), THREE, 100, 100, 10) is None
+    with pytest.raises(ValueError, match="at least 8 tokens"):
+        served_chat_prompt(tok, THREE, max_prompt_tokens=4096, max_model_len=40, max_tokens=40)

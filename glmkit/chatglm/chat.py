@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .tokenizers import ChatGLMTokenizerLike
+from .tokenizers import FAMILIES, ChatGLMTokenizerLike
 
 ROLE_ALIASES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant",
                 "observation": "observation", "tool": "observation", "function": "observation"}  # fmt: skip
@@ -155,3 +155,19 @@ def chat_prompt(
         ids = ids[cut:] if tok.family == "chatglm" else ids[:2] + ids[2 + cut :]
         notes.append(f"the last message alone exceeds the context of {max_length} tokens: cut its first {cut} tokens")
     return ChatPrompt(ids, stops, dropped, cut, "; ".join(notes) or None)
+
+
+def is_chat_tokenizer(tok: Any) -> bool:
+    """Whether ``tok`` is a ChatGLM tokenizer, i.e. the model has a chat template here."""
+    return getattr(tok, "family", None) in FAMILIES and hasattr(tok, "specials")
+
+
+def served_chat_prompt(
+    tok: Any, messages: Sequence[Any], max_prompt_tokens: int, max_model_len: int, max_tokens: int
+) -> ChatPrompt | None:
+    """A chat request's prompt for ``glmkit serve``: the ChatGLM template of ``messages``, trimmed to what the server
+    takes (its prompt limit, and its context less the ``max_tokens`` of the answer), or ``None`` when ``tok`` is not
+    a ChatGLM tokenizer (the server's plain-text chat format applies). Bad messages raise ``ValueError``."""
+    if not is_chat_tokenizer(tok):
+        return None
+    return chat_prompt(tok, messages, max_length=min(max_prompt_tokens, max_model_len - max_tokens))
