@@ -129,6 +129,18 @@ def part_b_positions(blank_position: int, n: int, start_block: int = 1) -> tuple
     return [blank_position] * n, list(range(start_block, start_block + n))
 
 
+def span_feed(blank_position: int, span: Sequence[int], sop_id: int, max_block: int) -> list[tuple[int, int, int]]:
+    """What the cache holds for a filled blank before the next blank is decoded: ``(token, position, block)``.
+
+    ``<sop> span`` at ``(p, 1), (p, 2), ...``, its stop token left out: THUDM/GLM ``generate_samples.py`` keeps each
+    span in the memory the later blanks attend to. Block positions end at ``max_block`` (the position table's last
+    row), so a span cut there keeps only the tokens that have a block position.
+    """
+    tokens = [sop_id, *span][:max_block]
+    positions, blocks = part_b_positions(blank_position, len(tokens))
+    return list(zip(tokens, positions, blocks, strict=True))
+
+
 # ---- masks -------------------------------------------------------------------------------------------------
 
 

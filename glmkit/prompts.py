@@ -75,7 +75,7 @@ class GLMPrompts:
     def infilling(self, body: Sequence[int]) -> list[int]:
         ids = [self.special.cls, *body]
         if not find_blanks(ids, self.blank_ids()):
-            raise ValueError("text: no blank ([MASK], [sMASK] or [gMASK]) to fill")
+            raise ValueError("no blank ([MASK], [sMASK] or [gMASK]) to fill")
         # read_context appends eos unless the raw text ends in "MASK]": after [MASK] and [sMASK] too, not only [gMASK]
         return ids if ids[-1] in self.blank_ids() else [*ids, self.special.eos]
 
@@ -143,10 +143,14 @@ def has_blank(prompts: PromptLayout, ids: Sequence[int]) -> bool:
     return bool(find_blanks(ids, prompts.blank_ids()))
 
 
-def prompt_ids(tok: TokenizerLike, text: str, family: str = DEFAULT_FAMILY) -> list[int]:
+def text_prompt(prompts: PromptLayout, body: Sequence[int]) -> list[int]:
     """A text as typed: its blanks are filled when it has any (``infilling``), else it is continued."""
-    prompts, body = layout(tok.special, family), tok.encode(text)
     return prompts.infilling(body) if has_blank(prompts, body) else prompts.continuation(body)
+
+
+def prompt_ids(tok: TokenizerLike, text: str, family: str = DEFAULT_FAMILY) -> list[int]:
+    """``text_prompt`` of ``text``: what ``glmkit generate`` runs for it."""
+    return text_prompt(layout(tok.special, family), tok.encode(text))
 
 
 def continuation_ids(tok: TokenizerLike, text: str, family: str = DEFAULT_FAMILY) -> list[int]:

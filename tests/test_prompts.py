@@ -31,7 +31,7 @@ def test_glm_layout_follows_read_context():
     assert continuation_ids(tok, "the [MASK] said") == [s.cls, *enc("the [MASK] said"), s.gmask]
     assert continuation_ids(tok, "the king [gMASK]") == [s.cls, *enc("the king"), s.gmask]  # not doubled
     assert continuation_ids(tok, "the king [MASK]") == [s.cls, *enc("the king [MASK]"), s.gmask]
-    with pytest.raises(ValueError, match="text: no blank"):
+    with pytest.raises(ValueError, match=r"no blank \(\[MASK\], \[sMASK\] or \[gMASK\]\) to fill"):
         infilling_ids(tok, "the king said")
 
 

@@ -22,6 +22,7 @@ import torch
 from ..config import SpecialTokens
 from ..kv_cache import KVCache, KVCacheRows
 from ..masks import find_blanks, part_a_positions, part_b_step_positions, prefix_lm_mask
+from ..prompts import layout
 from .beam import beam_search
 from .config import GenerationConfig
 from .fast import DecodeStep, cache_dtype, forward_for, optimize_for_decode
@@ -140,12 +141,12 @@ def unpadded_rows(input_ids: TokenIds, attention_mask: torch.Tensor | None) -> l
 def prompt_rows(
     input_ids: TokenIds, attention_mask: torch.Tensor | None, special: SpecialTokens, max_length: int
 ) -> list[list[int]]:
-    """Unpadded Part-A rows; a row without a blank gets [gMASK] (or [MASK]) appended, as the original GLM does."""
+    """Unpadded Part-A rows, each completed by ``prompts.layout(special).model_input`` (a row without a blank gets
+    [gMASK], or [MASK] in a vocabulary without task masks, as the original GLM does)."""
     rows = unpadded_rows(input_ids, attention_mask)
-    append = special.gmask if special.gmask is not None else special.mask
+    prompts = layout(special)
     for b, row in enumerate(rows):
-        if not find_blanks(row, special.mask_ids()):
-            row.append(append)
+        row[:] = prompts.model_input(row)
         if len(row) > max_length:
             raise ValueError(
                 f"input_ids: prompt {b} has {len(row)} tokens (blank included), longer than the context of "
@@ -279,7 +280,7 @@ def _start(
     stepper = GLMStepper(model, cache, blanks, special.sop, config.compile)
     ids = torch.tensor([[special.pad] * (P - len(r)) + r + [special.sop] for r in rows], device=device)[expand]
     left_padding = torch.tensor([P - len(r) for r in rows], device=device)[expand]
-    eos_ids = config.eos_ids() or list(dict.fromkeys([special.eop, special.eos]))
+    eos_ids = config.eos_ids() or layout(special).stop_ids()
     pad_id = config.pad_token_id if config.pad_token_id is not None else special.pad
     decoding = Decoding(
         stepper,

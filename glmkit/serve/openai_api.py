@@ -21,13 +21,14 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
 
 from ..masks import find_blanks
+from ..prompts import continuation_ids, infilling_ids
 from .app import APIError, ServerState, translate, until_disconnect
 from .request import Fill
 from .sampling import SamplingParams
 from .scoring import ScoreRow
 from .served import Delta, OneShotModel, parse_json
 from .specs import EMBED
-from .text import CHAT_STOP, chat_prompt, completion_ids, infill_ids, safe_decode
+from .text import CHAT_STOP, chat_prompt, safe_decode
 
 router = APIRouter()
 
@@ -64,9 +65,9 @@ def _prompts(state: ServerState, prompt: Any, params: SamplingParams) -> list[tu
         except ValueError as e:
             raise APIError(400, str(e)) from e
     if isinstance(prompt, str):
-        return [(completion_ids(tok, prompt), "all", prompt)]
+        return [(continuation_ids(tok, prompt), "all", prompt)]
     if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
-        return [(completion_ids(tok, p), "all", p) for p in prompt]
+        return [(continuation_ids(tok, p), "all", p) for p in prompt]
     if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
         return [(list(prompt), "first", _ids_text(state, prompt))]
     if isinstance(prompt, list) and prompt and all(isinstance(p, list) and p for p in prompt):
@@ -179,7 +180,7 @@ async def _generate(request: Request, chat: bool) -> Response:
             raise APIError(400, str(e)) from e
         except TypeError as e:  # a text part whose "text" is not a string
             raise APIError(400, f"messages: a text part's text must be a string ({e})") from e
-        prompts: list[tuple[list[int], Fill, str]] = [(completion_ids(state.service.tok, text), "all", text)]
+        prompts: list[tuple[list[int], Fill, str]] = [(continuation_ids(state.service.tok, text), "all", text)]
     else:
         prompts = _prompts(state, body.get("prompt"), params)
     priority = body.get("priority", 0)
@@ -299,10 +300,11 @@ async def infill(request: Request) -> Response:
     if not isinstance(body.get("prompt"), str):
         raise APIError(400, "prompt: expected a string with [MASK], [sMASK] or [gMASK] blanks")
     tok = state.service.tok
-    ids = infill_ids(tok, body["prompt"])
+    try:
+        ids = infilling_ids(tok, body["prompt"])
+    except ValueError as e:
+        raise APIError(400, f"prompt: {e}") from e
     blanks = find_blanks(ids, tok.special.mask_ids())
-    if not blanks:
-        raise APIError(400, "prompt: no blank ([MASK], [sMASK] or [gMASK]) to fill")
     params = _params(state, {**body, "n": 1, "stream": None}, 16)
     try:
         merged, first = await _start(state, request, state.service.stream([(ids, "all")], params))
@@ -350,7 +352,7 @@ async def embeddings(request: Request) -> Response:
         raise APIError(400, "encoding_format: 'float' or 'base64'")
     try:
         rows = [
-            model.check(ScoreRow("embedding", completion_ids(tok, x) if isinstance(x, str) else [int(t) for t in x]))
+            model.check(ScoreRow("embedding", continuation_ids(tok, x) if isinstance(x, str) else [int(t) for t in x]))
             for x in inputs
         ]
         for r in rows:

@@ -23,6 +23,7 @@ import numpy as np
 
 from ..generate import fill_blank_ids, generate
 from ..masks import find_blanks
+from ..prompts import continuation_ids
 from .batcher import DynamicBatcher
 from .engine import AsyncLLMEngine
 from .request import Fill, Request, RequestOutput, TokenLogprob
@@ -30,7 +31,7 @@ from .sampling import Limits, SamplingParams
 from .scoring import Kind, Scorer, ScoreResult, ScoreRow
 from .specs import EMBED, LOGITS, SCORE, ModelSpec
 from .stats import ModelStats
-from .text import IncrementalText, completion_ids
+from .text import IncrementalText
 
 _ids = itertools.count()
 
@@ -267,7 +268,7 @@ class LLMModel:
         if sp.n != 1:
             raise ValueError("n: the llm model returns one sequence per request")
         priority = params.get("priority", 0)
-        ids = completion_ids(self.service.tok, prompt[0])
+        ids = continuation_ids(self.service.tok, prompt[0])
         head = "" if exclude else prompt[0]
         text, reason = head, None
         async for d in self.service.stream([(ids, "all")], sp, priority=priority if isinstance(priority, int) else 0):
@@ -324,7 +325,7 @@ class OneShotModel:
         if len(conts) != len(texts):
             raise ValueError("continuation: one per text_input row")
         return [
-            self.check(ScoreRow(self.kind, completion_ids(self.tok, t), self.tok.encode(c) if c else []))
+            self.check(ScoreRow(self.kind, continuation_ids(self.tok, t), self.tok.encode(c) if c else []))
             for t, c in zip(texts, conts, strict=True)
         ]
 
