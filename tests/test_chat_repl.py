@@ -144,3 +144,27 @@ def test_a_chatglm_checkpoint_is_chatted_with_its_template(chatglm3_folder):
     assert stops == set(backend.tok.specials.stops)
     assert "left out the oldest" in backend.notice
     assert ids[-1] == backend.tok.specials.roles["assistant"]
+
+
+def test_chat_with_a_chatglm_model_streams_its_templated_answers(chatglm3_folder):
+    from glmkit.chatglm.chat import chat_prompt
+    from glmkit.chatglm.hub import load_pretrained
+    from glmkit.chatglm.tokenizers import load_chatglm_tokenizer
+
+    model, tok = load_pretrained(chatglm3_folder), load_chatglm_tokenizer(chatglm3_folder)
+    stops = list(tok.specials.stops)
+    backend = LocalBackend(model, tok, {"max_new_tokens": 12}, name="tiny-chatglm3")
+    text = chat(backend, "/system Answer briefly.\n你好\nhello world\n", system=None)
+    assert "not chat-tuned" not in text and "system message set" in text
+
+    def answer(messages):
+        ids = chat_prompt(tok, messages).ids
+        out = generate(model, ids, max_new_tokens=12, tokenizer=tok, eos_token_id=stops).new_tokens[0]
+        return safe_decode(tok, [t for t in out if t not in stops])
+
+    system = {"role": "system", "content": "Answer briefly."}
+    first = answer([system, {"role": "user", "content": "你好"}])
+    history = [system, {"role": "user", "content": "你好"}, {"role": "assistant", "content": first}]
+    second = answer([*history, {"role": "user", "content": "hello world"}])
+    lines = [line.removeprefix(">>> ") for line in text.splitlines() if line.startswith(">>> ")]
+    assert first and lines[1:3] == [first, second]  # lines[0] is the /system notice
