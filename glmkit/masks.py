@@ -1,9 +1,9 @@
 """GLM attention masks and 2D positions: the single source of truth for data, generation and serving.
 
-A GLM input is Part A (the corrupted text, each blank one token: [MASK], [sMASK] or [gMASK]) followed by Part B
-(one segment ``<sop> span`` per blank). Part A attends bidirectionally to itself; Part B attends to all of Part A
-and causally to Part B. Every Part-B token sits at its blank's position with block positions 1, 2, ...
-(glm-reference.md §2-3). Masks here are boolean, ``True`` = may attend.
+A GLM input is Part A (the corrupted text, each blank one token: [MASK], [sMASK] or [gMASK]) followed by Part B (one
+segment ``<sop> span`` per blank). Part A attends bidirectionally to itself; Part B attends to all of Part A and
+causally to Part B. Every Part-B token sits at its blank's position with block positions 1, 2, ...
+(docs/glm-notes.md, "2D positions and the attention mask"). Masks here are boolean, ``True`` = may attend.
 """
 
 from __future__ import annotations

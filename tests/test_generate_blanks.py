@@ -1,5 +1,5 @@
-"""Blank filling of every blank (glm-reference.md §6.1, TV7): positions fed, cache contents, stop handling, the
-trained layout reproduced, strategies per span and the text helpers."""
+"""Blank filling of every blank (THUDM/GLM generate_samples.py; TV7 of docs/glm-notes.md): positions fed, cache
+contents, stop handling, the trained layout reproduced, strategies per span and the text helpers."""
 
 import pytest
 import torch

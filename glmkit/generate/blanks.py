@@ -1,10 +1,10 @@
 """Fill every blank of a GLM input, one span after another, as the original ``generate_samples.py`` does.
 
-glm-reference.md §6.1 / TV7: the context (with all its [MASK]/[sMASK]/[gMASK] blanks) is encoded once,
-bidirectionally; then for each blank at position p, left to right, ``<sop>`` is fed at (p, 1) and the k-th token at
-(p, k+1). A span ends at ``<eop>`` (or ``<eos>``), which is not fed back. Earlier spans stay in the cache, so later
-spans see them. Each span is decoded with the full ``generate`` machinery (greedy, sampling or beams). Unlike the
-hub's ``generate`` (first blank only) this fills all blanks, which is what GLM was trained to do.
+THUDM/GLM ``generate_samples.py`` (docs/glm-notes.md, TV7): the context (with all its [MASK]/[sMASK]/[gMASK] blanks)
+is encoded once, bidirectionally; then for each blank at position p, left to right, ``<sop>`` is fed at (p, 1) and
+the k-th token at (p, k+1). A span ends at ``<eop>`` (or ``<eos>``), which is not fed back. Earlier spans stay in
+the cache, so later spans see them. Each span is decoded with the full ``generate`` machinery (greedy, sampling or
+beams). Unlike the hub's ``generate`` (first blank only) this fills all blanks, which is what GLM was trained to do.
 """
 
 from __future__ import annotations

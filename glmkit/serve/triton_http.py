@@ -1,6 +1,7 @@
 """Triton's HTTP/REST protocol (KServe v2 + Triton extensions), enough for an unmodified ``tritonclient.http``.
 
-Paths, bodies and status codes follow serving-reference.md §2: health answers with status codes and empty
+Paths, bodies and status codes follow the KServe v2 protocol and Triton's server (``src/http_server.cc``,
+docs/protocol/*.md): health answers with status codes and empty
 bodies, metadata/config/stats in Triton's shapes, ``/infer`` in JSON or with the binary tensor extension (and
 gzip/deflate bodies), ``/generate`` and ``/generate_stream`` (SSE, no [DONE]; an error after the first event is
 a ``data: {"error": ...}`` event). A decoupled model refuses ``/infer`` with Triton's own message. The
