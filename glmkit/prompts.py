@@ -119,7 +119,38 @@ class ChatGLM6BPrompts:
         return list(dict.fromkeys([self.special.eop, self.special.eos]))
 
 
-_FAMILIES: dict[str, Callable[[Any], PromptLayout]] = {DEFAULT_FAMILY: GLMPrompts, "chatglm6b": ChatGLM6BPrompts}
+@dataclass(frozen=True)
+class ChatGLM2Prompts:
+    """ChatGLM2-6B, ChatGLM3-6B and GLM-4 (THUDM hub ``tokenization_chatglm.py``, ``build_inputs_with_special_tokens``
+    / ``get_prefix_tokens``): ``[gMASK] sop text``, the prompt of a causal LM, continued as it is; there is no blank
+    infilling. Generation stops at the vocabulary's stop ids: ``</s>`` (ChatGLM2), also ``<|user|>`` and
+    ``<|observation|>`` (ChatGLM3; GLM-4 with its ``<|endoftext|>``) when ``special`` lists them as ``stops``."""
+
+    special: Any  # SpecialTokens, or the ChatGLM tokenizers' ChatGLMSpecials (with the chat stop ids)
+
+    def blank_ids(self) -> tuple[int, ...]:
+        return ()
+
+    def continuation(self, body: Sequence[int]) -> list[int]:
+        return self.model_input(body)
+
+    def infilling(self, body: Sequence[int]) -> list[int]:
+        raise ValueError("ChatGLM2/3 and GLM-4 are causal LMs: they continue a prompt and fill no blanks")
+
+    def model_input(self, ids: Sequence[int]) -> list[int]:
+        row = [int(t) for t in ids]
+        prefix = [self.special.gmask, self.special.sop]
+        return row if row[:2] == prefix else [*prefix, *row]
+
+    def stop_ids(self) -> list[int]:
+        return list(dict.fromkeys(getattr(self.special, "stops", None) or [self.special.eos]))
+
+
+_FAMILIES: dict[str, Callable[[Any], PromptLayout]] = {
+    DEFAULT_FAMILY: GLMPrompts,
+    "chatglm6b": ChatGLM6BPrompts,
+    "chatglm2": ChatGLM2Prompts,
+}
 
 
 def register(family: str, factory: Callable[[Any], PromptLayout]) -> None:

@@ -8,11 +8,12 @@ import json
 import pytest
 import torch
 
-from glmkit import GLM, KVCache
+from glmkit import GLM, KVCache, SpecialTokens
 from glmkit.generate import generate, stream
 from glmkit.generate.causal import CausalStepper, prefill
 from glmkit.generate.fast import DecodeStep, optimize_for_decode
 from glmkit.kernels import FastLinear
+from glmkit.prompts import layout
 
 from .conftest import FIXTURES
 from .test_chatglm2 import _glm4_config, _hf_glm, _to_hub, write_hub_folder
@@ -91,6 +92,20 @@ def test_eos_and_sampling_options():
         generate(model, list(range(65)), max_new_tokens=2)
     near = generate(model, prompt * 2 + prompt[:10], max_new_tokens=30, eos_token_id=NO_STOP)  # 62 of 64 positions
     assert len(near.new_tokens[0]) == 3
+
+
+def test_prompt_layout_prefixes_gmask_sop():
+    special = SpecialTokens(eos=2, pad=0, cls=301, mask=300, sop=303, eop=304, smask=302, gmask=301)
+    prompts = layout(special, "chatglm2")
+    assert prompts.continuation([40, 41]) == [301, 303, 40, 41] == prompts.model_input([301, 303, 40, 41])
+    assert prompts.blank_ids() == () and prompts.stop_ids() == [2]
+    with pytest.raises(ValueError, match="fill no blanks"):
+        prompts.infilling([40, 300])
+    case = CASES["c_greedy_single"]
+    model = fixture_model()
+    body = case["input_ids"][0][2:]  # without [gMASK] sop: the special ids put them back
+    out = generate(model, body, special_tokens=special, max_new_tokens=12, eos_token_id=NO_STOP)
+    assert out.new_tokens == case["expected_token_ids"]
 
 
 transformers = pytest.importorskip("transformers")

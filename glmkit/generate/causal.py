@@ -1,8 +1,7 @@
 """Generation for causal LMs (ChatGLM2/3, GLM-4: a model class with ``causal_lm = True``).
 
 There is no Part A / Part B: the prompt is prefilled causally and continued one token per step, each new token at the
-next position of its row. The prompt ids are used as given: the tokenizer (or ``glmkit.prompts``) already laid them
-out (``[gMASK] sop text`` for this family).
+next position of its row. Prompts are laid out by ``glmkit.prompts`` (``[gMASK] sop text`` for this family).
 
 Batching as in engine.py: prompts are right-padded for one prefill (padding keys are masked out), the first new
 token's logits are read at each row's last real token, and ``cache.set_lengths`` drops the padding, so every row
@@ -17,6 +16,7 @@ from typing import Any
 import torch
 
 from ..kv_cache import KVCache
+from ..prompts import layout
 from .config import GenerationConfig
 from .engine import Decoding, TokenIds, unpadded_rows
 from .fast import DecodeStep, cache_dtype
@@ -64,12 +64,19 @@ def start(
     input_ids: TokenIds,
     attention_mask: torch.Tensor | None,
     config: GenerationConfig,
+    special_tokens: Any,
     tokenizer: Any,
     generator: torch.Generator | None,
 ) -> tuple[Decoding, list[list[int]]]:
-    """Validate, prefill and build the ``Decoding`` for one ``generate``/``stream`` call of a causal model."""
+    """Validate, prefill and build the ``Decoding`` for one ``generate``/``stream`` call of a causal model. With
+    special ids (``special_tokens``, else the tokenizer's), a prompt without the ``[gMASK] sop`` prefix gets it
+    (``glmkit.prompts``, family ``chatglm2``); without, the ids are the model input as they are."""
     cfg = model.config
     rows = unpadded_rows(input_ids, attention_mask)
+    special = special_tokens or getattr(tokenizer, "special", None)
+    prompts = layout(special, "chatglm2") if special is not None else None
+    if prompts is not None:
+        rows = [prompts.model_input(r) for r in rows]
     for b, row in enumerate(rows):
         if len(row) > cfg.seq_length:
             raise ValueError(f"input_ids: prompt {b} has {len(row)} tokens, more than seq_length={cfg.seq_length}")
@@ -92,7 +99,7 @@ def start(
         ids,
         P - lengths,
         config,
-        eos_ids=config.eos_ids() or cfg.eos_ids,
+        eos_ids=config.eos_ids() or list(dict.fromkeys([*cfg.eos_ids, *(prompts.stop_ids() if prompts else [])])),
         pad_id=pad_id,
         position_limit=max_new,
         tokenizer=tokenizer,

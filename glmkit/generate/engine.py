@@ -263,7 +263,7 @@ def _start(
     if getattr(model, "causal_lm", False):  # ChatGLM2/3, GLM-4: the prompt is continued as given (causal.py)
         from .causal import start
 
-        return start(model, input_ids, attention_mask, config, tokenizer, generator)
+        return start(model, input_ids, attention_mask, config, special_tokens, tokenizer, generator)
     special = resolve_special_tokens(model, special_tokens, tokenizer)
     cfg = model.config
     rows = prompt_rows(input_ids, attention_mask, special, cfg.n_positions)
