@@ -20,6 +20,7 @@ import numpy as np
 from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
 
+from ..chatglm.chat import is_chat_tokenizer, served_chat_prompt
 from ..masks import find_blanks
 from ..prompts import continuation_ids, infilling_ids
 from .app import APIError, ServerState, translate, until_disconnect
@@ -91,7 +92,9 @@ def _params(state: ServerState, body: dict[str, Any], default_max: int, chat: bo
         d["max_tokens"] = body.get("max_completion_tokens", body.get("max_tokens"))
         d["logprobs"] = body.get("top_logprobs", 0) if body.get("logprobs") else None
         stop = body.get("stop") or []
-        d["stop"] = ([stop] if isinstance(stop, str) else list(stop) if isinstance(stop, list) else stop) + [CHAT_STOP]
+        stop = [stop] if isinstance(stop, str) else list(stop) if isinstance(stop, list) else stop
+        # a ChatGLM model ends its answer with a stop id; glmkit's plain chat format at the next "User:" line
+        d["stop"] = stop if is_chat_tokenizer(state.service.tok) else stop + [CHAT_STOP]
     elif isinstance(body.get("logprobs"), bool):
         raise APIError(400, "logprobs: expected an int (the number of top log-probabilities)")
     if body.get("suffix"):
@@ -174,13 +177,20 @@ async def _generate(request: Request, chat: bool) -> Response:
             raise APIError(400, "messages: expected a list of message objects")
     params = _params(state, body, state.config.limits.max_tokens if chat else 16, chat)
     if chat:
-        try:
-            text = chat_prompt(messages)
+        tok, room = state.service.tok, state.config.limits.max_prompt_tokens
+        try:  # a ChatGLM model gets its own template, trimmed to fit from the oldest turn
+            glm = served_chat_prompt(tok, messages, room, state.engine.engine.config.max_model_len, params.max_tokens)
+            text = chat_prompt(messages) if glm is None else safe_decode(tok, glm.ids, skip_special_tokens=False)
         except ValueError as e:
             raise APIError(400, str(e)) from e
         except TypeError as e:  # a text part whose "text" is not a string
             raise APIError(400, f"messages: a text part's text must be a string ({e})") from e
-        prompts: list[tuple[list[int], Fill, str]] = [(continuation_ids(state.service.tok, text), "all", text)]
+        prompts: list[tuple[list[int], Fill, str]]
+        if glm is None:
+            prompts = [(continuation_ids(tok, text), "all", text)]
+        else:  # the template's ids are the model input as they are, and its stop ids end the answer
+            params.stop_token_ids = [*params.stop_token_ids, *glm.stop_ids]
+            prompts = [(glm.ids, "first", text)]
     else:
         prompts = _prompts(state, body.get("prompt"), params)
     priority = body.get("priority", 0)
