@@ -325,4 +325,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    return repl(load_backend(args), sys.stdin, sys.stdout, system=args.system)
+    backend = load_backend(args)
+    if sys.stdin.isatty():
+        try:  # gives input() line editing and a history of what was typed
+            import readline  # noqa: F401
+        except ImportError:  # not on every platform
+            pass
+    return repl(backend, sys.stdin, sys.stdout, system=args.system)
