@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from glmkit import GLM, KVCache
 from glmkit.chatglm import ChatGLM2
+from glmkit.chatglm.hub import save_pretrained
 from glmkit.checkpoint import CheckpointError
 from glmkit.config import ConfigError
 from glmkit.kernels.reference import dequantize_int4, dequantize_int8
@@ -44,20 +45,23 @@ def hub_dequantize(q: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Ten
     return q.float() * scale.float()[:, None]
 
 
-def write_folder(folder, config, state, bits=0):
+def write_folder(folder, config, state, bits=0, fixture=FX):
     folder.mkdir(parents=True, exist_ok=True)
-    cfg = json.loads((FX / "config.json").read_text()) | config | ({"quantization_bit": bits} if bits else {})
+    cfg = json.loads((fixture / "config.json").read_text()) | config | ({"quantization_bit": bits} if bits else {})
     (folder / "config.json").write_text(json.dumps(cfg))
     save_file(state, str(folder / "model.safetensors"))
     return folder
 
 
-def hub_quantized_checkpoint(folder, bits):
-    state = dict(HUB)
-    for k, w in HUB.items():
+def hub_quantized_checkpoint(folder, bits, fixture=FX):
+    """The fixture's weights as the hub's -int4 / -int8 checkpoints hold them (the four linear layers of every
+    transformer layer quantized, everything else float)."""
+    weights = load_file(str(fixture / "model.safetensors"))
+    state = dict(weights)
+    for k, w in weights.items():
         if k.endswith(".weight") and k.split(".")[-2] in QUANTIZED:
             state[k], state[k + "_scale"] = hub_quantize(w, bits)
-    return write_folder(folder, {}, state, bits), state
+    return write_folder(folder, {}, state, bits, fixture), state
 
 
 def test_hub_int4_packing_matches_the_published_vector():
@@ -97,13 +101,17 @@ def test_hub_quantized_checkpoint_loads_losslessly(tmp_path, bits):
     assert err < 2e-3, f"max |diff| {err:.2e}"  # activations are rounded by the kernels (fixed16 / bf16)
 
 
+@pytest.mark.parametrize("fixture", ["chatglm2", "chatglm6b"])
 @pytest.mark.parametrize("bits", [8, 4])
-def test_hub_quantized_model_saves_in_the_hub_format(tmp_path, bits):
-    folder, state = hub_quantized_checkpoint(tmp_path / "src", bits)
-    GLM.from_pretrained(folder).save_pretrained(tmp_path / "out")
+def test_hub_quantized_model_saves_in_the_hub_format(tmp_path, bits, fixture):
+    """Loading and saving again gives the hub tensors back bit for bit (both generations share the format)."""
+    folder, state = hub_quantized_checkpoint(tmp_path / "src", bits, FIXTURES / fixture)
+    model = GLM.from_pretrained(folder, dtype=torch.float32)
+    assert sum(isinstance(m, QuantizedLinear) for m in model.modules()) == 4 * model.config.n_layer
+    save_pretrained(model, tmp_path / "out")
     saved = load_file(str(tmp_path / "out" / "model.safetensors"))
     assert json.loads((tmp_path / "out" / "config.json").read_text())["quantization_bit"] == bits
-    state.pop("transformer.rotary_pos_emb.inv_freq")
+    state = {k: v for k, v in state.items() if not k.endswith("inv_freq")}  # buffers the hub code rebuilds
     assert sorted(saved) == sorted(state)
     for k, t in state.items():
         assert saved[k].dtype == t.dtype or t.is_floating_point(), k
@@ -151,6 +159,7 @@ def test_sharded_safetensors_round_trip_keeps_other_files(tmp_path):
     out.mkdir()
     (out / "tokenizer.model").write_bytes(b"kept")
     model.save_pretrained(out, max_shard_size=60_000)
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "float32"
     index = json.loads((out / "model.safetensors.index.json").read_text())
     shards = sorted(set(index["weight_map"].values()))
     assert len(shards) >= 3 and all((out / s).is_file() for s in shards)

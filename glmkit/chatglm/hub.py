@@ -34,6 +34,7 @@ from ..config import ConfigError, read_json_object
 from ..quantize.modules import QuantizedEmbedding, QuantizedLinear, convert_for_runtime, interleave_state_, scheme_of
 from ..quantize.scheme import METADATA_KEY, HubQuantization, QuantScheme
 from . import v1
+from .v1 import ChatGLM6B, ChatGLM6BConfig, hub_key_map, is_ignored_hub_key
 from .v2 import ChatGLM2, ChatGLM2Config
 
 QUANTIZED_LAYERS = "blocks."  # the hub quantizes every linear layer of the transformer layers, nothing else
@@ -77,6 +78,18 @@ def family_of(d: dict[str, Any]) -> Family:
             f"ffn_hidden_size, kv_channels) — {'several fit: ' if found else 'known: '}{names}"
         )
     return found[0]
+
+
+register(
+    Family(
+        name="chatglm6b",
+        detect=lambda d: "position_encoding_2d" in d or "inner_hidden_size" in d,
+        config_from_hub=ChatGLM6BConfig.from_hub_dict,
+        model=ChatGLM6B,
+        hub_names=hub_key_map,
+        ignored=is_ignored_hub_key,
+    )
+)
 
 
 # ---- ChatGLM2 / ChatGLM3 / GLM-4 hub names -------------------------------------------------------------------------
@@ -295,6 +308,7 @@ def save_pretrained(model: nn.Module, path: str | Path, max_shard_size: int | No
     names = {ours: hub for hub, ours in family.hub_names(model.config).items()}
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     hub_config = model.config.to_hub_dict()
+    hub_config["torch_dtype"] = str(model.wte.weight.dtype).removeprefix("torch.")  # what the hub code casts to
     metadata = {"format": "pt"}
     hub = _as_hub(model, state)
     scheme = scheme_of(model)

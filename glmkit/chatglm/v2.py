@@ -177,7 +177,6 @@ class ChatGLM2Config:
             **{hub: getattr(self, f) for hub, f in _HUB_TO_FIELD.items()},
             "vocab_size": self.vocab_size,
             "tie_word_embeddings": False,
-            "torch_dtype": "float32",
         }
 
     @classmethod
