@@ -107,13 +107,6 @@ def from_hub_state_dict(
     return out
 
 
-def to_hub_state_dict(model: GLM, prefix: str = "glm.") -> dict[str, torch.Tensor]:
-    """The model's tensors under hub key names (``glm.word_embeddings.weight``, ...)."""
-    from .quantize.modules import scheme_of
-
-    return _to_hub_names(model.state_dict(), model.config, scheme_of(model), prefix)
-
-
 def _to_hub_names(state: dict[str, torch.Tensor], config: GLMConfig, quantization, prefix: str = "glm.") -> dict:
     inv = {ours: hub for hub, ours in hub_key_map(config, quantization).items()}
     return {prefix + inv[name]: t for name, t in state.items()}

@@ -6,9 +6,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from glmkit import GLM, GLMConfig
-from glmkit.checkpoint import CheckpointError, to_hub_state_dict
+from glmkit.checkpoint import CheckpointError
 
 from .conftest import FIXTURES
+from .helpers.hub import to_hub_state_dict
 
 
 def _same(a: GLM, b: GLM) -> None:

@@ -5,7 +5,6 @@ import torch
 
 from glmkit import KVCache
 from glmkit.masks import (
-    build_inputs_for_generation,
     collate,
     make_block_data,
     make_prefix_lm_data,
@@ -14,6 +13,8 @@ from glmkit.masks import (
     prefix_lm_mask,
     sample_mask,
 )
+
+from .helpers.hub import build_inputs_for_generation
 
 # symbolic BERT-style ids: [CLS]=101, [MASK]=103, sop=30522, eop=30523; x_i = i
 CLS, MASK, GMASK, SOP, EOP = 101, 103, 30524, 30522, 30523
@@ -61,6 +62,20 @@ def test_tv6_build_inputs_for_generation():
     assert m[:6, :6].eq(1).all() and m[:6, 6:].eq(0).all() and m[6:, :6].eq(1).all()
     assert torch.equal(m[6:, 6:], torch.tril(torch.ones(4, 4, dtype=m.dtype)))
     assert out["position_ids"][0, :, 7].tolist() == [3, 2]  # step 2 feeds column 7
+
+
+def test_transformers_wrapper_layout_is_the_hub_layout():
+    """glmkit's ``hf_adapter.glm_layout`` of a ``context <sop> generated…`` row gives the hub's positions and mask."""
+    from glmkit import SpecialTokens
+    from glmkit.hf_adapter import glm_layout
+
+    special = SpecialTokens(eos=50256, pad=50256, cls=50259, mask=50260, sop=50257, eop=50258, smask=50264, gmask=50263)
+    ctx = torch.tensor([[50259, 11, 12, 50260, 13, 50256]])
+    hub = build_inputs_for_generation(ctx, None, 4, mask_ids=special.mask_ids(), sop_id=special.sop)
+    row = torch.cat([hub["input_ids"], torch.tensor([[21, 22, 23]])], dim=1)  # <sop> + 3 generated = the window
+    positions, mask = glm_layout(row, None, special)
+    assert torch.equal(positions, hub["position_ids"])
+    assert torch.equal(mask.long(), hub["generation_attention_mask"])
 
 
 def test_multiple_blank_kinds_and_per_span_ids():

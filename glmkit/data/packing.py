@@ -125,11 +125,3 @@ class PackedDataset:
         while keep > 1 and not self._is_end(tokens[keep - 1]):
             keep -= 1
         return tokens[: keep if keep >= length // 2 else length]
-
-
-def rank_batch_indices(batch_index: int, batch_size: int, dp_rank: int = 0, dp_world: int = 1) -> range:
-    """Dataset indices of local batch ``batch_index`` on rank ``dp_rank`` of ``dp_world`` (disjoint across ranks)."""
-    if not 0 <= dp_rank < dp_world:
-        raise ValueError(f"dp_rank: must be in [0, dp_world={dp_world}), got {dp_rank}")
-    start = (batch_index * dp_world + dp_rank) * batch_size
-    return range(start, start + batch_size)
