@@ -74,6 +74,27 @@ def test_cached_steps_equal_a_full_recompute():
             logits = stepper.step(tokens)
 
 
+def test_pool_rows_decode_as_alone():
+    """Serving's continuous batching: sequences in scattered rows of one pool cache (KVCacheRows), each step on
+    the rows that take part, give the tokens each gives alone."""
+    model = fixture_model().eval()
+    case = CASES["a_prompt_single"]
+    prompts = [case["input_ids"][0], case["input_ids"][0][:11]]
+    alone = [generate(model, p, max_new_tokens=6, eos_token_id=NO_STOP).new_tokens[0] for p in prompts]
+    pool = KVCache.for_model(model, 4, 48)
+    with torch.no_grad():
+        rows = pool.rows([3, 1])
+        lengths = torch.tensor([len(p) for p in prompts])
+        stepper = CausalStepper(model, rows, prefill(model, prompts, rows), lengths)
+        tokens, got = None, [[], []]
+        for _ in range(6):
+            tokens = stepper.step(tokens).argmax(-1)
+            for row, t in zip(got, tokens.tolist(), strict=True):
+                row.append(t)
+    assert got == alone
+    assert pool.host_lengths() == [0, len(prompts[1]) + 5, 0, len(prompts[0]) + 5]
+
+
 def test_eos_and_sampling_options():
     case = CASES["c_greedy_single"]
     model = fixture_model()
