@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 
 from .. import kernels
-from ..kernels.ops import MAX_HEAD_SIZE
+from ..kernels.layout import INT4_GROUP_SIZES, MAX_HEAD_SIZE, LinearKind
 from ..kv_cache import KVCache, KVCacheRows
 from ..masks import mask_with_cache
 from ..model import GLM, Block, Rope
@@ -155,7 +155,7 @@ class _FusedBlocks:
     meta: list[int]
     n_head: int
     eps: float
-    gelu: str
+    activation: str  # decode_blocks: GELU's approximate ("tanh" or "none"), or "swiglu"
 
 
 def _fused_linear(module: nn.Module) -> tuple[list[torch.Tensor], list[int]] | None:
@@ -164,16 +164,19 @@ def _fused_linear(module: nn.Module) -> tuple[list[torch.Tensor], list[int]] | N
     if isinstance(module, QuantizedLinear):
         w, s, b = module.weight, module.weight_scale, module.bias
         ok = s.dtype in (torch.float32, torch.bfloat16) and s.is_contiguous()
-        ok = ok and (module.bits == 8 or module.group_size in (32, 64, 128))
-        kind, group = (1, 0) if module.bits == 8 else (3 if module.interleaved else 2, module.group_size)
+        ok = ok and (module.bits == 8 or module.group_size in INT4_GROUP_SIZES)
+        if module.bits == 8:
+            kind, group = LinearKind.INT8, 0
+        else:
+            kind, group = LinearKind.INT4X16 if module.interleaved else LinearKind.INT4, module.group_size
     elif type(module) in (nn.Linear, kernels.FastLinear) and module.weight.dtype == torch.bfloat16:
         packed = getattr(module, "packed", None)  # in the scales' place: every batch multiplies with the panels
         w, s, b, ok = module.weight, none if packed is None else packed, module.bias, True
-        kind, group = 0, 0
+        kind, group = LinearKind.BF16, 0
     else:
         return None
     ok = ok and w.is_contiguous() and (b is None or (b.dtype in (torch.float32, torch.bfloat16) and b.is_contiguous()))
-    return ([w, s, none if b is None else b], [kind, group]) if ok else None
+    return ([w, s, none if b is None else b], [int(kind), group]) if ok else None
 
 
 def _fused_blocks(model: torch.nn.Module) -> _FusedBlocks | None:
@@ -246,7 +249,7 @@ class DecodeStep:
             rope = torch.cat(rope, dim=2).flatten(1, 2).contiguous()
         pool, slots = rows
         op = torch.ops.glmkit_kernels.decode_blocks.default
-        x = op(x[:, 0], f.tensors, f.meta, pool.k, pool.v, slots, lengths, rope, f.n_head, f.eps, f.gelu)
+        x = op(x[:, 0], f.tensors, f.meta, pool.k, pool.v, slots, lengths, rope, f.n_head, f.eps, f.activation)
         cache.advance(1)
         x = model.ln_f(x)
         return x if hidden else model.lm_head(x, model.wte)

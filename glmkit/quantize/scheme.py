@@ -12,9 +12,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from ..kernels.layout import INT4_GROUP_SIZES
+
 METADATA_KEY = "glmkit_quantization"
 FORMAT = "glmkit-weight-only-v1"  # int8 per output row; int4 per group, packed as in glmkit/kernels/reference.py
-GROUP_SIZES = (32, 64, 128)
+GROUP_SIZES = INT4_GROUP_SIZES
 
 
 @dataclass(frozen=True)
