@@ -243,10 +243,10 @@ def engine_alone(args: argparse.Namespace) -> dict[str, float]:
     1 and 16. It separates the engine's own scaling from the HTTP layer and the machine's other load."""
     import torch
 
+    from glmkit.prompts import continuation_ids
     from glmkit.serve.engine import LLMEngine
     from glmkit.serve.scheduler import SchedulerConfig
     from glmkit.serve.scoring import Scorer, ScoreRow
-    from glmkit.serve.text import completion_ids
 
     torch.set_num_threads(args.threads)
     model, tok = _model(args.model, args.tokenizer)
@@ -262,7 +262,7 @@ def engine_alone(args: argparse.Namespace) -> dict[str, float]:
     out: dict[str, float] = {}
     for n in (1, 32, 1, 32):  # the second pass is the measurement
         for i in range(n):
-            ids = completion_ids(tok, prompt(rng))
+            ids = continuation_ids(tok, prompt(rng))
             engine.add_request(
                 engine.make_request(f"{n}-{i}-{rng.random()}", ids, max_new_tokens=args.max_tokens, ignore_eos=True)
             )
@@ -275,7 +275,7 @@ def engine_alone(args: argparse.Namespace) -> dict[str, float]:
     scorer = Scorer(model, tok.special)
     rows = [
         scorer.check(
-            ScoreRow("loglikelihood", completion_ids(tok, prompt(rng)), tok.encode(" ".join(rng.sample(WORDS, 4))))
+            ScoreRow("loglikelihood", continuation_ids(tok, prompt(rng)), tok.encode(" ".join(rng.sample(WORDS, 4))))
         )
         for _ in range(16)
     ]

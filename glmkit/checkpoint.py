@@ -246,12 +246,18 @@ def load_pretrained(
     device: torch.device | str = "cpu",
     **config_overrides,
 ) -> GLM:
-    """Load a GLM from a checkpoint folder (hub or Megatron layout). See ``GLM.from_pretrained``."""
+    """Load a GLM from a checkpoint folder (hub or Megatron layout). See ``GLM.from_pretrained``. A ChatGLM-family
+    folder (``model_type: "chatglm"``) loads as its own model class (``glmkit.chatglm.hub.load_pretrained``)."""
     folder = Path(path)
     if folder.is_file():
         folder = folder.parent
     if not folder.is_dir():
         raise FileNotFoundError(f"checkpoint folder {folder} does not exist")
+    if config is None and (folder / "config.json").is_file():
+        if read_json_object(folder / "config.json").get("model_type") == "chatglm":
+            from .chatglm.hub import load_pretrained as load_chatglm
+
+            return load_chatglm(folder, dtype=dtype, device=device, **config_overrides)
     if config is None:
         if not (folder / "config.json").is_file():
             raise CheckpointError(f"{folder}: no config.json (pass config= for a Megatron checkpoint)")

@@ -27,6 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "quantize": ("glmkit.quantize.convert", "write a weight-only INT8 / INT4 copy of a checkpoint (smaller, faster)"),
     "generate": ("glmkit.generate.cli", "fill the [MASK]/[sMASK]/[gMASK] blanks of a text, or continue it"),
     "compare-decoding": ("glmkit.generate.compare", "greedy, beam, top-k, top-p, temperature: quality and speed"),
+    "chat": ("glmkit.chat", "chat in the terminal (streamed; ChatGLM templates), locally or with a glmkit serve"),
 }
 
 

@@ -8,8 +8,8 @@ context. Two ways to answer, each against a unigram-frequency baseline that sees
   baseline answers every item with the most frequent training word.
 - choice (as the Children's Book Test): the answer and ``n_choices - 1`` distractors drawn from the training
   words by frequency; the model picks the candidate whose span (``<sop> word`` → ``word <eop>``) has the highest
-  log-likelihood, which is how GLM scores multi-token cloze answers (glm-reference.md §5.2). The baseline picks
-  the most frequent candidate.
+  log-likelihood, which is how GLM scores multi-token cloze answers (THUDM/GLM ``model/downstream.py``;
+  docs/glm-notes.md). The baseline picks the most frequent candidate.
 """
 
 from __future__ import annotations

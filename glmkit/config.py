@@ -19,7 +19,8 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class SpecialTokens:
-    """Ids of the GLM special tokens for one tokenizer (glm-reference.md §4.1). ``None`` = not in this vocabulary."""
+    """Ids of the GLM special tokens for one tokenizer (docs/glm-notes.md, "Special tokens"). ``None`` = not in this
+    vocabulary."""
 
     eos: int
     pad: int
@@ -56,10 +57,16 @@ class SpecialTokens:
         return cls(**d)
 
 
-# The GPT-2-vocabulary layout of glm-2b / glm-10b (TV10), the default for a config that names no tokens.
+# The GPT-2-vocabulary layout of glm-2b / glm-10b (docs/glm-notes.md, TV10), the default for a config that names no
+# tokens.
 GPT2_SPECIAL_TOKENS = SpecialTokens(
     eos=50256, pad=50256, sop=50257, eop=50258, cls=50259, mask=50260, sep=50261, unk=50262, gmask=50263, smask=50264
 )
+
+
+POSITION_ENCODINGS = ("learned", "rotary_2d_interleaved")
+# The bundled model's config.json (and any checkpoint saved before the rename) says "rotary_2d": the same math.
+_RENAMED_POSITION_ENCODINGS = {"rotary_2d": "rotary_2d_interleaved"}
 
 
 @dataclass
@@ -77,9 +84,11 @@ class GLMConfig:
         gelu: ``"tanh"`` (the original THUDM/GLM training code) or ``"erf"`` (what the hub modeling_glm.py runs).
         block_position_encoding: add the block-position table (the 2D positional encoding); True for every release.
         position_encoding: ``"learned"`` — position and block-position tables added at the input, as released — or
-            ``"rotary_2d"``: no tables; each head's queries and keys are rotated, the first half of the head by the
-            position and the second half by the block position (ChatGLM-6B's 2D RoPE). Relative positions are what
-            a small model learns from little data (benchmarks/RESULTS.md, "2D rotary positions").
+            ``"rotary_2d_interleaved"``: no tables; each head's queries and keys are rotated in adjacent pairs, the
+            first half of the head by the position and the second half by the block position (glmkit's 2D RoPE,
+            rotary.py; ChatGLM-6B rotates other pairs, so its weights do not fit). Relative positions are what a
+            small model learns from little data (benchmarks/RESULTS.md, "2D rotary positions"). The name this
+            variant had before, ``"rotary_2d"``, still loads as it.
         initializer_range: std of the normal init of embeddings and input-side linear weights.
         special_tokens: ids of [CLS], [MASK], [sMASK], [gMASK], sop, eop, eos, pad for this vocabulary; ``None``
             when the checkpoint does not say (hub configs do not; the tokenizer then supplies them).
@@ -96,7 +105,7 @@ class GLMConfig:
     output_dropout: float = 0.1
     gelu: Literal["tanh", "erf"] = "tanh"
     block_position_encoding: bool = True
-    position_encoding: Literal["learned", "rotary_2d"] = "learned"
+    position_encoding: Literal["learned", "rotary_2d_interleaved"] = "learned"
     initializer_range: float = 0.02
     special_tokens: SpecialTokens | None = None
 
@@ -117,10 +126,16 @@ class GLMConfig:
             raise ConfigError(f"layernorm_eps: expected a small positive float, got {self.layernorm_eps!r}")
         if self.gelu not in ("tanh", "erf"):
             raise ConfigError(f"gelu: expected 'tanh' or 'erf', got {self.gelu!r}")
-        if self.position_encoding not in ("learned", "rotary_2d"):
-            raise ConfigError(f"position_encoding: expected 'learned' or 'rotary_2d', got {self.position_encoding!r}")
-        if self.position_encoding == "rotary_2d" and self.head_size % 4:
-            raise ConfigError(f"position_encoding: rotary_2d needs a head size divisible by 4, got {self.head_size}")
+        if self.position_encoding in _RENAMED_POSITION_ENCODINGS:  # configs and checkpoints written before the rename
+            self.position_encoding = _RENAMED_POSITION_ENCODINGS[self.position_encoding]
+        if self.position_encoding not in POSITION_ENCODINGS:
+            raise ConfigError(
+                f"position_encoding: expected one of {list(POSITION_ENCODINGS)}, got {self.position_encoding!r}"
+            )
+        if self.position_encoding != "learned" and self.head_size % 4:
+            raise ConfigError(
+                f"position_encoding: {self.position_encoding} needs a head size divisible by 4, got {self.head_size}"
+            )
         if not isinstance(self.initializer_range, (int, float)) or not self.initializer_range > 0:
             raise ConfigError(f"initializer_range: expected a positive float, got {self.initializer_range!r}")
         if not isinstance(self.block_position_encoding, bool):
@@ -143,7 +158,7 @@ class GLMConfig:
     def num_parameters(self) -> int:
         h, v, p, n = self.n_embd, self.vocab_size, self.n_positions, self.n_layer
         per_layer = 4 * h + (3 * h * h + 3 * h) + (h * h + h) + (4 * h * h + 4 * h) + (4 * h * h + h)
-        tables = 0 if self.position_encoding == "rotary_2d" else (2 if self.block_position_encoding else 1)
+        tables = 0 if self.position_encoding != "learned" else (2 if self.block_position_encoding else 1)
         return v * h + p * h * tables + n * per_layer + 2 * h
 
     # ---- hub config.json ---------------------------------------------------------------------------------

@@ -3,6 +3,8 @@
 Blanks are written ``[MASK]``, ``[sMASK]`` or ``[gMASK]``; a blank may be followed by ``{span text}`` to say what
 fills it (as in pretraining), otherwise ``--span-length`` placeholder tokens stand for what generation will
 produce. Everything shown comes from masks.py, the same code that data, generation and serving use.
+``--family chatglm6b`` lays the text out as ChatGLM-6B does (``text [gMASK] <sop>``, no [CLS]; [MASK] infill) with
+its 2D positions (masks.chatglm6b_inputs, the hub's ``get_position_ids``).
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from .masks import BlankSample, make_block_data, prefix_lm_mask, sample_mask
+from .masks import BlankSample, chatglm6b_inputs, make_block_data, prefix_lm_mask, sample_mask
+from .prompts import layout
 
 _BLANK = re.compile(r"\[(MASK|sMASK|gMASK)\](?:\{([^}]*)\})?")
 PLACEHOLDER = "▢"
@@ -34,12 +37,17 @@ class Explanation:
         return range(self.sample.sep, len(self.sample))
 
 
-def explain(text: str, tokenizer: str | Path | None = None, span_length: int = 2) -> Explanation:
-    """Lay out ``text`` as GLM Part A + Part B (blanks filled left to right, the order generation uses)."""
+def explain(text: str, tokenizer: str | Path | None = None, span_length: int = 2, family: str = "glm") -> Explanation:
+    """Lay out ``text`` as GLM Part A + Part B (blanks filled left to right, the order generation uses), or as
+    ChatGLM-6B's prompt and answer with ``family="chatglm6b"``."""
     from .tokenizer import load_tokenizer
 
     if span_length < 1:
         raise ValueError(f"span_length: must be at least 1, got {span_length}")
+    if family == "chatglm6b":
+        return _explain_chatglm6b(text, tokenizer, span_length)
+    if family != "glm":
+        raise ValueError(f"family: expected 'glm' or 'chatglm6b', got {family!r}")
     tok = load_tokenizer(tokenizer)
     sp = tok.special
     blank_ids = {"MASK": sp.mask, "sMASK": sp.smask, "gMASK": sp.gmask}
@@ -86,6 +94,41 @@ def explain(text: str, tokenizer: str | Path | None = None, span_length: int = 2
     for t, o in zip(sample.tokens, origin, strict=True):
         labels.append(PLACEHOLDER if o in placeholder_at else tok.convert_ids_to_tokens([t])[0])
     return Explanation(sample, labels)
+
+
+def _explain_chatglm6b(text: str, tokenizer: str | Path | None, span_length: int) -> Explanation:
+    """ChatGLM-6B: the prompt ``text [gMASK]`` (prompts.ChatGLM6BPrompts) is bidirectional; ``<sop>`` and the
+    answer (``span_length`` placeholders) are causal at (blank position, 1, 2, ...), the blank being the [gMASK], or
+    the [MASK] of a text without one."""
+    from .tokenizer import load_tokenizer
+
+    if tokenizer is not None:
+        from .chatglm.tokenizers import load_chatglm_tokenizer
+
+        tok = load_chatglm_tokenizer(tokenizer, "chatglm")
+    else:
+        tok = load_tokenizer(None)
+    sp = tok.special
+    ids: list[int] = []
+    cursor = 0
+    for m in _BLANK.finditer(text):
+        if m.group(1) == "sMASK" or m.group(2) is not None:
+            raise ValueError("text: ChatGLM-6B fills [MASK] or [gMASK] blanks, without a {span}")
+        ids += tok.encode(text[cursor : m.start()]) + [sp.mask if m.group(1) == "MASK" else sp.gmask]
+        cursor = m.end()
+    ids += tok.encode(text[cursor:])
+    prompt = layout(sp, "chatglm6b").model_input(ids)
+    filler = sp.unk if sp.unk is not None else sp.pad
+    tokens = [*prompt, sp.sop] + [filler] * span_length
+    pos = chatglm6b_inputs(torch.tensor([tokens]), sop_id=sp.sop, mask_id=sp.mask, gmask_id=sp.gmask)[0][0]
+    sep = len(prompt)
+    loss_mask = [0] * sep + [1] * (span_length + 1)
+    sample = BlankSample(tokens, tokens, loss_mask, pos[0].tolist(), pos[1].tolist(), sep, [int(pos[0, sep])])
+    if hasattr(tok, "convert_ids_to_tokens"):
+        labels = tok.convert_ids_to_tokens(tokens[: sep + 1])
+    else:
+        labels = [tok.decode([t]) for t in tokens[: sep + 1]]
+    return Explanation(sample, labels + [PLACEHOLDER] * span_length)
 
 
 def render_terminal(ex: Explanation, max_grid: int = 64) -> None:
@@ -155,10 +198,16 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: a whitespace tokenizer)")
     p.add_argument("--png", default=None, help="also draw GLM vs GPT vs BERT masks into this PNG file")
     p.add_argument("--span-length", type=int, default=2, help="placeholder tokens per blank with no {span}")
+    p.add_argument(
+        "--family",
+        choices=("glm", "chatglm6b"),
+        default="glm",
+        help="prompt layout: GLM ([CLS] text, blanks filled) or ChatGLM-6B (text [gMASK] <sop>, its 2D positions)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
-    ex = explain(args.text, tokenizer=args.tokenizer, span_length=args.span_length)
+    ex = explain(args.text, tokenizer=args.tokenizer, span_length=args.span_length, family=args.family)
     render_terminal(ex)
     if args.png:
         render_png(ex, args.png)

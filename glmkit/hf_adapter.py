@@ -20,6 +20,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from .config import GLMConfig, SpecialTokens
 from .masks import find_blanks, part_b_positions, prefix_lm_mask
 from .model import GLM
+from .prompts import layout
 
 
 class GLMHFConfig(PretrainedConfig):
@@ -75,7 +76,8 @@ class GLMForHFGeneration(PreTrainedModel, GenerationMixin):
 
     @classmethod
     def from_glm(cls, model: GLM, special_tokens: SpecialTokens | None = None) -> GLMForHFGeneration:
-        """Wrap ``model`` (weights shared, not copied). Stop ids default to ``[<eop>, <eos>]``, pad to pad."""
+        """Wrap ``model`` (weights shared, not copied). Stop ids default to the prompt layout's (``[<eop>, <eos>]``),
+        pad to pad."""
         special = special_tokens or model.config.special_tokens
         if special is None:
             raise ValueError("special_tokens: the model config names no special tokens; pass special_tokens=")
@@ -83,7 +85,7 @@ class GLMForHFGeneration(PreTrainedModel, GenerationMixin):
         config = GLMHFConfig(
             glm_config=glm_config,
             special_tokens=special.to_dict(),
-            eos_token_id=list(dict.fromkeys([special.eop, special.eos])),
+            eos_token_id=layout(special).stop_ids(),
             pad_token_id=special.pad,
             vocab_size=model.config.vocab_size,
         )

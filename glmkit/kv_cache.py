@@ -35,7 +35,8 @@ class KVCache:
         p = next(model.parameters())
         kw.setdefault("dtype", p.dtype if p.is_floating_point() else torch.float32)
         kw.setdefault("device", p.device)
-        return cls(c.n_layer, batch_size, c.n_head, max_length, c.head_size, **kw)
+        # grouped-query models (ChatGLM2/3, GLM-4) cache only their KV heads
+        return cls(c.n_layer, batch_size, getattr(c, "n_kv_head", c.n_head), max_length, c.head_size, **kw)
 
     @property
     def batch_size(self) -> int:

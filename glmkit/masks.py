@@ -1,9 +1,9 @@
 """GLM attention masks and 2D positions: the single source of truth for data, generation and serving.
 
-A GLM input is Part A (the corrupted text, each blank one token: [MASK], [sMASK] or [gMASK]) followed by Part B
-(one segment ``<sop> span`` per blank). Part A attends bidirectionally to itself; Part B attends to all of Part A
-and causally to Part B. Every Part-B token sits at its blank's position with block positions 1, 2, ...
-(glm-reference.md §2-3). Masks here are boolean, ``True`` = may attend.
+A GLM input is Part A (the corrupted text, each blank one token: [MASK], [sMASK] or [gMASK]) followed by Part B (one
+segment ``<sop> span`` per blank). Part A attends bidirectionally to itself; Part B attends to all of Part A and
+causally to Part B. Every Part-B token sits at its blank's position with block positions 1, 2, ...
+(docs/glm-notes.md, "2D positions and the attention mask"). Masks here are boolean, ``True`` = may attend.
 """
 
 from __future__ import annotations
@@ -129,6 +129,18 @@ def part_b_positions(blank_position: int, n: int, start_block: int = 1) -> tuple
     return [blank_position] * n, list(range(start_block, start_block + n))
 
 
+def span_feed(blank_position: int, span: Sequence[int], sop_id: int, max_block: int) -> list[tuple[int, int, int]]:
+    """What the cache holds for a filled blank before the next blank is decoded: ``(token, position, block)``.
+
+    ``<sop> span`` at ``(p, 1), (p, 2), ...``, its stop token left out: THUDM/GLM ``generate_samples.py`` keeps each
+    span in the memory the later blanks attend to. Block positions end at ``max_block`` (the position table's last
+    row), so a span cut there keeps only the tokens that have a block position.
+    """
+    tokens = [sop_id, *span][:max_block]
+    positions, blocks = part_b_positions(blank_position, len(tokens))
+    return list(zip(tokens, positions, blocks, strict=True))
+
+
 # ---- masks -------------------------------------------------------------------------------------------------
 
 
@@ -159,6 +171,37 @@ def prefix_lm_mask(
 def sample_mask(sample: BlankSample, device: torch.device | str | None = None) -> torch.Tensor:
     """The ``[S, S]`` mask of one sample (Part A bidirectional, Part B causal)."""
     return prefix_lm_mask(sample.sep, len(sample), device=device)[0, 0]
+
+
+def chatglm6b_inputs(
+    input_ids: torch.Tensor, *, sop_id: int, mask_id: int, gmask_id: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """ChatGLM-6B's 2D positions ``[B, 2, S]`` and mask ``[B, 1, S, S]`` (True = may attend) of ``input_ids``, as
+    the hub ``ChatGLMModel.get_position_ids`` / ``get_masks`` (THUDM/chatglm-6b ``modeling_chatglm.py``) derive them.
+
+    The context, every token before a row's first ``<sop>`` (the whole row without one), is Part A: bidirectional,
+    at positions ``(i, 0)``. From ``<sop>`` on (Part B) tokens are causal at ``(blank, 1), (blank, 2), ...``, where
+    the blank is the row's first [gMASK], or its first [MASK] when it has no [gMASK] (unlike GLM, which takes the
+    first blank of any kind). Padding is not recognised: left-padded batches pass the tokenizer's mask and positions.
+    """
+    B, S = input_ids.shape
+    rows = input_ids.tolist()
+    context = [r.index(sop_id) if sop_id in r else S for r in rows]
+    positions = torch.arange(S).repeat(B, 1)
+    blocks = torch.zeros(B, S, dtype=torch.long)
+    for b, (row, n) in enumerate(zip(rows, context, strict=True)):
+        if n == S:
+            continue
+        blank = gmask_id if gmask_id in row else mask_id
+        if blank not in row:
+            raise ValueError(
+                f"input_ids: row {b} has <sop> ({sop_id}) at {n} but no [gMASK] ({gmask_id}) or [MASK] ({mask_id}) "
+                "to take its position from"
+            )
+        positions[b, n:] = row.index(blank)
+        blocks[b, n:] = torch.arange(1, S - n + 1)
+    position_ids = torch.stack([positions, blocks], dim=1).to(input_ids.device)
+    return position_ids, prefix_lm_mask(context, S, device=input_ids.device)
 
 
 def normalize_attention_mask(

@@ -1,23 +1,24 @@
-"""The original GLM (Du et al., ACL 2022), exactly as released by THUDM.
+"""The original GLM (Du et al., ACL 2022, arXiv 2103.10360), exactly as released by THUDM.
 
-Architecture choices (glm-reference.md §1-3):
+Architecture choices (the paper's section 2; THUDM/GLM ``model/modeling_glm.py`` and ``mpu/transformer.py``):
 - input = word embedding + position embedding + block-position embedding (the 2D positional encoding);
   positions are added only here, so cached keys/values never change (see kv_cache.py). With
-  ``position_encoding="rotary_2d"`` (ChatGLM-6B's variant) there are no tables: queries and keys are rotated by
-  (position, block position) instead, keys before they are cached, so cached keys still never change;
+  ``position_encoding="rotary_2d_interleaved"`` (glmkit's variant, rotary.py) there are no tables: queries and keys
+  are rotated by (position, block position) instead, keys before they are cached, so cached keys still never change;
 - pre-LN GPT-2/Megatron blocks with a fused QKV projection (rows Q | K | V, head-major);
 - masked attention scores are -65504 in the reference; with a boolean mask and at least one visible key per
-  row this is exactly softmax with -inf, so we use ``scaled_dot_product_attention`` (in CPU training with
-  dropout, glmkit's kernels with its semantics: kernels/training.py);
+  row this is exactly softmax with -inf, so we use ``scaled_dot_product_attention``;
 - GELU in its tanh form (the original training code) or erf form (the hub modeling_glm.py);
 - final LayerNorm and an LM head tied to the word embeddings, without bias.
 
 This file holds the network only: masks come from masks.py, weights from checkpoint.py, decoding from generate/.
+Faster kernels are swapped in from outside, module by module, and compute the same function: ``glmkit.kernels``'
+attention and dropout for CPU training (``kernels.training.use_training_kernels``, which the training loop calls)
+and its GEMVs for decoding (``generate.fast.optimize_for_decode``).
 """
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Sequence
 
@@ -27,35 +28,21 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .config import GLMConfig
-from .kernels.training import Dropout, attention
 from .kv_cache import KVCache
 from .masks import mask_with_cache, normalize_attention_mask
-
-Rope = tuple[torch.Tensor, torch.Tensor]  # cos, sin [B, 1, S, head_size / 2]
-
-
-@functools.lru_cache(maxsize=8)
-def _rope_freq(quarter: int, device: torch.device) -> torch.Tensor:
-    # cached: recomputing it cost ~5 % of a serving engine's step on the bundled model; a normal tensor even when
-    # first made under inference_mode, so that training can use it too
-    with torch.inference_mode(False):
-        return 10000.0 ** (-torch.arange(quarter, dtype=torch.float32, device=device) / quarter)
+from .rotary import Rope, angles_2d, apply_interleaved
 
 
-def rotary_2d(position_ids: torch.Tensor, head_size: int) -> Rope:
-    """cos/sin of 2D rotary positions for ``position_ids [B, 2, S]``: dimension pair ``i`` of a head turns by
-    ``position * f_i`` in the first half of the head and ``block_position * f_i`` in the second, with the RoPE
-    frequencies ``f_i = 10000^(-2i / (head_size / 2))`` of a half."""
-    angle = position_ids.float()[..., None] * _rope_freq(head_size // 4, position_ids.device)  # [B, 2, S, quarter]
-    angle = torch.cat((angle[:, 0], angle[:, 1]), dim=-1)[:, None]  # [B, 1, S, head_size / 2]
-    return angle.cos(), angle.sin()
+class ScaledDotProductAttention(nn.Module):
+    """``softmax(q kᵀ / √d, masked) → dropout(p) → @ v`` (``F.scaled_dot_product_attention``; dropout only in training).
+    A module without parameters of its own, so that training code can swap in another kernel from outside."""
 
+    def __init__(self, p: float = 0.0) -> None:
+        super().__init__()
+        self.p = p
 
-def apply_rotary(x: torch.Tensor, rope: Rope) -> torch.Tensor:
-    """Rotate the pairs ``(x[..., 2i], x[..., 2i + 1])`` of ``x [B, nh, S, head_size]`` by ``rope``'s angles."""
-    cos, sin = (t.to(x.dtype) for t in rope)
-    x1, x2 = x[..., 0::2], x[..., 1::2]
-    return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.p if self.training else 0.0)
 
 
 class Attention(nn.Module):
@@ -64,8 +51,8 @@ class Attention(nn.Module):
         self.n_head, self.head_size = config.n_head, config.head_size
         self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd)
         self.proj = nn.Linear(config.n_embd, config.n_embd)
-        self.attn_dropout = config.attention_dropout
-        self.resid_dropout = Dropout(config.output_dropout)
+        self.attend = ScaledDotProductAttention(config.attention_dropout)
+        self.resid_dropout = nn.Dropout(config.output_dropout)
 
     def forward(
         self, x: torch.Tensor, mask: torch.Tensor, cache: KVCache | None, layer: int, rope: Rope | None = None
@@ -74,11 +61,10 @@ class Attention(nn.Module):
         q, k, v = self.qkv(x).split(C, dim=-1)
         q, k, v = (t.view(B, S, self.n_head, self.head_size).transpose(1, 2) for t in (q, k, v))  # (B, nh, S, hs)
         if rope is not None:
-            q, k = apply_rotary(q, rope), apply_rotary(k, rope)
+            q, k = apply_interleaved(q, rope), apply_interleaved(k, rope)
         if cache is not None:
             k, v = cache.write(layer, k, v)  # (B, nh, T, hs)
-        p = self.attn_dropout if self.training else 0.0
-        y = attention(q, k, v, mask, p)
+        y = self.attend(q, k, v, mask)
         return self.resid_dropout(self.proj(y.transpose(1, 2).reshape(B, S, C)))
 
 
@@ -88,7 +74,7 @@ class MLP(nn.Module):
         self.fc = nn.Linear(config.n_embd, 4 * config.n_embd)
         self.proj = nn.Linear(4 * config.n_embd, config.n_embd)
         self.approximate = "tanh" if config.gelu == "tanh" else "none"
-        self.dropout = Dropout(config.output_dropout)
+        self.dropout = nn.Dropout(config.output_dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.dropout(self.proj(F.gelu(self.fc(x), approximate=self.approximate)))
@@ -126,7 +112,7 @@ class GLM(nn.Module):
         self.wpe = nn.Embedding(config.n_positions, config.n_embd) if learned else None
         with_block = learned and config.block_position_encoding
         self.wbpe = nn.Embedding(config.n_positions, config.n_embd) if with_block else None
-        self.drop = Dropout(config.embedding_dropout)
+        self.drop = nn.Dropout(config.embedding_dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layernorm_eps)
         self.lm_head = TiedLMHead()
@@ -135,10 +121,11 @@ class GLM(nn.Module):
             self.reset_parameters()
 
     def reset_parameters(self, reference: bool = False) -> None:
-        """GLM's init: N(0, σ) weights, output projections scaled by 1/sqrt(2·n_layer), zero biases (§1.4) — except
-        the block-position table, which starts at zero. The reference draws it from N(0, σ) too, but its row 0 is
-        then one random vector added to every Part-A token, as large as its own word embedding;
-        at small scale that costs ~0.25 nats after 300 steps against starting from zero (benchmarks/RESULTS.md).
+        """GLM's init: N(0, σ) weights, output projections scaled by 1/sqrt(2·n_layer), zero biases
+        (docs/glm-notes.md, "Architecture") — except the block-position table, which starts at zero. The reference
+        draws it from N(0, σ) too, but its row 0 is then one random vector added to every Part-A token, as large as
+        its own word embedding; at small scale that costs ~0.25 nats after 300 steps against starting from zero
+        (benchmarks/RESULTS.md).
         ``reference=True`` draws it as the reference does."""
         std = self.config.initializer_range
         out_std = std / math.sqrt(2.0 * self.config.n_layer)
@@ -187,7 +174,7 @@ class GLM(nn.Module):
         """The blocks' input for valid ``position_ids [B, 2, S]``, and the rotary angles when positions rotate."""
         x = self.wte(input_ids)
         if self.wpe is None:
-            return x, rotary_2d(position_ids, self.config.head_size)
+            return x, angles_2d(position_ids, self.config.head_size)
         x = x + self.wpe(position_ids[:, 0])
         if self.wbpe is not None:
             x = x + self.wbpe(position_ids[:, 1])

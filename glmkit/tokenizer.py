@@ -1,20 +1,20 @@
 """GLM tokenizers: the released vocabularies and glmkit's own BPE, with the GLM special tokens at their trained ids.
 
 A GLM checkpoint's embedding rows were trained against fixed ids for [MASK], [sMASK], [gMASK], sop, eop, [CLS] and
-eos (glm-reference.md §4.1, TV10); one id off and blank infilling silently degrades. The original code
+eos (docs/glm-notes.md, "Special tokens" and TV10); one id off and blank infilling silently degrades. The original code
 (THUDM/GLM data_utils/tokenization.py) places every special token it adds at "size of the base vocabulary + a fixed
 offset", and ``_LAYOUTS`` below is that rule, token by token, so the released files give exactly the TV10 ids. When a
 folder carries the hub's ``added_tokens.json`` its ids are checked against the rule rather than trusted blindly.
 
-Why not the hub ``tokenization_glm.py``: it no longer imports on current transformers (§8.2 item 1), it needs remote
+Why not the hub ``tokenization_glm.py``: it no longer imports on current transformers (THUDM/GLM#86), it needs remote
 code, and its BERT variant ends text with [SEP] although the BERT-vocabulary models ended documents with [PAD]=0
-(§8.2 item 2; here ``special.eos`` is 0 for them). Adding eos/[CLS] is left to the caller, as in the original.
+(THUDM/GLM#130; here ``special.eos`` is 0 for them). Adding eos/[CLS] is left to the caller, as in the original.
 
 Blanks written in text ([MASK], [sMASK], [gMASK], and every other special string) are split off before the text
 tokenizer runs, as the original ``EncodeAsIds`` does, and the three blank tokens strip the whitespace to their left
 (lstrip). BERT, GPT-2, RoBERTa and the trained BPE then run on Hugging Face ``tokenizers``; the Chinese model runs on
 ``sentencepiece`` itself, like the original and the hub code, so its pieces are the ones the checkpoints saw: that
-includes mapping characters the model never saw to ``<unk>`` = 0 (decoded " ⁇ ", §8.2 item 9), not to [UNK] = 50004.
+includes mapping characters the model never saw to ``<unk>`` = 0 (decoded " ⁇ ", THUDM/GLM#140), not to [UNK] = 50004.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ _LAYOUTS: dict[str, list[tuple[str, int | None]]] = {
              ("[gMASK]", 6), ("[sMASK]", 7)],
     "roberta": [("</s>", None), ("<s>", None), ("<unk>", None), ("<mask>", None), (SOP, 0), (EOP, 1),
                 ("[gMASK]", 2), ("[sMASK]", 3)],
-    # id 50005 (offset 5) is never assigned; gMASK/sMASK follow the HF / --fix-command-token order (§4.1)
+    # id 50005 (offset 5) is never assigned; gMASK/sMASK follow the HF / --fix-command-token order (docs/glm-notes.md)
     "sentencepiece": [(EOT, 0), ("[SEP]", 1), ("[CLS]", 2), ("[MASK]", 3), ("[UNK]", 4), (SOP, 6), (EOP, 7),
                       ("[sMASK]", 8), ("[gMASK]", 9)],
     "bpe": [(s, i) for i, s in enumerate(BPE_SPECIAL_TOKENS)],  # base 0: the specials come first

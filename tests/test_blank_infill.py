@@ -1,4 +1,5 @@
-"""The pretraining collator and sample packing: TV1-TV3 through the collator, then the statistics of §4.2-4.4."""
+"""The pretraining collator and sample packing: TV1-TV3 through the collator, then the statistics of packing and
+the objectives (docs/glm-notes.md, "Pretraining data")."""
 
 import random
 
@@ -66,7 +67,8 @@ def segments(s: BlankSample) -> list[range]:
 
 
 def check_layout(s: BlankSample, text: list[int], blank_ids: set[int]) -> list[tuple[int, int]]:
-    """Every §2/§4.3 invariant of one block sample; returns its spans as (blank position, length)."""
+    """Every position, mask and span invariant of one block sample (docs/glm-notes.md); returns its spans as
+    (blank position, length)."""
     assert s.loss_mask == [0] * s.sep + [1] * (len(s) - s.sep)
     assert s.position_ids[: s.sep] == list(range(s.sep)) and set(s.block_position_ids[: s.sep]) == {0}
     fills = {}

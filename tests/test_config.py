@@ -53,7 +53,7 @@ def test_missing_required_field():
 @pytest.mark.parametrize(
     ("shape", "params"),
     [
-        ((24, 1024, 16, 30592, 512), 334_688_256),  # GLM-Large (TV9)
+        ((24, 1024, 16, 30592, 512), 334_688_256),  # GLM-Large (docs/glm-notes.md, TV9)
         ((48, 4096, 64, 50304, 1024), 9_880_682_496),  # GLM-10B
         ((24, 1024, 16, 50048, 1024), 355_659_776),  # GLM-Large-Chinese
         ((12, 768, 12, 30592, 512), 109_338_624),  # GLM-Base

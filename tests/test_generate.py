@@ -41,7 +41,8 @@ def test_greedy_matches_golden_tokens_and_step_logits(model):
 
 
 def test_cached_decode_equals_full_recompute(model):
-    """Ragged batch: per-step cached logits == one uncached forward over Part A + <sop> + span (TV11 d)."""
+    """Ragged batch: per-step cached logits == one uncached forward over Part A + <sop> + span (TV11 d,
+    docs/glm-notes.md)."""
     torch.manual_seed(0)
     span = torch.randint(0, 579, (len(PROMPTS), 6))
     rows = [PROMPTS[0], PROMPTS[1] + [SPECIAL.gmask], PROMPTS[2]]

@@ -1,12 +1,12 @@
-"""Blank filling of every blank (glm-reference.md §6.1, TV7): positions fed, cache contents, stop handling, the
-trained layout reproduced, strategies per span and the text helpers."""
+"""Blank filling of every blank (THUDM/GLM generate_samples.py; TV7 of docs/glm-notes.md): positions fed, cache
+contents, stop handling, the trained layout reproduced, strategies per span and the text helpers."""
 
 import pytest
 import torch
 
 from glmkit import GLM, GLMConfig
 from glmkit.generate import complete, fill_blank_ids, fill_blanks, generate
-from glmkit.masks import make_block_data, prefix_lm_mask
+from glmkit.masks import make_block_data, prefix_lm_mask, span_feed
 from tests.helpers.generation import SPECIAL, EopAfter, Recorder, WordTokenizer, fixture_model
 
 CONTEXT = [582, 10, 583, 20, 587, 30, 579]  # TV7: [CLS] w1 [MASK] w2 [sMASK] w3 [eos], blanks at 2 and 4
@@ -77,7 +77,7 @@ def test_spans_stop_at_the_position_table_limit():
 
 
 def test_blank_filling_rejects_bad_input(model):
-    with pytest.raises(ValueError, match="text: no blank"):
+    with pytest.raises(ValueError, match="no blank"):
         fill_blanks(model, WordTokenizer(), "w1 w2")
     with pytest.raises(ValueError, match="input_ids: no blank"):
         fill_blank_ids(model, [582, 1, 2], special_tokens=SPECIAL)
@@ -85,3 +85,9 @@ def test_blank_filling_rejects_bad_input(model):
         fill_blank_ids(model, CONTEXT, special_tokens=SPECIAL, num_beams=2, num_return_sequences=2)
     with pytest.raises(ValueError, match="input_ids"):
         fill_blank_ids(model, [582] * 66 + [583], special_tokens=SPECIAL)
+
+
+def test_span_feed_is_sop_and_span_at_the_blank_cut_by_the_block_table():
+    assert span_feed(4, [31, 32], sop_id=SPECIAL.sop, max_block=8) == [(SPECIAL.sop, 4, 1), (31, 4, 2), (32, 4, 3)]
+    assert span_feed(4, [31, 32, 33], sop_id=SPECIAL.sop, max_block=3) == [(SPECIAL.sop, 4, 1), (31, 4, 2), (32, 4, 3)]
+    assert span_feed(0, [], sop_id=SPECIAL.sop, max_block=3) == [(SPECIAL.sop, 0, 1)]

@@ -141,7 +141,7 @@ def _fixture_or_rotary(rotary: bool) -> GLM:
     model = fixture_model()
     if not rotary:
         return model
-    twin = GLM(dataclasses.replace(model.config, position_encoding="rotary_2d"))
+    twin = GLM(dataclasses.replace(model.config, position_encoding="rotary_2d_interleaved"))
     missing, unexpected = twin.load_state_dict(model.state_dict(), strict=False)
     assert not missing and all(k.startswith(("wpe", "wbpe")) for k in unexpected)
     return twin.eval()
@@ -193,7 +193,7 @@ def test_fused_attention_over_long_rows_and_any_head_size(n_embd, n_head, rotary
     if not kernels.available():
         pytest.skip(f"kernels unavailable: {kernels.unavailable_reason()}")
     torch.manual_seed(0)
-    encoding = "rotary_2d" if rotary else "learned"
+    encoding = "rotary_2d_interleaved" if rotary else "learned"
     cfg = GLMConfig(
         n_layer=2, n_embd=n_embd, n_head=n_head, vocab_size=640, max_sequence_length=96, position_encoding=encoding
     )

@@ -1,4 +1,4 @@
-"""generation-reference.md test vectors TV-1…TV-4, TV-8, TV-9 through the engine's decoding path (``Decoding``,
+"""docs/generation-semantics.md test vectors TV-1…TV-4, TV-8, TV-9 through the engine's decoding path (``Decoding``,
 which ``generate`` uses), driven by table models: the expected values are transformers 5.24's."""
 
 import pytest

@@ -114,7 +114,7 @@ def test_pipeline_runs_a_glmkit_model(models):
 
 
 def test_layout_matches_the_hub_build_inputs_for_generation():
-    """TV6: positions [0..5, 3, 3, 3], blocks [0*6, 1, 2, 3]; context rows never see the span."""
+    """TV6 (docs/glm-notes.md): positions [0..5, 3, 3, 3], blocks [0*6, 1, 2, 3]; context rows never see the span."""
     ids = torch.tensor([[579, 582, 1, 2, 583, 3, 579, 580, 9, 9]])
     pos, mask = glm_layout(ids, torch.tensor([[0] + [1] * 9]), SPECIAL)
     assert pos[0, :, 1:].tolist() == [[0, 1, 2, 3, 4, 5, 3, 3, 3], [0, 0, 0, 0, 0, 0, 1, 2, 3]]

@@ -1,4 +1,4 @@
-"""Layouts and masks against glm-reference.md §10: TV1-TV3, TV6 exactly, and the TV11 invariants on a model."""
+"""Layouts and masks against docs/glm-notes.md: TV1-TV3, TV6 exactly, and the TV11 invariants on a model."""
 
 import pytest
 import torch

@@ -1,3 +1,6 @@
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -115,3 +118,11 @@ def test_tied_head_and_init(tiny_model):
     # the position table keeps the reference's N(0, 0.02)
     assert tiny_model.wbpe.weight.abs().sum() == 0
     assert 0.01 < tiny_model.wpe.weight.std().item() < 0.03
+
+
+def test_importing_the_model_imports_no_kernels():
+    """The kernels sit above the model (they subclass its modules and are swapped in from outside): importing
+    glmkit.model, and so the glmkit package, loads nothing of glmkit.kernels."""
+    code = "import sys, glmkit.model; print(sorted(m for m in sys.modules if m.startswith('glmkit.kernels')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -1,12 +1,12 @@
 """The prefill kernels (csrc/prefill.cpp): masked attention of several new tokens per row equals fp32 SDPA, and the
-rotary turn equals ``model.apply_rotary`` bit for bit; what they do not take falls back to those."""
+rotary turn equals ``rotary.apply_interleaved`` bit for bit; what they do not take falls back to those."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import glmkit.kernels as kernels
-from glmkit.model import apply_rotary
+from glmkit.rotary import apply_interleaved
 
 needs_kernels = pytest.mark.skipif(
     not kernels.available(), reason=f"C++ kernels not available: {kernels.unavailable_reason()}"
@@ -68,20 +68,20 @@ def test_attention_kernel_names_bad_shapes():
 
 @needs_kernels
 @pytest.mark.parametrize("D", [64, 40, 6, 128])  # whole vectors of 16 pairs, a tail, tails only
-def test_rotary_kernel_is_apply_rotary_exactly(D):
+def test_rotary_kernel_is_apply_interleaved_exactly(D):
     B, H, S = 2, 3, 11
     x = torch.randn(B, S, H, D).transpose(1, 2)  # a strided view, as q and k are
     cos, sin = torch.randn(B, 1, S, D // 2), torch.randn(B, 1, S, D // 2)
     y = kernels.rotary(x, cos, sin)
-    assert y.is_contiguous() and torch.equal(y, apply_rotary(x, (cos, sin)))
+    assert y.is_contiguous() and torch.equal(y, apply_interleaved(x, (cos, sin)))
     xb = x.bfloat16()  # not an fp32 x: the Python path
-    assert torch.equal(kernels.rotary(xb, cos, sin), apply_rotary(xb, (cos, sin)))
+    assert torch.equal(kernels.rotary(xb, cos, sin), apply_interleaved(xb, (cos, sin)))
 
 
 @needs_kernels
 def test_scoring_on_the_prefill_kernels_equals_the_python_path(monkeypatch):
     """The bundled model (2D rotary) in bf16 scores ragged requests the same with the kernels' attention and rotary
-    turn as with SDPA and ``apply_rotary``."""
+    turn as with SDPA and ``apply_interleaved``."""
     from glmkit.bundled import load_model_and_tokenizer
     from glmkit.generate.fast import optimize_for_decode
     from glmkit.serve.scoring import Scorer, ScoreRow
@@ -97,7 +97,7 @@ def test_scoring_on_the_prefill_kernels_equals_the_python_path(monkeypatch):
     requests = [[scorer.check(ScoreRow("loglikelihood", tok.encode(a), tok.encode(b)))] for a, b in texts]
     requests.append([scorer.check(ScoreRow("logits", tok.encode("And God saw the light")))])
     fast = scorer(requests)
-    monkeypatch.setattr(kernels, "rotary", lambda x, cos, sin: apply_rotary(x, (cos, sin)))
+    monkeypatch.setattr(kernels, "rotary", lambda x, cos, sin: apply_interleaved(x, (cos, sin)))
     monkeypatch.setattr(kernels, "attention", lambda q, k, v, mask, dtype: sdpa(q, k, v, mask).to(dtype))
     slow = scorer(requests)
     for (f,), (s,) in zip(fast[:3], slow[:3], strict=True):

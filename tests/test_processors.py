@@ -1,4 +1,4 @@
-"""Logits processors on hand-made logits (generation-reference.md TV-5, TV-6, TV-7, TV-9) and bitwise against
+"""Logits processors on hand-made logits (docs/generation-semantics.md TV-5, TV-6, TV-7, TV-9) and bitwise against
 transformers' own processor classes on random scores."""
 
 import math

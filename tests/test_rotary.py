@@ -1,6 +1,10 @@
-"""``position_encoding="rotary_2d"`` (ChatGLM-6B's 2D RoPE): no position tables, attention depends on relative
-positions only, and everything that runs a GLM — cached decoding, batching, save/load, training — computes the
-same function with it."""
+"""``position_encoding="rotary_2d_interleaved"`` (glmkit's 2D RoPE, rotary.py): the rotation it is defined as, no
+position tables, attention that depends on relative positions only, the name it had before (``rotary_2d``) still
+loading, and everything that runs a GLM — cached decoding, batching, save/load, training — computes the same
+function with it."""
+
+import json
+import shutil
 
 import pytest
 import torch
@@ -10,6 +14,7 @@ from glmkit.config import ConfigError
 from glmkit.generate import generate
 from glmkit.generate.engine import GLMStepper, prefill
 from glmkit.generate.fast import cache_dtype
+from glmkit.rotary import angles_2d, apply_interleaved
 from glmkit.train.loop import blank_infill_loss
 from tests.helpers.generation import SPECIAL, EopAfter
 
@@ -18,7 +23,9 @@ ROWS = [[582, 5, 6, 7, 8, 583, 9, 579], [582, 40, 41, 586]]
 
 def rotary_model(**kw) -> GLM:
     torch.manual_seed(0)
-    cfg = GLMConfig(n_layer=2, n_embd=64, n_head=4, max_sequence_length=64, position_encoding="rotary_2d", **kw)
+    cfg = GLMConfig(
+        n_layer=2, n_embd=64, n_head=4, max_sequence_length=64, position_encoding="rotary_2d_interleaved", **kw
+    )
     model = GLM(cfg).eval()
     with torch.no_grad():  # larger than the init so that attention is far from uniform and positions matter
         for block in model.blocks:
@@ -27,13 +34,13 @@ def rotary_model(**kw) -> GLM:
 
 
 def test_config_round_trip_and_validation(tmp_path):
-    cfg = GLMConfig(n_embd=64, n_head=4, position_encoding="rotary_2d")
+    cfg = GLMConfig(n_embd=64, n_head=4, position_encoding="rotary_2d_interleaved")
     assert GLMConfig.from_hub_dict(cfg.to_hub_dict()) == cfg
     assert "glmkit_position_encoding" not in GLMConfig().to_hub_dict()  # released configs stay as they were
     with pytest.raises(ConfigError, match="position_encoding"):
         GLMConfig(position_encoding="alibi")
     with pytest.raises(ConfigError, match="divisible by 4"):
-        GLMConfig(n_embd=24, n_head=4, position_encoding="rotary_2d")
+        GLMConfig(n_embd=24, n_head=4, position_encoding="rotary_2d_interleaved")
     model = rotary_model()
     assert model.wpe is None and model.wbpe is None
     assert sum(p.numel() for p in model.parameters()) == model.config.num_parameters()
@@ -41,6 +48,41 @@ def test_config_round_trip_and_validation(tmp_path):
     loaded = GLM.from_pretrained(tmp_path).eval()
     ids, pos = torch.tensor([ROWS[0]]), torch.tensor([[list(range(8)), [0] * 8]])
     torch.testing.assert_close(loaded(ids, pos, 8), model(ids, pos, 8), atol=0, rtol=0)
+
+
+def test_the_rotation_turns_adjacent_pairs_by_position_then_block_position():
+    """Pair ``i`` of a head, as the complex number ``x[2i] + j x[2i + 1]``, is multiplied by ``exp(j angle_i)``: angles
+    ``pos * f_i`` on the first half of the head, ``block * f_i`` on the second, ``f_i = 10000^(-i / quarter)``."""
+    head, quarter = 16, 4
+    pos = torch.tensor([[[0, 3, 7], [0, 0, 2]]])  # [B=1, 2, S=3]
+    x = torch.randn(1, 2, 3, head)
+    f = 10000.0 ** (-torch.arange(quarter) / quarter)
+    angle = torch.cat((pos[0, 0, :, None] * f, pos[0, 1, :, None] * f), dim=-1)  # [S, head / 2]
+    expected = torch.view_as_real(
+        torch.view_as_complex(x.view(1, 2, 3, head // 2, 2)) * torch.polar(torch.ones_like(angle), angle)
+    ).flatten(-2)
+    torch.testing.assert_close(apply_interleaved(x, angles_2d(pos, head)), expected)
+
+
+def test_the_name_before_the_rename_loads_as_the_same_encoding(tmp_path):
+    """``rotary_2d`` (the bundled model's config.json, checkpoints saved before the rename) means the interleaved
+    variant: the same config, and a checkpoint saved under the old name computes the same logits."""
+    assert GLMConfig(n_embd=64, n_head=4, position_encoding="rotary_2d") == rotary_model().config
+    from glmkit.bundled import BUNDLED_MODEL
+
+    assert json.loads((BUNDLED_MODEL / "config.json").read_text())["glmkit_position_encoding"] == "rotary_2d"
+    assert GLMConfig.from_file(BUNDLED_MODEL).position_encoding == "rotary_2d_interleaved"
+    model = rotary_model()
+    model.save_pretrained(tmp_path / "new")
+    shutil.copytree(tmp_path / "new", tmp_path / "old")
+    config = json.loads((tmp_path / "old" / "config.json").read_text())
+    assert config["glmkit_position_encoding"] == "rotary_2d_interleaved"
+    config["glmkit_position_encoding"] = "rotary_2d"
+    (tmp_path / "old" / "config.json").write_text(json.dumps(config))
+    old = GLM.from_pretrained(tmp_path / "old").eval()
+    assert old.config == model.config
+    ids, pos = torch.tensor([ROWS[0]]), torch.tensor([[list(range(8)), [0] * 8]])
+    torch.testing.assert_close(old(ids, pos, 8), model(ids, pos, 8), atol=0, rtol=0)
 
 
 def test_attention_sees_relative_positions_only():

@@ -1,4 +1,5 @@
-"""GLMTokenizer on locally built stand-ins for each released tokenizer: the TV10 ids, [MASK] in text, round trips.
+"""GLMTokenizer on locally built stand-ins for each released tokenizer: the TV10 ids
+(docs/glm-notes.md), [MASK] in text, round trips.
 
 No hub downloads: each fixture builds files with the released sizes (BERT 30522 lines, GPT-2 50257 entries, RoBERTa
 50265, SentencePiece 50000 pieces) whose special entries sit at their real ids and whose other entries are learned
@@ -165,7 +166,7 @@ def test_sentencepiece_round_trip_and_unseen_characters(toks):
     assert tok.decode(tok.encode("  Paris   is ")) == "Paris is"  # SentencePiece collapses whitespace
     for text in (t for t in EDGE if 0 not in tok.encode(t)):  # <unk> decodes as "⁇": lossy by design
         assert tok.encode(tok.decode(tok.encode(text))) == tok.encode(text)
-    # glm-reference §8.2 item 9: unseen characters become <unk> = 0 (not [UNK] = 50004) and decode as "⁇"
+    # THUDM/GLM#140: unseen characters become <unk> = 0 (not [UNK] = 50004) and decode as "⁇"
     assert 0 in tok.encode("岿") and tok.special.unk not in tok.encode("岿")
     assert tok.decode(tok.encode("岿")).strip() == "⁇"
     assert tok.decode(tok.encode("北京是[MASK]的首都")) == "北京是[MASK]的首都"

@@ -1,4 +1,5 @@
-"""Training attention and dropout on the C++ kernels == PyTorch's math with the same masks."""
+"""Training attention and dropout on the C++ kernels == PyTorch's math with the same masks; the training loop swaps
+them into the model from outside."""
 
 from __future__ import annotations
 
@@ -6,11 +7,16 @@ import math
 
 import pytest
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from glmkit import GLM, GLMConfig, kernels
-from glmkit.kernels.training import Dropout, _Attention, attention
+from glmkit.kernels.training import Dropout, KernelAttention, _Attention, attention, use_training_kernels
 from glmkit.masks import prefix_lm_mask
+from glmkit.model import ScaledDotProductAttention
+from glmkit.train.loop import TrainArgs, fit
+
+from .helpers.synthetic import synthetic_source
 
 pytestmark = pytest.mark.skipif(
     not kernels.available(), reason=f"C++ kernels not available: {kernels.unavailable_reason()}"
@@ -151,13 +157,13 @@ def test_glm_training_step_with_dropout_kernels_matches_pytorch_without_dropout(
     """With dropout 0 the model runs SDPA and nn.Dropout's no-op; with p -> 0 the kernels must give the same loss."""
     cfg = GLMConfig(n_layer=2, n_embd=64, n_head=4, vocab_size=100, max_sequence_length=32)
     torch.manual_seed(0)
-    model = GLM(cfg).train()
+    model = use_training_kernels(GLM(cfg).train())
     ids = torch.randint(0, 100, (2, 32))
     mask = glm_mask(2, 32, seps=(10, 20), lengths=(32, 30))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss0 = F.cross_entropy(model(ids, attention_mask=mask).float().flatten(0, 1), ids.flatten())
         for block in model.blocks:
-            block.attn.attn_dropout = 1e-9  # the kernel path, keeping (almost surely) every probability
+            block.attn.attend.p = 1e-9  # the kernel path, keeping (almost surely) every probability
         loss1 = F.cross_entropy(model(ids, attention_mask=mask).float().flatten(0, 1), ids.flatten())
     assert abs(loss0.item() - loss1.item()) < 2e-2
 
@@ -166,7 +172,7 @@ def test_activation_checkpointing_replays_the_same_dropout_masks():
     """The recomputed forward draws the same seeds (checkpoint restores the RNG state): identical gradients."""
     cfg = GLMConfig(n_layer=2, n_embd=64, n_head=4, vocab_size=100, max_sequence_length=32)
     torch.manual_seed(0)
-    model = GLM(cfg).train()
+    model = use_training_kernels(GLM(cfg).train())
     ids, mask = torch.randint(0, 100, (2, 32)), glm_mask(2, 32, seps=(10, 20), lengths=(32, 32))
     grads = []
     for checkpointing in (False, True):
@@ -177,3 +183,35 @@ def test_activation_checkpointing_replays_the_same_dropout_masks():
         grads.append(model.blocks[0].attn.qkv.weight.grad.clone())
         model.zero_grad()
     assert grads[0].abs().sum() > 0 and torch.equal(grads[0], grads[1])
+
+
+def module_types(model: nn.Module) -> set[type]:
+    return {type(m) for m in model.modules()}
+
+
+def test_the_swap_keeps_probabilities_modes_weights_and_the_function():
+    cfg = GLMConfig(n_layer=2, n_embd=64, n_head=4, vocab_size=100, max_sequence_length=32, attention_dropout=0.2)
+    torch.manual_seed(0)
+    model = GLM(cfg).eval()
+    ids, mask = torch.randint(0, 100, (2, 32)), glm_mask(2, 32, seps=(10, 20), lengths=(32, 30))
+    before, state = model(ids, attention_mask=mask), {k: v.clone() for k, v in model.state_dict().items()}
+    assert use_training_kernels(model) is model
+    types = module_types(model)
+    assert {Dropout, KernelAttention} <= types and not {nn.Dropout, ScaledDotProductAttention} & types
+    assert {m.p for m in model.modules() if isinstance(m, KernelAttention)} == {0.2}
+    assert {m.p for m in model.modules() if isinstance(m, Dropout)} == {cfg.output_dropout}
+    assert not any(m.training for m in model.modules())
+    assert model.state_dict().keys() == state.keys() and all(
+        torch.equal(model.state_dict()[k], state[k]) for k in state
+    )
+    torch.testing.assert_close(model(ids, attention_mask=mask), before, atol=0, rtol=0)  # eval: no dropout either way
+
+
+def test_fit_trains_on_the_kernels(tmp_path):
+    torch.manual_seed(0)
+    model = GLM(GLMConfig(n_layer=1, n_embd=32, n_head=4, vocab_size=96, max_sequence_length=48))
+    assert not {Dropout, KernelAttention} & module_types(model)  # the model alone runs PyTorch's modules
+    args = TrainArgs(out_dir=str(tmp_path), max_steps=1, micro_batch_size=2, progress=False, precision="bf16")
+    fit(model, args, synthetic_source(), resume=False)
+    types = module_types(model)
+    assert {Dropout, KernelAttention} <= types and not {nn.Dropout, ScaledDotProductAttention} & types

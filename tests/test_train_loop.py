@@ -112,7 +112,12 @@ def test_bad_args_are_named():
 @pytest.mark.slow
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_two_processes_equal_one_process_same_global_batch(tmp_path, parallel):
-    """torchrun 2 ranks × grad_accum 1 vs 1 process × grad_accum 2: the same global batch, the same losses."""
+    """torchrun 2 ranks × grad_accum 1 vs 1 process × grad_accum 2: the same global batch, the same losses.
+
+    Under FSDP each rank holds only its shard of every parameter between steps, and the gathered checkpoint is
+    exactly the two shards put together; under either engine it loads into one process with the weights of the
+    one-process run.
+    """
     script = ROOT / "tests" / "helpers" / "ddp_run.py"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     single = tmp_path / "single.json"
@@ -128,6 +133,7 @@ def test_two_processes_equal_one_process_same_global_batch(tmp_path, parallel):
         str(tmp_path / "m"),
         "1",
         str(multi),
+        parallel,
     ]
     subprocess.run(cmd, check=True, env=env, timeout=300)
     a, b = json.loads(single.read_text()), json.loads(multi.read_text())
@@ -136,8 +142,27 @@ def test_two_processes_equal_one_process_same_global_batch(tmp_path, parallel):
     # Adam's per-parameter normalisation amplifies to ~1e-5 relative after the first update
     assert abs(a[0] - b[0]) < 1e-6
     torch.testing.assert_close(torch.tensor(a), torch.tensor(b), rtol=1e-4, atol=3e-4)
-    # the gathered (unsharded) checkpoint is a normal hub-layout model
-    assert GLM.from_pretrained(tmp_path / "m" / "checkpoints" / "step-00000004").config.n_layer == 2
+
+    held = [json.loads((tmp_path / "m" / f"rank-{r}.json").read_text()) for r in range(2)]
+    full = held[0]["full_numel"]
+    assert all(len(h["held_numel"]) == 4 for h in held)
+    if parallel == "fsdp":  # after every step each rank keeps its own half of the elements and nothing more
+        for step in range(4):
+            assert held[0]["held_numel"][step] + held[1]["held_numel"][step] == full
+            assert all(h["held_numel"][step] <= full // 2 + 2 * 64 for h in held)  # dim-0 halves of ~30 tensors
+    else:
+        assert all(n == full for h in held for n in h["held_numel"])
+
+    # the gathered checkpoint is a normal hub-layout model, loadable by one process
+    reloaded = GLM.from_pretrained(tmp_path / "m" / "checkpoints" / "step-00000004").state_dict()
+    shards = [torch.load(tmp_path / "m" / f"rank-{r}.pt", weights_only=True) for r in range(2)]
+    for name, part in shards[0].items():
+        whole = torch.cat([part, shards[1][name]]) if parallel == "fsdp" else part
+        torch.testing.assert_close(reloaded[name], whole, rtol=0, atol=0, msg=name)
+    one_process = GLM.from_pretrained(tmp_path / "s" / "checkpoints" / "step-00000004").state_dict()
+    assert reloaded.keys() == one_process.keys()
+    for name, w in one_process.items():  # only the order of gradient sums differs (see the losses)
+        torch.testing.assert_close(reloaded[name], w, rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_loss_on_part_b_only_equals_full_logits_loss():

@@ -1,4 +1,5 @@
-"""GLM's pretraining objective: autoregressive blank infilling over packed samples (glm-reference.md §4.3-4.5).
+"""GLM's pretraining objective: autoregressive blank infilling over packed samples (paper §2.1; THUDM/GLM
+``blocklm_utils.py``, ``ConstructBlockStrategy``; docs/glm-notes.md).
 
 This follows THUDM/GLM ``blocklm_utils.ConstructBlockStrategy`` rule for rule and random draw for random draw: given
 the same ``random.Random`` the reference collator and ``BlankInfillCollator.build`` choose the same objective, spans
@@ -51,7 +52,7 @@ class BlankInfillConfig:
         gpt_min_ratio: document mode blanks from ``gpt_min_ratio`` of the batch's shortest text up to L - 2 tokens.
         gpt_infill_prob: probability of the prefix-LM form for a single-document sample in document mode.
         block_mask_prob: token mode replaces each Part-B input span token by [dBLOCK] (``dblock_id``) this often.
-        short_seq_prob: per-batch probability of re-splitting samples into shorter pieces (§4.2).
+        short_seq_prob: per-batch probability of re-splitting samples into shorter pieces, as ``BlockDataset`` does.
         single_span_prob: per-batch probability of token mode with ONE Poisson span per sample (10B "longer").
         shuffle_blocks: Part B in a random order (False: left to right, the ``--no-shuffle-block`` ablation).
         seed: base seed of every batch's generator.

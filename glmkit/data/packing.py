@@ -1,4 +1,4 @@
-"""Sample packing for pretraining: THUDM/GLM ``data_utils.datasets.BlockDataset`` (glm-reference.md §4.2).
+"""Sample packing for pretraining: THUDM/GLM ``data_utils.datasets.BlockDataset`` (docs/glm-notes.md).
 
 A sample is ``[CLS] d1 [eos] [CLS] d2 [eos] ...`` of at most ``seq_length`` tokens: documents are drawn with
 probability proportional to their length; a document longer than a sample gives one random window (snapped to a

@@ -1,4 +1,5 @@
-"""Beam search with transformers >= 4.50 semantics (the vectorised ``_beam_search``, generation-reference.md §2).
+"""Beam search with transformers >= 4.50 semantics (the vectorised ``GenerationMixin._beam_search``;
+docs/generation-semantics.md).
 
 Ported step for step so that scores, tie-breaking and stopping match transformers 5.x exactly: log-softmax, then
 processors, running scores added, top ``K = max(2, 1 + n_eos) * num_beams`` candidates, candidates that hit a

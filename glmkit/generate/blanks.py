@@ -1,10 +1,10 @@
 """Fill every blank of a GLM input, one span after another, as the original ``generate_samples.py`` does.
 
-glm-reference.md §6.1 / TV7: the context (with all its [MASK]/[sMASK]/[gMASK] blanks) is encoded once,
-bidirectionally; then for each blank at position p, left to right, ``<sop>`` is fed at (p, 1) and the k-th token at
-(p, k+1). A span ends at ``<eop>`` (or ``<eos>``), which is not fed back. Earlier spans stay in the cache, so later
-spans see them. Each span is decoded with the full ``generate`` machinery (greedy, sampling or beams). Unlike the
-hub's ``generate`` (first blank only) this fills all blanks, which is what GLM was trained to do.
+THUDM/GLM ``generate_samples.py`` (docs/glm-notes.md, TV7): the context (with all its [MASK]/[sMASK]/[gMASK] blanks)
+is encoded once, bidirectionally; then for each blank at position p, left to right, ``<sop>`` is fed at (p, 1) and
+the k-th token at (p, k+1). A span ends at ``<eop>`` (or ``<eos>``), which is not fed back. Earlier spans stay in
+the cache, so later spans see them. Each span is decoded with the full ``generate`` machinery (greedy, sampling or
+beams). Unlike the hub's ``generate`` (first blank only) this fills all blanks, which is what GLM was trained to do.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ import torch
 
 from ..config import SpecialTokens
 from ..kv_cache import KVCache
-from ..masks import find_blanks, mask_with_cache, part_b_positions, prefix_lm_mask
+from ..masks import find_blanks, mask_with_cache, prefix_lm_mask, span_feed
+from ..prompts import continuation_ids, infilling_ids, layout
 from ..tokenizer import TokenizerLike
 from .config import GenerationConfig
 from .engine import Decoding, GLMStepper, Streamer, prefill, prepare_model, resolve_special_tokens, seeded_generator
@@ -81,7 +82,7 @@ def fill_blank_ids(
     cache = KVCache.for_model(model, 1, len(row) + len(blanks) * (max_new + 1), dtype=cache_dtype(model))
     prefill(model, [row], cache)
     generator = seeded_generator(config, device, generator)  # one RNG stream across all spans
-    eos_ids = config.eos_ids() or list(dict.fromkeys([special.eop, special.eos]))
+    eos_ids = config.eos_ids() or layout(special).stop_ids()
     pad_id = config.pad_token_id if config.pad_token_id is not None else special.pad
 
     history = list(row)  # every token in the cache: what the processors see, as transformers would
@@ -120,12 +121,10 @@ def fill_blank_ids(
             if cache.batch_size > 1:
                 cache.reorder(torch.zeros(1, dtype=torch.long, device=device))
             cache.set_lengths([base])
-            # a span cut by the position table has one token more than there are block positions to feed it at
-            feed_ids = ([special.sop] + span)[: cfg.max_sequence_length]
-            pos, block = part_b_positions(p, len(feed_ids))
-            feed = torch.tensor([feed_ids], device=device)
-            mask = mask_with_cache(prefix_lm_mask(0, len(feed_ids), device=device), [base], 1)  # causal span
-            forward_for(model)(feed, torch.tensor([[pos, block]], device=device), mask, cache, True)
+            feed = span_feed(p, span, special.sop, cfg.max_sequence_length)
+            rows = torch.tensor(feed, device=device).T.contiguous()  # token, position, block
+            mask = mask_with_cache(prefix_lm_mask(0, len(feed), device=device), [base], 1)  # causal span
+            forward_for(model)(rows[:1], rows[None, 1:], mask, cache, True)
     filled = dict(zip(blanks, spans, strict=True))
     completed = [t for i, tok in enumerate(row) for t in (filled[i] if i in filled else [tok])]
     return BlankFill(completed, spans, reasons, blanks)
@@ -133,27 +132,19 @@ def fill_blank_ids(
 
 def fill_blanks(model: torch.nn.Module, tokenizer: TokenizerLike, text: str, **kwargs: Any) -> FillResult:
     """Fill every [MASK]/[sMASK]/[gMASK] in ``text``; the input is ``[CLS] text [eos]`` (no eos after a final
-    [gMASK]), as in the original GLM. Returns the completed text and each span's text."""
-    special = tokenizer.special
-    ids = [special.cls] + tokenizer.encode(text)
-    if ids[-1] != special.gmask:
-        ids.append(special.eos)
-    if not find_blanks(ids, special.mask_ids()):
-        raise ValueError(f"text: no blank ([MASK], [sMASK] or [gMASK]) to fill in {text!r}")
-    res = fill_blank_ids(model, ids, special_tokens=special, tokenizer=tokenizer, **kwargs)
+    blank), as in the original GLM (``prompts.infilling_ids``). Returns the completed text and each span's text."""
+    ids = infilling_ids(tokenizer, text)
+    res = fill_blank_ids(model, ids, special_tokens=tokenizer.special, tokenizer=tokenizer, **kwargs)
     spans = [tokenizer.decode(s, skip_special_tokens=True) for s in res.spans]
     return FillResult(tokenizer.decode(res.ids, skip_special_tokens=True), spans)
 
 
 def complete(model: torch.nn.Module, tokenizer: TokenizerLike, text: str, **kwargs: Any) -> str:
-    """Continue ``text``: ``[CLS] text [gMASK]``, generate the span at the [gMASK] and return its text.
+    """Continue ``text``: ``[CLS] text [gMASK]`` (``prompts.continuation_ids``), generate the span at the [gMASK]
+    and return its text.
 
     Blanks inside ``text`` are filled first (the original GLM's behaviour) and serve as context.
     """
-    special = tokenizer.special
-    gmask = special.gmask if special.gmask is not None else special.mask
-    ids = [special.cls] + tokenizer.encode(text)
-    if ids[-1] != gmask:
-        ids.append(gmask)
-    res = fill_blank_ids(model, ids, special_tokens=special, tokenizer=tokenizer, **kwargs)
+    ids = continuation_ids(tokenizer, text)
+    res = fill_blank_ids(model, ids, special_tokens=tokenizer.special, tokenizer=tokenizer, **kwargs)
     return tokenizer.decode(res.spans[-1], skip_special_tokens=True)

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from ..masks import find_blanks
+from ..prompts import has_blank, layout, text_prompt
 from ..tokenizer import TokenizerLike
 from .blanks import fill_blank_ids
 from .engine import generate
@@ -52,23 +53,17 @@ class TextGeneration:
 
 
 def prompt_ids(tokenizer: TokenizerLike, text: str, n_positions: int, truncate: bool = False) -> tuple[list[int], int]:
-    """GLM input ids of ``text`` and how many tokens were cut from its left.
+    """Input ids of ``text`` (``prompts.text_prompt``) and how many tokens were cut from its left.
 
-    With blanks: ``[CLS] text [eos]`` (no eos after a final [gMASK]), as ``fill_blanks``; without: ``[CLS] text
+    With blanks: ``[CLS] text [eos]`` (no eos after a final blank), as ``fill_blanks``; without: ``[CLS] text
     [gMASK]``, as ``complete``. Longer than ``n_positions`` raises ``ValueError``, unless ``truncate``: then the
-    oldest text tokens are dropped ([CLS] stays).
+    oldest text tokens are dropped (the ids the layout adds stay).
     """
-    special = tokenizer.special
-    gmask = special.gmask if special.gmask is not None else special.mask
+    prompts = layout(tokenizer.special)
     body = tokenizer.encode(text)
     if not body:
         raise ValueError("prompt: the text is empty")
-    ids = [special.cls] + body
-    if find_blanks(ids, special.mask_ids()):
-        if ids[-1] != gmask:
-            ids.append(special.eos)
-    else:
-        ids.append(gmask)
+    ids = text_prompt(prompts, body)
     extra = len(ids) - n_positions
     if extra <= 0:
         return ids, 0
@@ -77,10 +72,9 @@ def prompt_ids(tokenizer: TokenizerLike, text: str, n_positions: int, truncate: 
             f"prompt: {len(ids)} tokens ([CLS] and the end token included) exceed the model's context of "
             f"{n_positions} positions; shorten it, or pass --truncate to drop {extra} tokens from its left"
         )
-    ids = ids[:1] + ids[1 + extra :]
-    if not find_blanks(ids, special.mask_ids()):
+    if has_blank(prompts, body) and not has_blank(prompts, body[extra:]):
         raise ValueError(f"prompt: after dropping {extra} tokens from the left no blank is left to fill")
-    return ids, extra
+    return text_prompt(prompts, body[extra:]), extra
 
 
 class TextStreamer:
@@ -281,7 +275,7 @@ def run(args: argparse.Namespace) -> int:
     results = []
     for prompt in prompts:
         shown: dict[str, Any] = {}
-        blanks = find_blanks(tokenizer.encode(prompt), tokenizer.special.mask_ids())
+        blanks = has_blank(layout(tokenizer.special), tokenizer.encode(prompt))
         if args.stream:
             out.write("" if blanks else prompt)
             out.flush()

@@ -1,8 +1,8 @@
 """Generation settings: one validated dataclass with transformers' knob names, meanings and defaults.
 
-Keeping Hugging Face's names and defaults (generation-reference.md §1.2) lets a caller move a ``generate`` call
-between transformers and glmkit unchanged, and lets the parity tests pass the same dict to both. Bad values raise
-``ValueError`` naming the parameter at construction time, before any model work.
+Keeping Hugging Face's names and defaults (transformers ``GenerationConfig``; docs/generation-semantics.md) lets a
+caller move a ``generate`` call between transformers and glmkit unchanged, and lets the parity tests pass the same
+dict to both. Bad values raise ``ValueError`` naming the parameter at construction time, before any model work.
 """
 
 from __future__ import annotations

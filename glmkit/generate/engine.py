@@ -22,6 +22,7 @@ import torch
 from ..config import SpecialTokens
 from ..kv_cache import KVCache, KVCacheRows
 from ..masks import find_blanks, part_a_positions, part_b_step_positions, prefix_lm_mask
+from ..prompts import layout
 from .beam import beam_search
 from .config import GenerationConfig
 from .fast import DecodeStep, cache_dtype, forward_for, optimize_for_decode
@@ -115,10 +116,8 @@ def decodable_size(tokenizer: Any) -> int | None:
     return getattr(tokenizer, "vocab_size", None)
 
 
-def prompt_rows(
-    input_ids: TokenIds, attention_mask: torch.Tensor | None, special: SpecialTokens, max_length: int
-) -> list[list[int]]:
-    """Unpadded Part-A rows; a row without a blank gets [gMASK] (or [MASK]) appended, as the original GLM does."""
+def unpadded_rows(input_ids: TokenIds, attention_mask: torch.Tensor | None) -> list[list[int]]:
+    """The prompts as lists of ids: one list, ragged lists, or the unpadded rows of a ``[B, S]`` tensor."""
     if isinstance(input_ids, torch.Tensor):
         ids = input_ids[None] if input_ids.dim() == 1 else input_ids
         if ids.dim() != 2:
@@ -133,12 +132,21 @@ def prompt_rows(
         rows = [[int(t) for t in r] for r in input_ids] if nested else [[int(t) for t in input_ids]]
     if not rows:
         raise ValueError("input_ids: no prompt given")
-    append = special.gmask if special.gmask is not None else special.mask
     for b, row in enumerate(rows):
         if not row:
             raise ValueError(f"input_ids: prompt {b} is empty")
-        if not find_blanks(row, special.mask_ids()):
-            row.append(append)
+    return rows
+
+
+def prompt_rows(
+    input_ids: TokenIds, attention_mask: torch.Tensor | None, special: SpecialTokens, max_length: int
+) -> list[list[int]]:
+    """Unpadded Part-A rows, each completed by ``prompts.layout(special).model_input`` (a row without a blank gets
+    [gMASK], or [MASK] in a vocabulary without task masks, as the original GLM does)."""
+    rows = unpadded_rows(input_ids, attention_mask)
+    prompts = layout(special)
+    for b, row in enumerate(rows):
+        row[:] = prompts.model_input(row)
         if len(row) > max_length:
             raise ValueError(
                 f"input_ids: prompt {b} has {len(row)} tokens (blank included), longer than the context of "
@@ -247,11 +255,16 @@ def _start(
     input_ids: TokenIds,
     attention_mask: torch.Tensor | None,
     config: GenerationConfig,
-    special: SpecialTokens,
+    special_tokens: SpecialTokens | None,
     tokenizer: Decoder | None,
     generator: torch.Generator | None,
 ) -> tuple[Decoding, list[list[int]]]:
     """Validate, prefill and build the ``Decoding`` for one ``generate``/``stream`` call."""
+    if getattr(model, "causal_lm", False):  # ChatGLM2/3, GLM-4: the prompt is continued as given (causal.py)
+        from .causal import start
+
+        return start(model, input_ids, attention_mask, config, special_tokens, tokenizer, generator)
+    special = resolve_special_tokens(model, special_tokens, tokenizer)
     cfg = model.config
     rows = prompt_rows(input_ids, attention_mask, special, cfg.n_positions)
     device = next(model.parameters()).device
@@ -267,7 +280,7 @@ def _start(
     stepper = GLMStepper(model, cache, blanks, special.sop, config.compile)
     ids = torch.tensor([[special.pad] * (P - len(r)) + r + [special.sop] for r in rows], device=device)[expand]
     left_padding = torch.tensor([P - len(r) for r in rows], device=device)[expand]
-    eos_ids = config.eos_ids() or list(dict.fromkeys([special.eop, special.eos]))
+    eos_ids = config.eos_ids() or layout(special).stop_ids()
     pad_id = config.pad_token_id if config.pad_token_id is not None else special.pad
     decoding = Decoding(
         stepper,
@@ -312,9 +325,8 @@ def generate(
         streamer: transformers-style streamer (batch size 1, no beams).
     """
     config = GenerationConfig.from_kwargs(generation_config, **kwargs)
-    special = resolve_special_tokens(model, special_tokens, tokenizer)
     prepare_model(model, config)
-    decoding, rows = _start(model, input_ids, attention_mask, config, special, tokenizer, generator)
+    decoding, rows = _start(model, input_ids, attention_mask, config, special_tokens, tokenizer, generator)
     if streamer is not None:
         if config.num_beams > 1:
             raise ValueError("streamer: streaming is not supported with beam search (num_beams > 1)")
@@ -341,10 +353,9 @@ def stream(
     config = GenerationConfig.from_kwargs(generation_config, **kwargs)
     if config.num_beams > 1 or config.num_return_sequences > 1:
         raise ValueError("num_beams: stream() yields one sequence; use generate() for beams or several samples")
-    special = resolve_special_tokens(model, special_tokens, tokenizer)
     prepare_model(model, config)
     with torch.inference_mode():
-        decoding, rows = _start(model, input_ids, None, config, special, tokenizer, generator)
+        decoding, rows = _start(model, input_ids, None, config, special_tokens, tokenizer, generator)
     if len(rows) != 1:
         raise ValueError(f"input_ids: stream() takes one prompt, got {len(rows)}")
     steps = iter(decoding.steps())

@@ -1,7 +1,8 @@
 """The lean cached forward of generation, and ``optimize_for_decode``: what makes GLM decoding fast on a CPU.
 
 A decode step multiplies one activation row per sequence by every weight matrix, so it is bound by how fast the
-weights stream from memory (cpu-notes.md); everything else in the step is overhead to cut (gpt-fast's approach):
+weights stream from memory (benchmarks/RESULTS.md, "Generation"); everything else in the step is overhead to cut
+(gpt-fast's approach):
 
 - ``GLM.forward`` validates its inputs (min/max reductions read back to the host) and normalises a general mask.
   The engine builds its inputs itself, valid by construction, so ``cached_forward`` skips that and calls the
@@ -136,12 +137,15 @@ def cached_forward(
 
 
 def forward_for(model: torch.nn.Module) -> Forward:
-    """The cached forward the engine uses for ``model``: ``cached_forward`` for a GLM in eval mode, else a call of
-    the module itself (wrappers, test doubles), which must accept ``GLM.forward``'s arguments."""
+    """The cached forward the engine uses for ``model``: ``cached_forward`` for a GLM in eval mode, the model's own
+    ``cached_forward`` method where it has one (ChatGLM-6B, whose ``forward`` takes the hub's masks, True = masked),
+    else a call of the module itself (wrappers, test doubles), which must accept ``GLM.forward``'s arguments."""
     if type(model) is GLM and not model.training:
         return lambda ids, pos, mask, cache, hidden=False, lengths=None: cached_forward(
             model, ids, pos, mask, cache, hidden, lengths
         )
+    if callable(getattr(model, "cached_forward", None)):
+        return model.cached_forward
     return lambda ids, pos, mask, cache, hidden=False, lengths=None: model(
         ids, pos, mask, cache=cache, return_hidden=hidden
     )

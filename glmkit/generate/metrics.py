@@ -1,4 +1,5 @@
-"""Text-quality metrics for comparing decoding strategies (generation-reference.md §5.1, Holtzman et al. 2020).
+"""Text-quality metrics for comparing decoding strategies (Holtzman et al. 2020 and their ``ari-holtzman/degen``
+metrics; docs/generation-semantics.md).
 
 Every metric takes tokenized texts (any hashable tokens: model token ids, or words), so the numbers do not depend on
 how text is split for display. Definitions:

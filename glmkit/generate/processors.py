@@ -1,10 +1,11 @@
-"""Logits processors with transformers' math, order and defaults (generation-reference.md §1.3-1.4).
+"""Logits processors with transformers' math, order and defaults (transformers ``generation/logits_process.py`` and
+``GenerationMixin._get_logits_processor``; docs/generation-semantics.md).
 
 Each processor is a callable ``(ids [N, T], scores [N, V]) -> scores`` where ``ids`` is the whole sequence the
 row has seen (prompt, ``<sop>`` and generated tokens, left-padded like transformers' ``input_ids``). The
 operations mirror transformers 5.24 op for op (same sorts, cumsums and comparisons), so a processed row is
 bitwise what transformers computes from the same scores; TV-5/TV-6 and the parity tests check this.
-Greedy and sampling feed raw float32 logits, beam search feeds ``log_softmax`` (§1 must-know 1).
+Greedy and sampling feed raw float32 logits, beam search feeds ``log_softmax`` (TV-6).
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """When a row stops, and why: stop ids, stop strings, ``max_new_tokens`` and the position-table limit.
 
-transformers ORs its stopping criteria into one boolean per row (generation-reference.md §1.4); we do the same and
-also keep the reason, because callers (streaming, serving, the CLI) must tell "hit <eop>" from "ran out of room".
-The stop token itself stays in the output, as in transformers.
+transformers ORs its stopping criteria into one boolean per row (transformers ``generation/stopping_criteria.py``);
+we do the same and also keep the reason, because callers (streaming, serving, the CLI) must tell "hit <eop>" from
+"ran out of room". The stop token itself stays in the output, as in transformers.
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..rotary import apply_interleaved
 from . import build, reference
 from .layout import INT4_BLOCK_ROWS, INT4_GROUP_SIZES, MAX_HEAD_SIZE, PANEL_ROWS
 
@@ -182,16 +183,14 @@ def _no_grad(*tensors: torch.Tensor) -> bool:
 
 
 def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """``model.apply_rotary(x, (cos, sin))``, the same values; an fp32 CPU ``x [B, H, S, D]`` with contiguous heads
-    and ``cos, sin [B, 1, S, D / 2]`` take one kernel pass instead of six ATen ops."""
+    """``apply_interleaved(x, (cos, sin))`` (glmkit/rotary.py), the same values; an fp32 CPU ``x [B, H, S, D]`` with
+    contiguous heads and ``cos, sin [B, 1, S, D / 2]`` take one kernel pass instead of six ATen ops."""
     cos, sin = (t.to(x.dtype) for t in (cos, sin))
     B, H, S, D = x.shape
     fits = x.is_cpu and x.dtype == torch.float32 and x.stride(-1) == 1 and D % 2 == 0 and _no_grad(x, cos, sin)
     if fits and cos.shape == sin.shape == (B, 1, S, D // 2) and build.load():
         return _op("rotary")(x, cos.contiguous(), sin.contiguous())
-    from ..model import apply_rotary
-
-    return apply_rotary(x, (cos, sin))
+    return apply_interleaved(x, (cos, sin))
 
 
 def attention(

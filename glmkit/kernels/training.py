@@ -11,8 +11,9 @@ most of a CPU training step's time beyond the matmuls (benchmarks/RESULTS.md). H
 
 Each call draws its seed from PyTorch's default CPU generator, so ``torch.manual_seed`` and saved RNG states
 (exact resume) govern these masks as they do PyTorch's; the masks themselves differ from PyTorch's.
-Used only where they apply (CPU, training with dropout > 0, bf16 attention, kernels built); otherwise the PyTorch
-ops run.
+``use_training_kernels`` swaps them into a model from outside (the training loop calls it; model.py stays the
+network only). Used only where they apply (CPU, training with dropout > 0, bf16 attention, kernels built);
+otherwise the PyTorch ops run.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..model import ScaledDotProductAttention
 from . import build
 
 
@@ -112,3 +114,26 @@ class Dropout(nn.Dropout):
         if self.training and 0 < self.p < 1 and fast and build.load():
             return _Dropout.apply(x, float(self.p))
         return super().forward(x)
+
+
+class KernelAttention(ScaledDotProductAttention):
+    """The model's attention module on ``attention`` above: the kernels in CPU training with dropout, else SDPA."""
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return attention(q, k, v, mask, self.p if self.training else 0.0)
+
+
+def use_training_kernels(model: nn.Module) -> nn.Module:
+    """Swap every ``nn.Dropout`` of ``model`` for ``Dropout`` and every ``ScaledDotProductAttention`` for
+    ``KernelAttention``, in place (same probabilities, same train/eval mode, no parameters touched): the same
+    function, with dropout masks drawn by the kernels' hash instead of PyTorch's generator."""
+    for parent in list(model.modules()):
+        for name, child in parent.named_children():
+            if type(child) is nn.Dropout:
+                new = Dropout(child.p, child.inplace)
+            elif type(child) is ScaledDotProductAttention:
+                new = KernelAttention(child.p)
+            else:
+                continue
+            setattr(parent, name, new.train(child.training))
+    return model

@@ -5,7 +5,7 @@ quantized modules a quantized checkpoint's tensors are assigned to. Both swap ``
 and, with ``embeddings``, ``wte`` → ``QuantizedEmbedding`` and the tied head → ``QuantizedTiedHead`` (without, the
 head that stays in high precision moves to the bf16 kernel, ``FastTiedHead``); model.py is untouched. The integer
 weight sits where the float one was, under the same name (``weight``), next to ``weight_scale``: the hub layout of
-ChatGLM's quantized checkpoints (chatglm-reference.md §3.2).
+ChatGLM's quantized checkpoints (``quantization.py`` of the hub's THUDM/chatglm-6b-int4 and chatglm2-6b-int4).
 """
 
 from __future__ import annotations

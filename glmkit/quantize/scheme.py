@@ -12,7 +12,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
+
 from ..kernels.layout import INT4_GROUP_SIZES
+from ..kernels.reference import INT4_OFFSET, pack_int4, unpack_int4
 
 METADATA_KEY = "glmkit_quantization"
 FORMAT = "glmkit-weight-only-v1"  # int8 per output row; int4 per group, packed as in glmkit/kernels/reference.py
@@ -99,3 +102,69 @@ def read_scheme(
             f"{METADATA_KEY}={json.dumps(in_config)}; refusing to guess which one describes the tensors"
         )
     return scheme
+
+
+@dataclass(frozen=True)
+class HubQuantization:
+    """The weight format of the THUDM hub's quantized checkpoints (``chatglm2-6b-int4``, ``chatglm-6b-int8`` ...;
+    ``quantization_bit`` in config.json; THUDM ``quantization.py``, ``QuantizedLinear``).
+
+    Every linear weight of the transformer layers is stored under its own name as signed integers with
+    ``weight_scale``, one fp16 scale per output row (``scale = absmax / (2^(bits-1) - 1)``, ``w = q * scale``):
+    - 8 bits: ``int8 [N, K]``;
+    - 4 bits: ``int8 [N, K / 2]``, two signed nibbles per byte: the high nibble is input ``2j``, the low one ``2j + 1``.
+    Embeddings, the output layer, norms and biases stay float.
+
+    It loads losslessly into glmkit's own format (``to_runtime``): int8 as it is; int4 as offset nibbles with the row's
+    scale repeated for every group (``runtime_scheme``); the scales in fp32, which holds every fp16 value exactly.
+    """
+
+    bits: Literal[8, 4]
+
+    def __post_init__(self) -> None:
+        if self.bits not in (8, 4) or isinstance(self.bits, bool):
+            raise ValueError(f"quantization_bit: {self.bits!r} is not a hub format; expected 4 or 8 (or 0: float)")
+
+    def weight_shape(self, n: int, k: int) -> tuple[int, int]:
+        return (n, k) if self.bits == 8 else (n, k // 2)
+
+    def runtime_scheme(self, widths: list[int]) -> QuantScheme:
+        """The glmkit scheme these weights load into: int8 per channel, or int4 with the largest group size that
+        divides every input width in ``widths`` (each group then carries its row's scale)."""
+        if self.bits == 8:
+            return QuantScheme(8)
+        group = next((g for g in sorted(GROUP_SIZES, reverse=True) if all(k % g == 0 for k in widths)), None)
+        if group is None:
+            raise ValueError(
+                f"quantization_bit: 4-bit weights of input widths {sorted(set(widths))} do not fit glmkit's int4 "
+                f"format, which needs widths divisible by one of {GROUP_SIZES}"
+            )
+        return QuantScheme(4, group)
+
+    def to_runtime(self, weight: torch.Tensor, scale: torch.Tensor, scheme: QuantScheme) -> tuple[torch.Tensor, ...]:
+        """Hub ``weight``/``weight_scale`` → the tensors of a ``QuantizedLinear`` of ``scheme``, exactly."""
+        scale = scale.float()
+        if self.bits == 8:
+            return weight, scale
+        b = weight.view(torch.uint8).to(torch.int16)
+        high, low = (b >> 4) - ((b >> 7) << 4), (b & 15) - ((b & 8) << 1)  # sign-extended nibbles
+        q = torch.stack([high, low], dim=-1).flatten(1)  # [N, K]
+        packed = pack_int4((q + INT4_OFFSET).to(torch.uint8))
+        return packed, scale[:, None].expand(-1, q.shape[1] // scheme.group_size).contiguous()
+
+    def from_runtime(
+        self, weight: torch.Tensor, scale: torch.Tensor, scheme: QuantScheme
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The hub tensors of glmkit ``weight``/``scale`` (checkpoint layout), or None when the hub format cannot
+        hold them exactly (scales that vary along a row, or are not fp16 values)."""
+        rows = scale.float().reshape(scale.shape[0], -1)
+        if scheme.bits != self.bits or not torch.equal(rows, rows[:, :1].expand_as(rows)):
+            return None
+        row = rows[:, 0]
+        if not torch.equal(row.half().float(), row):
+            return None
+        if self.bits == 8:
+            return weight, row.half()
+        q = unpack_int4(weight).to(torch.int16) - INT4_OFFSET
+        packed = (((q[:, 0::2] << 4) | (q[:, 1::2] & 15)) & 255).to(torch.uint8).view(torch.int8)
+        return packed, row.half()

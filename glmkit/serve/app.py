@@ -36,7 +36,7 @@ from .batcher import BatcherError, DynamicBatcher
 from .engine import AsyncLLMEngine, EngineClosedError
 from .sampling import Limits
 from .scheduler import QueueFullError
-from .served import GenerationService, LLMModel, OneShotModel
+from .served import GenerationService, LLMModel, ModelUnloadedError, OneShotModel
 
 access_log = logging.getLogger("glmkit.access")
 log = logging.getLogger("glmkit.serve")
@@ -86,6 +86,7 @@ class ServerState:
     draining: bool = False
     started: float = field(default_factory=time.time)
     active: int = 0  # HTTP requests in flight (health and metrics aside): what a drain waits for
+    repository: Any = None  # repository.ModelRepository: loads and unloads the models (engine is None without llm)
 
     def overloaded(self, message: str, status: int = 503) -> APIError:
         return APIError(status, message, {"Retry-After": str(self.config.retry_after)})
@@ -97,7 +98,7 @@ async def drain(state: ServerState) -> bool:
     New requests get 503 + ``Retry-After`` meanwhile (the handlers check ``draining``, the engine refuses)."""
     state.draining = True
     deadline = time.monotonic() + state.config.drain_timeout
-    idle = await state.engine.drain(state.config.drain_timeout)
+    idle = state.engine is None or await state.engine.drain(state.config.drain_timeout)
     while state.active and time.monotonic() < deadline:  # streams sending their last events, one-shot batches
         await asyncio.sleep(0.02)
     return idle and not state.active
@@ -124,6 +125,8 @@ def translate(e: Exception, state: ServerState, path: str) -> APIError:
         return e
     if isinstance(e, (ValueError, UnicodeDecodeError)):
         return APIError(400, str(e))
+    if isinstance(e, ModelUnloadedError):
+        return APIError(404, str(e))
     if isinstance(e, QueueFullError):
         return state.overloaded(str(e), 429 if is_openai(path) else 503)
     if isinstance(e, BatcherError):
@@ -261,7 +264,8 @@ def build_app(state: ServerState | None, config: ServerConfig | None = None) -> 
         if current is None:  # stopped while loading
             return
         await drain(current)
-        current.engine.shutdown()
+        if current.engine is not None:
+            current.engine.shutdown()
         for b in current.batchers:
             b.shutdown()
 

@@ -1,12 +1,12 @@
 """Triton's dynamic batcher for one-shot requests (scoring, logits, embeddings).
 
-A one-shot request is one forward pass, so request-level batching is right for it (unlike generation): requests
-wait up to ``max_queue_delay_microseconds`` for others, and one model execution serves them all. The rules are
-Triton's (core ``dynamic_batch_scheduler.cc``, serving-reference.md §1.3): batches up to ``max_batch_size`` in
-arrival order within priority levels, aiming for ``preferred_batch_size``; a request whose shape differs from the
-pending batch closes it; ``max_queue_size`` refuses with "Exceeds maximum queue size"; timeouts either reject
-("Request timeout expired") or move the request behind the others (DELAY); ``preserve_ordering`` releases
-responses in arrival order.
+A one-shot request is one forward pass, so request-level batching is right for it (unlike generation): requests wait up
+to ``max_queue_delay_microseconds`` for others, and one model execution serves them all. The rules are Triton's
+(triton-inference-server/core ``src/dynamic_batch_scheduler.cc``; "Dynamic Batcher" in the server's
+docs/user_guide/model_configuration.md): batches up to ``max_batch_size`` in arrival order within priority levels,
+aiming for ``preferred_batch_size``; a request whose shape differs from the pending batch closes it; ``max_queue_size``
+refuses with "Exceeds maximum queue size"; timeouts either reject ("Request timeout expired") or move the request behind
+the others (DELAY); ``preserve_ordering`` releases responses in arrival order.
 
 ``BatchQueue`` holds all decisions and takes the time as an argument, so tests drive it with a fake clock;
 ``DynamicBatcher`` runs it on a thread and resolves asyncio futures.

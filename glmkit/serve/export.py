@@ -1,11 +1,12 @@
 """``glmkit export-triton``: a Triton model repository whose Python-backend models run glmkit.
 
-Layout (serving-reference.md §1): ``llm/`` — decoupled, ``max_batch_size: 0``, vLLM-backend tensor names, with
-glmkit's continuous-batching engine inside the instance; ``glm_score/``, ``glm_embed/``, ``glm_logits/`` —
-dynamically batched by Triton. Each ``config.pbtxt`` comes from the same specs as the native server, so
-``tritonclient`` code works against either. The checkpoint is copied once into ``llm/1/checkpoint`` (the other
-models point there) so the repository is self-contained and can be synced to every Triton node; ``--no-copy``
-references the original folder instead. The Triton Python environment needs torch and glmkit (docs/serving.md).
+Layout (Triton's docs/user_guide/model_configuration.md and decoupled_models.md; the tensor names of
+triton-inference-server/vllm_backend): ``llm/`` — decoupled, ``max_batch_size: 0``, vLLM-backend tensor names, with
+glmkit's continuous-batching engine inside the instance; ``glm_score/``, ``glm_embed/``, ``glm_logits/`` — dynamically
+batched by Triton. Each ``config.pbtxt`` comes from the same specs as the native server, so ``tritonclient`` code works
+against either. The checkpoint is copied once into ``llm/1/checkpoint`` (the other models point there) so the repository
+is self-contained and can be synced to every Triton node; ``--no-copy`` references the original folder instead. The
+Triton Python environment needs torch and glmkit (docs/serving.md).
 """
 
 from __future__ import annotations

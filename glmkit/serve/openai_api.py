@@ -20,14 +20,16 @@ import numpy as np
 from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
 
+from ..chatglm.chat import is_chat_tokenizer, served_chat_prompt
 from ..masks import find_blanks
+from ..prompts import continuation_ids, infilling_ids
 from .app import APIError, ServerState, translate, until_disconnect
 from .request import Fill
 from .sampling import SamplingParams
 from .scoring import ScoreRow
 from .served import Delta, OneShotModel, parse_json
 from .specs import EMBED
-from .text import CHAT_STOP, chat_prompt, completion_ids, infill_ids, safe_decode
+from .text import CHAT_STOP, chat_prompt, safe_decode
 
 router = APIRouter()
 
@@ -36,7 +38,8 @@ def _state(request: Request) -> ServerState:
     return request.app.state.glmkit
 
 
-async def _body(request: Request) -> dict[str, Any]:
+async def _body(request: Request, served: str = "llm") -> dict[str, Any]:
+    """The request's JSON object, for the OpenAI model that Triton's model ``served`` serves."""
     try:
         body = parse_json(await request.body())
     except ValueError as e:
@@ -46,6 +49,9 @@ async def _body(request: Request) -> dict[str, Any]:
     state = _state(request)
     if body.get("model") not in (None, state.config.served_model_name):
         raise APIError(404, f"The model `{body.get('model')}` does not exist.", kind="NotFoundError")
+    if not state.models[served].ready:  # unloaded through Triton's model-repository extension
+        name = state.config.served_model_name
+        raise APIError(404, f"The model `{name}` is not loaded ('{served}' is unloaded).", kind="NotFoundError")
     if state.draining:
         raise state.overloaded("the server is shutting down")
     return body
@@ -60,9 +66,9 @@ def _prompts(state: ServerState, prompt: Any, params: SamplingParams) -> list[tu
         except ValueError as e:
             raise APIError(400, str(e)) from e
     if isinstance(prompt, str):
-        return [(completion_ids(tok, prompt), "all", prompt)]
+        return [(continuation_ids(tok, prompt), "all", prompt)]
     if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
-        return [(completion_ids(tok, p), "all", p) for p in prompt]
+        return [(continuation_ids(tok, p), "all", p) for p in prompt]
     if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
         return [(list(prompt), "first", _ids_text(state, prompt))]
     if isinstance(prompt, list) and prompt and all(isinstance(p, list) and p for p in prompt):
@@ -86,7 +92,9 @@ def _params(state: ServerState, body: dict[str, Any], default_max: int, chat: bo
         d["max_tokens"] = body.get("max_completion_tokens", body.get("max_tokens"))
         d["logprobs"] = body.get("top_logprobs", 0) if body.get("logprobs") else None
         stop = body.get("stop") or []
-        d["stop"] = ([stop] if isinstance(stop, str) else list(stop) if isinstance(stop, list) else stop) + [CHAT_STOP]
+        stop = [stop] if isinstance(stop, str) else list(stop) if isinstance(stop, list) else stop
+        # a ChatGLM model ends its answer with a stop id; glmkit's plain chat format at the next "User:" line
+        d["stop"] = stop if is_chat_tokenizer(state.service.tok) else stop + [CHAT_STOP]
     elif isinstance(body.get("logprobs"), bool):
         raise APIError(400, "logprobs: expected an int (the number of top log-probabilities)")
     if body.get("suffix"):
@@ -154,6 +162,8 @@ async def models(request: Request) -> dict[str, Any]:
     state = _state(request)
     name = state.config.served_model_name
     card = {"id": name, "object": "model", "created": int(state.started), "owned_by": "glmkit", "root": name}
+    if state.engine is None:  # llm unloaded
+        return {"object": "list", "data": []}
     card |= {"parent": None, "max_model_len": state.engine.engine.config.max_model_len}
     return {"object": "list", "data": [card]}
 
@@ -167,13 +177,20 @@ async def _generate(request: Request, chat: bool) -> Response:
             raise APIError(400, "messages: expected a list of message objects")
     params = _params(state, body, state.config.limits.max_tokens if chat else 16, chat)
     if chat:
-        try:
-            text = chat_prompt(messages)
+        tok, room = state.service.tok, state.config.limits.max_prompt_tokens
+        try:  # a ChatGLM model gets its own template, trimmed to fit from the oldest turn
+            glm = served_chat_prompt(tok, messages, room, state.engine.engine.config.max_model_len, params.max_tokens)
+            text = chat_prompt(messages) if glm is None else safe_decode(tok, glm.ids, skip_special_tokens=False)
         except ValueError as e:
             raise APIError(400, str(e)) from e
         except TypeError as e:  # a text part whose "text" is not a string
             raise APIError(400, f"messages: a text part's text must be a string ({e})") from e
-        prompts: list[tuple[list[int], Fill, str]] = [(completion_ids(state.service.tok, text), "all", text)]
+        prompts: list[tuple[list[int], Fill, str]]
+        if glm is None:
+            prompts = [(continuation_ids(tok, text), "all", text)]
+        else:  # the template's ids are the model input as they are, and its stop ids end the answer
+            params.stop_token_ids = [*params.stop_token_ids, *glm.stop_ids]
+            prompts = [(glm.ids, "first", text)]
     else:
         prompts = _prompts(state, body.get("prompt"), params)
     priority = body.get("priority", 0)
@@ -293,10 +310,11 @@ async def infill(request: Request) -> Response:
     if not isinstance(body.get("prompt"), str):
         raise APIError(400, "prompt: expected a string with [MASK], [sMASK] or [gMASK] blanks")
     tok = state.service.tok
-    ids = infill_ids(tok, body["prompt"])
+    try:
+        ids = infilling_ids(tok, body["prompt"])
+    except ValueError as e:
+        raise APIError(400, f"prompt: {e}") from e
     blanks = find_blanks(ids, tok.special.mask_ids())
-    if not blanks:
-        raise APIError(400, "prompt: no blank ([MASK], [sMASK] or [gMASK]) to fill")
     params = _params(state, {**body, "n": 1, "stream": None}, 16)
     try:
         merged, first = await _start(state, request, state.service.stream([(ids, "all")], params))
@@ -330,7 +348,7 @@ async def infill(request: Request) -> Response:
 async def embeddings(request: Request) -> Response:
     """Mean-pooled, L2-normalised Part-A hidden states, through the ``glm_embed`` dynamic batcher."""
     state = _state(request)
-    body = await _body(request)
+    body = await _body(request, EMBED)
     model = state.models.get(EMBED)
     assert isinstance(model, OneShotModel)
     tok = state.service.tok
@@ -344,16 +362,14 @@ async def embeddings(request: Request) -> Response:
         raise APIError(400, "encoding_format: 'float' or 'base64'")
     try:
         rows = [
-            model.scorer.check(
-                ScoreRow("embedding", completion_ids(tok, x) if isinstance(x, str) else [int(t) for t in x])
-            )
+            model.check(ScoreRow("embedding", continuation_ids(tok, x) if isinstance(x, str) else [int(t) for t in x]))
             for x in inputs
         ]
         for r in rows:
             state.service.check_prompt(r.context)
         mbs = model.spec.max_batch_size
         chunks = [rows[i : i + mbs] for i in range(0, len(rows), mbs)]
-        parts = await until_disconnect(request, asyncio.gather(*(model.batcher.submit(c, len(c)) for c in chunks)))
+        parts = await until_disconnect(request, asyncio.gather(*(model.run(c) for c in chunks)))
     except APIError:
         raise
     except (TypeError, ValueError) as e:

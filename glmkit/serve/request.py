@@ -24,7 +24,8 @@ from ..generate.config import GenerationConfig
 from ..generate.engine import seeded_generator
 from ..generate.processors import build_processors
 from ..generate.stopping import Decoder, StopCriteria, StopStrings
-from ..masks import find_blanks
+from ..masks import find_blanks, span_feed
+from ..prompts import layout
 
 Fill = Literal["first", "all"]
 FinishReason = Literal["stop", "stop_string", "length", "position_limit", "abort"]
@@ -100,20 +101,20 @@ class Request:
         row = [int(t) for t in prompt_ids]
         if not row:
             raise ValueError("prompt: no tokens")
-        blanks = find_blanks(row, special.mask_ids())
+        prompts = layout(special)
         if fill == "first":
-            if not blanks:
-                row.append(special.gmask if special.gmask is not None else special.mask)
-                blanks = [len(row) - 1]
+            row = prompts.model_input(row)
+        blanks = find_blanks(row, prompts.blank_ids())
+        if not blanks:
+            raise ValueError(f"prompt: no blank to fill (none of the blank ids {list(prompts.blank_ids())})")
+        if fill == "first":
             blanks = blanks[:1]
-        elif not blanks:
-            raise ValueError(f"prompt: no blank to fill (none of the blank ids {list(special.mask_ids())})")
         self.request_id, self.prompt_ids, self.config, self.special = request_id, row, config, special
         self.fill, self.logprobs, self.priority = fill, logprobs, priority
         self.blanks = blanks
         self.max_sequence_length = max_sequence_length
         self.max_new = min(config.max_new_tokens, max_sequence_length)
-        self.eos_ids = [] if ignore_eos else (config.eos_ids() or list(dict.fromkeys([special.eop, special.eos])))
+        self.eos_ids = [] if ignore_eos else (config.eos_ids() or prompts.stop_ids())
         self.stop_strings = StopStrings(config.stop_strings, tokenizer) if config.stop_strings else None
         self.device = torch.device(device)
         self.generator = seeded_generator(config, self.device)  # one RNG stream across all spans
@@ -188,10 +189,10 @@ class Request:
         self.spans.append(span)
         self._history += [self.special.sop] + span
         if self._span + 1 < len(self.blanks):
-            # the cache must hold exactly `<sop> span` before the next blank: a span that did not end on a stop id
-            # still lacks its last token (fill_blank_ids re-feeds it, within the block-position table)
-            if reason != "stop" and len(span) + 1 <= self.max_sequence_length:
-                self._feed.append((span[-1], self.blanks[self._span], len(span) + 1))
+            # the cache must hold span_feed's `<sop> span` before the next blank; decoding fed <sop> and every
+            # generated token but the last, so a span that did not end on a stop id still lacks its last token
+            done = span_feed(self.blanks[self._span], span, self.special.sop, self.max_sequence_length)
+            self._feed += done[len(self.generated) :]
             self._start_span()
             return out
         self.finish(reason)

@@ -18,6 +18,7 @@ from typing import Any
 
 from ..config import SpecialTokens
 from ..generate.config import GenerationConfig
+from ..prompts import layout
 
 MIN_TEMPERATURE = 0.01  # vLLM's _MAX_TEMP: the smallest temperature that samples; below it, only 0 (greedy)
 
@@ -123,7 +124,7 @@ class SamplingParams:
             raise ValueError(f"stop_token_ids: ids must be < the vocabulary size {vocab_size}")
         eos = None
         if self.stop_token_ids:
-            eos = list(dict.fromkeys([special.eop, special.eos, *self.stop_token_ids]))
+            eos = list(dict.fromkeys([*layout(special).stop_ids(), *self.stop_token_ids]))
         kw: dict[str, Any] = dict(
             max_new_tokens=self.max_tokens,
             min_new_tokens=self.min_tokens,

@@ -3,8 +3,9 @@
 Each is a single forward pass over ``Part A + <sop> + continuation[:-1]`` (collated by ``masks.collate``, the
 layout generation uses), so a batch of any mix is one model execution — what the dynamic batcher needs. The
 continuation is scored exactly as generation would produce it: its first token is predicted at ``<sop>``, at
-(blank position, block 1), after a bidirectional Part A; a prompt without a blank gets [gMASK], as in
-``generate``. Embeddings are the L2-normalised mean of the final hidden states over Part A.
+(blank position, block 1), after a bidirectional Part A; a prompt without a blank gets [gMASK] (the prompt
+layout's ``model_input``), as in ``generate``. Embeddings are the L2-normalised mean of the final hidden states over
+Part A.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from ..config import SpecialTokens
 from ..generate.fast import cache_dtype, forward_for
 from ..kv_cache import PassThroughCache
 from ..masks import BlankSample, collate, find_blanks
+from ..prompts import layout
 
 Kind = Literal["loglikelihood", "logits", "embedding"]
 
@@ -45,7 +47,7 @@ class Scorer:
     """Runs batches of ``ScoreRow`` lists (one list per request) through the model in one forward pass."""
 
     def __init__(self, model: torch.nn.Module, special: SpecialTokens) -> None:
-        self.model, self.special = model.eval(), special
+        self.model, self.special, self.prompts = model.eval(), special, layout(special)
         self.device = next(model.parameters()).device
         self.n_positions = model.config.n_positions
         self.max_block = model.config.max_sequence_length
@@ -53,12 +55,9 @@ class Scorer:
 
     def check(self, row: ScoreRow) -> ScoreRow:
         """Validate one row (``ValueError`` names the problem) and append [gMASK] to a context without a blank."""
-        s = self.special
-        context = list(row.context)
-        if not context:
+        if not row.context:
             raise ValueError("text_input: empty")
-        if not find_blanks(context, s.mask_ids()):
-            context.append(s.gmask if s.gmask is not None else s.mask)
+        context = self.prompts.model_input(row.context)
         if row.kind == "loglikelihood" and not row.continuation:
             raise ValueError("continuation: empty")
         if len(context) > self.n_positions or len(row.continuation) > self.max_block:

@@ -4,7 +4,8 @@
 engine requests decoding side by side, beam search is a one-shot ``generate`` job, and text comes out through
 ``IncrementalText`` so a streamed answer equals the non-streamed one. Both the OpenAI and the Triton front ends
 use it, so they share one engine and one behaviour. ``LLMModel`` and ``OneShotModel`` give the Triton specs
-(specs.py) their tensors-in, tensors-out behaviour.
+(specs.py) their tensors-in, tensors-out behaviour. An unloaded model (repository.py) keeps its spec and statistics
+and drops its engine or batcher; its requests get ``ModelUnloadedError``.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import numpy as np
 
 from ..generate import fill_blank_ids, generate
 from ..masks import find_blanks
+from ..prompts import continuation_ids
 from .batcher import DynamicBatcher
 from .engine import AsyncLLMEngine
 from .request import Fill, Request, RequestOutput, TokenLogprob
@@ -29,9 +31,18 @@ from .sampling import Limits, SamplingParams
 from .scoring import Kind, Scorer, ScoreResult, ScoreRow
 from .specs import EMBED, LOGITS, SCORE, ModelSpec
 from .stats import ModelStats
-from .text import IncrementalText, completion_ids
+from .text import IncrementalText
 
 _ids = itertools.count()
+
+
+class ModelUnloadedError(LookupError):
+    """The model was unloaded (Triton's model-repository extension): 404, as Triton answers such a request."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"Request for unknown model: '{name}' has no available versions")
+
+
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
@@ -94,14 +105,34 @@ def _reason(engine_reason: str | None) -> str:
 
 class GenerationService:
     def __init__(self, engine: AsyncLLMEngine, tokenizer: Any, limits: Limits) -> None:
-        self.engine, self.tok, self.limits = engine, tokenizer, limits
-        self.special = engine.engine.special
-        self.model = engine.engine.model
+        self.tok, self.limits = tokenizer, limits
+        self.attach(engine)
+
+    def attach(self, engine: AsyncLLMEngine | None) -> None:
+        """Generate on ``engine``; ``None`` (``llm`` unloaded) lets go of the engine, its KV pool and the model, while
+        the tokenizer and the vocabulary size stay for the requests that only check prompts."""
+        self._engine = engine
+        if engine is not None:
+            self.vocab_size = engine.engine.model.config.vocab_size
+
+    @property
+    def engine(self) -> AsyncLLMEngine:
+        if self._engine is None:
+            raise ModelUnloadedError("llm")
+        return self._engine
+
+    @property
+    def special(self) -> Any:
+        return self.engine.engine.special
+
+    @property
+    def model(self) -> Any:
+        return self.engine.engine.model
 
     def check_prompt(self, ids: list[int]) -> None:
         if len(ids) > self.limits.max_prompt_tokens:
             raise ValueError(f"prompt: {len(ids)} tokens exceed the limit of {self.limits.max_prompt_tokens}")
-        vocab = self.model.config.vocab_size
+        vocab = self.vocab_size
         if any(not 0 <= t < vocab for t in ids):
             raise ValueError(f"prompt: token ids must be in [0, {vocab})")
 
@@ -132,7 +163,7 @@ class GenerationService:
             for d in await self._all_beams(prompts, params):
                 yield d
             return
-        vocab = self.model.config.vocab_size
+        vocab = self.vocab_size
         choices = {}
         for p, (ids, fill) in enumerate(prompts):
             for i in range(params.n):
@@ -168,16 +199,17 @@ class GenerationService:
     async def _beams(self, prompt_ids: list[int], params: SamplingParams) -> list[Delta]:
         if params.logprobs is not None:
             raise ValueError("logprobs: not available with beam search")
-        config = params.generation_config(self.special, 0, self.model.config.vocab_size)
+        model = self.model  # the job thread must not look it up: an unload may drop it meanwhile
+        config = params.generation_config(self.special, 0, self.vocab_size)
         blanks = find_blanks(prompt_ids, self.special.mask_ids())
         if len(blanks) > 1 and params.n > 1:
             raise ValueError("n: beam search over several blanks returns one sequence")
         kw = dict(generation_config=config, special_tokens=self.special, tokenizer=self.tok)
         if len(blanks) > 1:
-            res = await self.engine.run_job(lambda: fill_blank_ids(self.model, prompt_ids, **kw))
+            res = await self.engine.run_job(lambda: fill_blank_ids(model, prompt_ids, **kw))
             seqs, reasons, spans = [res.spans[-1]], res.finish_reasons[-1:], [res.spans]
         else:
-            out = await self.engine.run_job(lambda: generate(self.model, [prompt_ids], **kw))
+            out = await self.engine.run_job(lambda: generate(model, [prompt_ids], **kw))
             seqs, reasons = out.new_tokens, out.finish_reasons
             spans = [[s[:-1] if r == "stop" else s] for s, r in zip(seqs, reasons, strict=True)]
         deltas = []
@@ -236,7 +268,7 @@ class LLMModel:
         if sp.n != 1:
             raise ValueError("n: the llm model returns one sequence per request")
         priority = params.get("priority", 0)
-        ids = completion_ids(self.service.tok, prompt[0])
+        ids = continuation_ids(self.service.tok, prompt[0])
         head = "" if exclude else prompt[0]
         text, reason = head, None
         async for d in self.service.stream([(ids, "all")], sp, priority=priority if isinstance(priority, int) else 0):
@@ -271,7 +303,7 @@ class OneShotModel:
     def __init__(
         self,
         spec: ModelSpec,
-        scorer: Scorer,
+        scorer: Scorer | None,
         tokenizer: Any,
         batcher: DynamicBatcher | None = None,
         stats: ModelStats | None = None,
@@ -279,7 +311,13 @@ class OneShotModel:
         self.spec, self.scorer, self.tok = spec, scorer, tokenizer
         self.batcher, self.stats = batcher, stats or ModelStats(spec.name)
         self.kind = self.KINDS[spec.name]
-        self.ready = True
+        self.ready = scorer is not None
+        self.active = 0  # requests between ``run`` and their results: what an unload waits for
+
+    def check(self, row: ScoreRow) -> ScoreRow:
+        if self.scorer is None:
+            raise ModelUnloadedError(self.spec.name)
+        return self.scorer.check(row)
 
     def rows(self, inputs: dict[str, np.ndarray]) -> list[ScoreRow]:
         texts = _strings("text_input", inputs["text_input"])
@@ -287,7 +325,7 @@ class OneShotModel:
         if len(conts) != len(texts):
             raise ValueError("continuation: one per text_input row")
         return [
-            self.scorer.check(ScoreRow(self.kind, completion_ids(self.tok, t), self.tok.encode(c) if c else []))
+            self.check(ScoreRow(self.kind, continuation_ids(self.tok, t), self.tok.encode(c) if c else []))
             for t, c in zip(texts, conts, strict=True)
         ]
 
@@ -304,11 +342,20 @@ class OneShotModel:
         stacked = np.stack(vectors) if self.spec.max_batch_size else vectors[0]
         return {"embedding" if self.kind == "embedding" else "logits": stacked}
 
+    async def run(self, rows: list[ScoreRow], **schedule: Any) -> list[ScoreResult]:
+        """``rows`` through the dynamic batcher as one request (``schedule``: ``DynamicBatcher.submit``'s)."""
+        batcher = self.batcher
+        if batcher is None:
+            raise ModelUnloadedError(self.spec.name)
+        self.active += 1
+        try:
+            return await batcher.submit(rows, batch_size=len(rows), **schedule)
+        finally:
+            self.active -= 1
+
     async def infer(self, inputs: dict[str, np.ndarray], params: dict[str, Any]) -> dict[str, np.ndarray]:
-        assert self.batcher is not None
         rows = self.rows(inputs)
-        results = await self.batcher.submit(rows, batch_size=len(rows), **schedule_params(params))
-        return self.outputs(results)
+        return self.outputs(await self.run(rows, **schedule_params(params)))
 
 
 def schedule_params(params: dict[str, Any]) -> dict[str, Any]:

@@ -28,18 +28,12 @@ from typing import Any
 import torch
 import uvicorn
 
-from .. import kernels
-from ..generate.fast import cache_dtype, optimize_for_decode
+from ..generate.fast import cache_dtype
 from .app import ServerConfig, ServerState, build_app, drain
-from .batcher import DynamicBatcher, DynamicBatchingConfig, QueuePolicy
-from .engine import AsyncLLMEngine, LLMEngine
-from .metrics import ServerMetrics
+from .batcher import DynamicBatchingConfig, QueuePolicy
+from .repository import ModelRepository, Source
 from .sampling import Limits
 from .scheduler import SchedulerConfig
-from .scoring import Scorer
-from .served import GenerationService, LLMModel, OneShotModel
-from .specs import llm_spec, one_shot_specs
-from .stats import ModelStats
 
 
 @dataclass
@@ -109,10 +103,14 @@ def size_kv_pool(
     return dataclasses.replace(scheduler, max_num_seqs=min(fits, MAX_AUTO_SEQS, scheduler.max_num_batched_tokens))
 
 
-def build_state(model: torch.nn.Module, tokenizer: Any, options: ServeOptions | None = None) -> ServerState:
-    """Start the engines over ``model`` and return the state ``build_app`` serves."""
+def build_state(
+    model: torch.nn.Module, tokenizer: Any, options: ServeOptions | None = None, source: Source | None = None
+) -> ServerState:
+    """Start the engines over ``model`` and return the state ``build_app`` serves.
+
+    ``source`` reads ``model`` again (``glmkit serve``: from its checkpoint folder): with it, unloading every model
+    through Triton's model-repository extension frees the weights too (repository.py)."""
     options = options or ServeOptions()
-    model.eval()  # the engine's runner also puts a bf16 model's linears and LM head on the kernels (in place)
     if options.kv_cache_memory is not None:
         available = available_memory()
         options = dataclasses.replace(
@@ -126,26 +124,7 @@ def build_state(model: torch.nn.Module, tokenizer: Any, options: ServeOptions | 
             f"{available / 2**30:.1f} GiB available, {slot / 2**20:.1f} MiB a slot, at most {MAX_AUTO_SEQS}): "
             f"up to {s.max_num_seqs} requests decode together"
         )
-    if options.pack_weights is not False:
-        packed = kernels.pack_linear(optimize_for_decode(model), release=True)
-        if options.pack_weights and not packed:
-            log.warning("pack_weights: nothing packed (it needs bf16 weights on a CPU with glmkit's kernels)")
-    llm_stats = ModelStats("llm")
-    engine = AsyncLLMEngine(
-        LLMEngine(model, tokenizer, options.scheduler, stats=llm_stats), options.max_jobs, options.threads
-    ).start()
-    service = GenerationService(engine, tokenizer, options.server.limits)
-    models: dict[str, Any] = {"llm": LLMModel(llm_spec(), service)}
-    scorer = Scorer(model, engine.engine.special)
-    batchers = []
-    for spec in one_shot_specs(options.batching, model.config.n_embd, model.config.vocab_size):
-        stats = ModelStats(spec.name)
-        batcher = DynamicBatcher(options.batching, scorer, stats=stats, name=spec.name).start()
-        batchers.append(batcher)
-        models[spec.name] = OneShotModel(spec, scorer, tokenizer, batcher, stats)
-    state = ServerState(options.server, engine, service, models, batchers)
-    state.metrics = ServerMetrics(m.stats for m in models.values())
-    return state
+    return ModelRepository(options, tokenizer, source).start(model)
 
 
 class DrainingServer(uvicorn.Server):
@@ -201,7 +180,9 @@ def load_state(model_path: str | None, options: ServeOptions, dtype: str) -> Ser
     start = time.perf_counter()
     model, tokenizer = load_model_and_tokenizer(model_path, dtype=getattr(torch, dtype))
     log.info(f"glmkit serve: model loaded ({time.perf_counter() - start:.1f} s)")
-    return build_state(model, tokenizer, options)
+    return build_state(
+        model, tokenizer, options, lambda: load_model_and_tokenizer(model_path, dtype=getattr(torch, dtype))[0]
+    )
 
 
 def serve(

@@ -1,9 +1,10 @@
 """KServe v2 tensors on the wire: JSON ``data`` and Triton's binary tensor extension, both ways.
 
-Rules (serving-reference.md §2.6-2.7, what ``tritonclient`` sends and expects): row-major little-endian data with
-no padding; BOOL is one byte; a BYTES element is a 4-byte little-endian length then the raw bytes; binary
-payloads follow the JSON header in the order their tensors appear in it; FP16/BF16 cannot travel as JSON. Every
-problem is a ``TensorError`` naming the tensor, which the HTTP layer turns into a 400.
+Rules (the KServe v2 inference protocol, Triton's docs/protocol/extension_binary_data.md, and what ``tritonclient.http``
+sends and expects): row-major little-endian data with no padding; BOOL is one byte; a BYTES element is a 4-byte
+little-endian length then the raw bytes; binary payloads follow the JSON header in the order their tensors appear in it;
+FP16/BF16 cannot travel as JSON. Every problem is a ``TensorError`` naming the tensor, which the HTTP layer turns into a
+400.
 """
 
 from __future__ import annotations

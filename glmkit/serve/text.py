@@ -1,9 +1,10 @@
-"""Text at the server's edge: prompts in GLM's layout, and streamed text that always equals the final text.
+"""Text at the server's edge: the chat format, and streamed text that always equals the final text.
 
-GLM generates by filling a blank, so every text API maps onto blank filling: a completion prompt is
-``[CLS] text [gMASK]`` and the completion is the span of that last blank (``glmkit.generate.complete``; blanks
-written in the prompt are filled first and serve as context); infilling is ``[CLS] text [eos]`` with every blank
-filled (``fill_blanks``). The chat format below is a plain-text convention, since GLM was not chat-tuned.
+GLM generates by filling a blank, so every text API maps onto blank filling, laid out by ``glmkit.prompts``: a
+completion prompt is ``continuation_ids`` (``[CLS] text [gMASK]``) and the completion is the span of that last
+blank (``glmkit.generate.complete``; blanks written in the prompt are filled first and serve as context);
+infilling is ``infilling_ids`` with every blank filled (``fill_blanks``). The chat format below is a plain-text
+convention, since GLM was not chat-tuned.
 
 Streaming decodes the whole span each time and sends only what can no longer change: a trailing incomplete UTF-8
 sequence (U+FFFD) and any tail that could still become a stop string are held back, so the concatenated deltas
@@ -19,21 +20,6 @@ from ..tokenizer import TokenizerLike
 
 USER, ASSISTANT, SYSTEM = "User:", "Assistant:", "System:"
 CHAT_STOP = "\n" + USER
-
-
-def completion_ids(tok: TokenizerLike, text: str) -> list[int]:
-    """``[CLS] text [gMASK]``: the completion is the span of the final [gMASK]."""
-    special = tok.special
-    gmask = special.gmask if special.gmask is not None else special.mask
-    ids = [special.cls] + tok.encode(text)
-    return ids if ids[-1] == gmask else ids + [gmask]
-
-
-def infill_ids(tok: TokenizerLike, text: str) -> list[int]:
-    """``[CLS] text [eos]`` (no eos after a final [gMASK]), as ``fill_blanks`` builds it."""
-    special = tok.special
-    ids = [special.cls] + tok.encode(text)
-    return ids if ids[-1] == special.gmask else ids + [special.eos]
 
 
 def chat_prompt(messages: Sequence[dict[str, Any]]) -> str:

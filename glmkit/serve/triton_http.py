@@ -1,15 +1,19 @@
 """Triton's HTTP/REST protocol (KServe v2 + Triton extensions), enough for an unmodified ``tritonclient.http``.
 
-Paths, bodies and status codes follow serving-reference.md §2: health answers with status codes and empty
+Paths, bodies and status codes follow the KServe v2 protocol and Triton's server (``src/http_server.cc``,
+docs/protocol/*.md): health answers with status codes and empty
 bodies, metadata/config/stats in Triton's shapes, ``/infer`` in JSON or with the binary tensor extension (and
 gzip/deflate bodies), ``/generate`` and ``/generate_stream`` (SSE, no [DONE]; an error after the first event is
-a ``data: {"error": ...}`` event). A decoupled model refuses ``/infer`` with Triton's own message.
+a ``data: {"error": ...}`` event). A decoupled model refuses ``/infer`` with Triton's own message. The
+model-repository extension's ``load``/``unload`` build and free the models (repository.py); an unloaded model keeps
+its metadata, config and statistics and answers inference with Triton's 404 "has no available versions".
 """
 
 from __future__ import annotations
 
 import gzip
 import json
+import logging
 import zlib
 from collections.abc import AsyncIterator
 from typing import Any
@@ -20,11 +24,12 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from .. import __version__
 from .app import APIError, ServerState, translate, until_disconnect
-from .served import LLMModel, OneShotModel, parse_json
+from .served import LLMModel, ModelUnloadedError, OneShotModel, parse_json
 from .specs import ModelSpec
 from .tensors import NUMPY, TensorError, decode_input, encode_output, split_body
 
 router = APIRouter()
+log = logging.getLogger("glmkit.serve")
 MIN_COMPRESS_BYTES = 1024  # smaller responses go uncompressed whatever Accept-Encoding says (as HTTP allows)
 EXTENSIONS = [
     "binary_tensor_data",
@@ -46,8 +51,8 @@ def _model(request: Request, name: str, version: str | None = None, ready: bool 
     if model is None or (version not in (None, "", model.spec.version)):
         what = f"'{name}'" + (f" version {version}" if version else "")
         raise APIError(404, f"Request for unknown model: {what} is not found")
-    if ready and not getattr(model, "ready", True):
-        raise APIError(400, f"Request for unknown model: '{name}' has no available versions")
+    if ready and not model.ready:
+        raise APIError(404, str(ModelUnloadedError(name)))
     return model
 
 
@@ -146,7 +151,7 @@ async def model_metadata(request: Request, name: str, version: str | None = None
 @router.get("/v2/models/{name}/versions/{version}/ready")
 async def model_ready(request: Request, name: str, version: str | None = None) -> Response:
     model = _model(request, name, version, ready=False)
-    if _state(request).draining or not getattr(model, "ready", True):
+    if _state(request).draining or not model.ready:
         return JSONResponse({"error": "Model version not ready"}, status_code=400)
     return Response(status_code=200)
 
@@ -169,7 +174,7 @@ async def repository_index(request: Request) -> list[dict[str, Any]]:
         {
             "name": n,
             "version": m.spec.version,
-            "state": "READY" if getattr(m, "ready", True) else "UNAVAILABLE",
+            "state": "READY" if m.ready else "UNAVAILABLE",
             "reason": "",
         }
         for n, m in _state(request).models.items()
@@ -183,13 +188,22 @@ async def load(request: Request, name: str) -> Response:
         raise APIError(400, "load: 'parameters' must be an object")
     if params and params.get("config"):
         raise APIError(400, "load: config overrides are not supported; models are defined by the server")
-    _model(request, name, ready=False).ready = True  # type: ignore[union-attr]
+    _model(request, name, ready=False)
+    state = _state(request)
+    if state.draining:
+        raise state.overloaded("the server is shutting down")
+    try:
+        await state.repository.load(name)
+    except Exception as e:  # the checkpoint is gone or unreadable: Triton answers a failed load with 400
+        log.exception("loading %s failed", name)
+        raise APIError(400, f"failed to load '{name}': {type(e).__name__}: {e}") from e
     return Response(status_code=200)
 
 
 @router.post("/v2/repository/models/{name}/unload")
 async def unload(request: Request, name: str) -> Response:
-    _model(request, name, ready=False).ready = False  # type: ignore[union-attr]
+    _model(request, name, ready=False)
+    await _state(request).repository.unload(name)
     return Response(status_code=200)
 
 

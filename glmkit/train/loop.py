@@ -19,9 +19,10 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from ..kernels.training import use_training_kernels
 from ..masks import pad_batch
 from . import distributed as dist_utils
-from .optim import AnnealingLR, param_groups
+from .optim import AnnealingLR, annealed_lr, param_groups
 from .state import load_latest, save_training_checkpoint
 
 BatchSource = Callable[[int], dict]
@@ -74,6 +75,18 @@ class TrainArgs:
             raise ValueError(f"precision: expected bf16 or fp32, got {self.precision!r}")
         if self.parallel not in ("ddp", "fsdp"):
             raise ValueError(f"parallel: expected ddp or fsdp, got {self.parallel!r}")
+        if self.decay_iters is not None and int(self.decay_iters) <= 0:
+            raise ValueError(f"decay_iters: must be a positive integer or None, got {self.decay_iters!r}")
+        decay_iters = self.decay_iters or self.max_steps
+        warmup_iter, last = self.warmup * decay_iters, self.max_steps - 1
+        if self.decay_style == "linear" and last > warmup_iter:
+            end = annealed_lr(last, 1.0, warmup_iter, decay_iters - warmup_iter, "linear", self.decay_ratio)
+            if end <= 0:  # the reference's linear decay does not stop at decay_iters
+                raise ValueError(
+                    f"decay_iters: linear decay keeps falling after decay_iters={decay_iters}, as THUDM/GLM's "
+                    f"AnnealingLR does, and reaches lr 0 before max_steps={self.max_steps}; raise decay_iters or use "
+                    f"decay_style cosine"
+                )
 
 
 @dataclass
@@ -143,7 +156,10 @@ def fit(
     resume: bool = True,
     on_step: Callable[[int, float], None] | None = None,
 ) -> History:
-    """Train ``model`` for ``args.max_steps`` optimizer steps; resumes from ``out_dir`` when a checkpoint exists."""
+    """Train ``model`` for ``args.max_steps`` optimizer steps; resumes from ``out_dir`` when a checkpoint exists.
+
+    ``model``'s attention and dropout modules are swapped, in place, for glmkit's CPU training kernels
+    (``kernels.training.use_training_kernels``: the same function, dropout masks from the kernels' hash)."""
     from .logging import MetricsLogger, ProgressBar
 
     out = Path(args.out_dir)
@@ -151,6 +167,7 @@ def fit(
     device = dist_utils.device_for_rank()
     torch.manual_seed(args.seed + rank)
     model.to(device).train()
+    use_training_kernels(model)  # glmkit's CPU attention and dropout, swapped in before DDP/FSDP wrap the modules
     base = model
     base.gradient_checkpointing = args.activation_checkpointing
     model = dist_utils.wrap(model, args.parallel, device)

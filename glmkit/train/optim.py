@@ -9,20 +9,48 @@ import torch
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """No weight decay on LayerNorm parameters and biases (``glm_get_params_for_weight_decay_optimization``)."""
+    """No weight decay on LayerNorm parameters and biases (``glm_get_params_for_weight_decay_optimization``).
+
+    Only the last two name parts are read, so a wrapped model (DDP's ``module.``, ``torch.compile``'s
+    ``_orig_mod.``) is grouped like the bare one.
+    """
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        is_norm = "norm" in name.split(".")[-2] or name.startswith("ln_f")
+        owner = name.split(".")[-2]
+        is_norm = "norm" in owner or owner == "ln_f"
         (no_decay if is_norm or name.endswith("bias") else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+Style = Literal["cosine", "linear", "constant"]
+
+
+def annealed_lr(t: float, lr: float, warmup_iter: float, end_iter: float, style: Style, decay_ratio: float) -> float:
+    """The learning rate at step ``t`` of THUDM/GLM ``learning_rates.AnnealingLR(start_lr=lr, warmup_iter,
+    num_iters=end_iter, decay_style=style, decay_ratio)`` (its ``get_lr``; exponential is a TODO there that
+    returns ``lr``, so it is ``constant`` here).
+
+    Linear warmup from 0 to ``lr`` over ``warmup_iter`` steps; then the progress is ``(t - warmup_iter) / end_iter``.
+    Cosine holds at ``decay_ratio * lr`` once the progress reaches 1. Linear reaches ``decay_ratio * lr`` there and
+    keeps falling, through 0 at progress ``1 / (1 - decay_ratio)`` (``TrainArgs`` refuses runs that get there).
+    """
+    if warmup_iter > 0 and t <= warmup_iter:
+        return lr * t / warmup_iter
+    if style == "linear":
+        return lr * (1 - (1 - decay_ratio) * (t - warmup_iter) / end_iter)
+    if style == "cosine":
+        p = min(1.0, (t - warmup_iter) / end_iter)
+        return lr * (decay_ratio + (1 - decay_ratio) * (1 + math.cos(math.pi * p)) / 2)
+    return lr
+
+
 class AnnealingLR:
-    """Linear warmup from 0 over ``warmup * decay_iters`` steps, then cosine or linear decay to
-    ``decay_ratio * lr`` at ``decay_iters``, constant afterwards. ``lr_at(t)`` is a pure function of the step,
-    so resuming only needs the step number.
+    """The reference schedule as ``pretrain_glm.py`` builds it (THUDM/GLM ``train_utils.get_learning_rate_scheduler``):
+    ``warmup_iter = warmup * decay_iters`` and ``end_iter = decay_iters - warmup_iter``, so the decay ends at step
+    ``decay_iters`` (see ``annealed_lr``). ``lr_at(t)`` is a pure function of the step, so resuming only needs the
+    step number.
     """
 
     def __init__(
@@ -31,7 +59,7 @@ class AnnealingLR:
         lr: float,
         decay_iters: int,
         warmup: float = 0.01,
-        style: Literal["cosine", "linear", "constant"] = "cosine",
+        style: Style = "cosine",
         decay_ratio: float = 0.1,
     ) -> None:
         if decay_iters <= 0:
@@ -42,22 +70,15 @@ class AnnealingLR:
             raise ValueError(f"style: expected cosine, linear or constant, got {style!r}")
         if not 0.0 <= decay_ratio <= 1.0:
             raise ValueError(f"decay_ratio: expected a value in [0, 1], got {decay_ratio}")
-        self.optimizer, self.lr, self.decay_iters = optimizer, lr, decay_iters
-        self.warmup_iter = int(warmup * decay_iters)
+        self.optimizer, self.lr = optimizer, lr
+        self.warmup_iter = warmup * decay_iters
+        self.end_iter = decay_iters - self.warmup_iter
         self.style, self.decay_ratio = style, decay_ratio
         self.step_num = 0
         self._apply()
 
     def lr_at(self, t: int) -> float:
-        if self.warmup_iter > 0 and t <= self.warmup_iter:
-            return self.lr * t / self.warmup_iter
-        if self.style == "constant":
-            return self.lr
-        p = min(1.0, (t - self.warmup_iter) / max(1, self.decay_iters - self.warmup_iter))
-        r = self.decay_ratio
-        if self.style == "cosine":
-            return self.lr * (r + (1 - r) * (1 + math.cos(math.pi * p)) / 2)
-        return self.lr * (1 - (1 - r) * p)
+        return annealed_lr(t, self.lr, self.warmup_iter, self.end_iter, self.style, self.decay_ratio)
 
     def _apply(self) -> None:
         for g in self.optimizer.param_groups:

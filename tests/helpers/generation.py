@@ -1,5 +1,5 @@
-"""Shared pieces for the generation tests: GLM special ids of the fixtures, a table language model (the
-generation-reference.md §8 harness), word-level tokenizers (glmkit-style and transformers) and model wrappers."""
+"""Shared pieces for the generation tests: GLM special ids of the fixtures, a table language model (the harness of
+docs/generation-semantics.md), word-level tokenizers (glmkit-style and transformers) and model wrappers."""
 
 from __future__ import annotations
 

@@ -13,8 +13,9 @@ from tritonclient.grpc import model_config_pb2
 
 from glmkit.cli import main
 from glmkit.generate import generate
+from glmkit.prompts import continuation_ids
 from glmkit.serve.scoring import Scorer, ScoreRow
-from glmkit.serve.text import completion_ids, safe_decode
+from glmkit.serve.text import safe_decode
 from tests.serve import fake_pb_utils as pb
 
 
@@ -104,7 +105,7 @@ def test_decoupled_llm_streams_then_final(repo, model_and_tokenizer):
             assert r.sender.done.wait(30)
             assert r.sender.final_flags == 1
         expected = "the king said" + safe_decode(
-            tok, generate(model, completion_ids(tok, "the king said"), max_new_tokens=8).new_tokens[0]
+            tok, generate(model, continuation_ids(tok, "the king said"), max_new_tokens=8).new_tokens[0]
         )
         chunks = [r.output("text_output")[0].decode() for r in streamed.sender.responses]
         assert chunks and "".join(chunks) == expected
@@ -139,7 +140,7 @@ def test_batched_score_model(repo, model_and_tokenizer):
     lp = responses[0].output("logprob")
     assert lp.shape == (2, 1) and responses[2].output("logprob").shape == (1, 1)
     scorer = Scorer(model, tok.special)
-    alone = scorer([[scorer.check(ScoreRow("loglikelihood", completion_ids(tok, "go"), tok.encode("and")))]])
+    alone = scorer([[scorer.check(ScoreRow("loglikelihood", continuation_ids(tok, "go"), tok.encode("and")))]])
     assert abs(float(lp[1, 0]) - alone[0][0].logprob) < 1e-4
     embed = load_model(repo, "glm_embed")
     out = embed.execute(

@@ -9,7 +9,8 @@ import pytest
 from openai import OpenAI
 
 from glmkit.generate import fill_blank_ids, generate
-from glmkit.serve.text import completion_ids, infill_ids, safe_decode
+from glmkit.prompts import continuation_ids, infilling_ids
+from glmkit.serve.text import safe_decode
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +26,7 @@ def http(live_server):
 
 def reference(model_and_tokenizer, prompt, **kw):
     model, tok = model_and_tokenizer
-    out = generate(model, completion_ids(tok, prompt), tokenizer=tok, **kw)
+    out = generate(model, continuation_ids(tok, prompt), tokenizer=tok, **kw)
     return safe_decode(tok, out.new_tokens[0]), out.new_tokens[0]
 
 
@@ -71,7 +72,7 @@ def test_vllm_extras_and_beam_search(cli, model_and_tokenizer):
         model="llm", prompt="the king", max_tokens=6, n=2, extra_body={"use_beam_search": True, "best_of": 3}
     )
     model, tok = model_and_tokenizer
-    beams = generate(model, completion_ids(tok, "the king"), max_new_tokens=6, num_beams=3, num_return_sequences=2)
+    beams = generate(model, continuation_ids(tok, "the king"), max_new_tokens=6, num_beams=3, num_return_sequences=2)
     assert [c.text for c in res.choices] == [safe_decode(tok, s) for s in beams.new_tokens]
     res = cli.completions.create(model="llm", prompt="the king", max_tokens=6, extra_body={"num_beams": 3})
     assert res.choices[0].text == safe_decode(tok, beams.new_tokens[0])
@@ -122,7 +123,7 @@ def test_infill_and_embeddings(cli, http, model_and_tokenizer):
     model, tok = model_and_tokenizer
     prompt = "the [MASK] said unto [MASK] go"
     r = http.post("/v1/infill", json={"model": "llm", "prompt": prompt, "max_tokens": 5, "temperature": 0}).json()
-    ref = fill_blank_ids(model, infill_ids(tok, prompt), tokenizer=tok, max_new_tokens=5)
+    ref = fill_blank_ids(model, infilling_ids(tok, prompt), tokenizer=tok, max_new_tokens=5)
     assert r["spans"] == [safe_decode(tok, s) for s in ref.spans] and r["text"] == safe_decode(tok, ref.ids)
     assert http.post("/v1/infill", json={"prompt": "no blank"}).status_code == 400
     emb = cli.embeddings.create(model="llm", input=["the king", "go"])

@@ -3,6 +3,7 @@
 import asyncio
 import gzip
 import json
+import weakref
 
 import httpx
 import numpy as np
@@ -197,15 +198,91 @@ def test_queue_full_is_503_with_retry_after(live_server, http):
     )
 
 
-def test_repository_unload_load(client):
+def test_repository_unload_load_keeps_the_other_models(client):
+    """On the shared server (built from a model object, so the GLM stays): unload frees glm_logits' batcher only."""
     names = {m["name"]: m["state"] for m in client.get_model_repository_index()}
     assert names == {"llm": "READY", "glm_score": "READY", "glm_embed": "READY", "glm_logits": "READY"}
     client.unload_model("glm_logits")
-    assert not client.is_model_ready("glm_logits")
-    with pytest.raises(InferenceServerException):
+    assert not client.is_model_ready("glm_logits") and client.is_model_ready("glm_score")
+    with pytest.raises(InferenceServerException) as e:
         client.infer("glm_logits", [texts("text_input", ["a"])])
+    assert e.value.status() == "404" and "has no available versions" in e.value.message()
+    assert client.infer("glm_embed", [texts("text_input", ["a"])]).as_numpy("embedding").shape == (1, 32)
     client.load_model("glm_logits")
     assert client.is_model_ready("glm_logits")
+    assert client.infer("glm_logits", [texts("text_input", ["a"])]).as_numpy("logits").ndim == 2
+
+
+def _answers(http):
+    """What each model answers to a fixed request (greedy, so a rebuilt model must answer the same)."""
+    body = {"inputs": [{"name": "text_input", "datatype": "BYTES", "shape": [1, 1], "data": ["the land"]}]}
+    score = {**body, "inputs": [*body["inputs"], {**body["inputs"][0], "name": "continuation", "data": ["of"]}]}
+    gen = {"text_input": "the king said", "parameters": {"max_tokens": 12, "temperature": 0, "ignore_eos": True}}
+    completion = {"prompt": "go and see", "max_tokens": 8, "temperature": 0}
+    return {
+        "glm_logits": http.post("/v2/models/glm_logits/infer", json=body),
+        "glm_embed": http.post("/v2/models/glm_embed/infer", json=body),
+        "glm_score": http.post("/v2/models/glm_score/infer", json=score),
+        "llm": http.post("/v2/models/llm/generate", json=gen),
+        "openai": http.post("/v1/completions", json=completion),
+        "openai_embed": http.post("/v1/embeddings", json={"input": "the land"}),
+    }
+
+
+def test_unload_frees_the_model_and_load_rebuilds_it_from_its_source(model_dir):
+    """A server with a source (as ``glmkit serve`` has: its checkpoint folder): unloading every model drops the GLM
+    (a weak reference to it dies), its KV pool and its threads; inference answers Triton's 404 meanwhile (OpenAI:
+    404); loading reads the checkpoint again and every model answers exactly as before."""
+    from glmkit.bundled import load_model_and_tokenizer
+    from glmkit.serve.app import ServerConfig
+    from glmkit.serve.sampling import Limits
+    from glmkit.serve.scheduler import SchedulerConfig
+    from glmkit.serve.server import ServeOptions, build_state
+
+    from .conftest import LiveServer
+
+    model, tok = load_model_and_tokenizer(model_dir)
+    first = weakref.ref(model)
+    options = ServeOptions(
+        scheduler=SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=256, max_model_len=160),
+        server=ServerConfig(limits=Limits(max_tokens=48, max_prompt_tokens=96)),
+    )
+    server = LiveServer(build_state(model, tok, options, source=lambda: load_model_and_tokenizer(model_dir)[0]))
+    del model
+    names = ["glm_logits", "llm", "glm_score", "glm_embed"]
+    try:
+        with httpx.Client(base_url=f"http://{server.url}", timeout=60) as http:
+            before = _answers(http)
+            assert all(r.status_code == 200 for r in before.values()), {k: r.text for k, r in before.items()}
+            # a finished thread lets go of its target, so holding the threads keeps no engine alive
+            threads = [server.state.engine._thread, *(b._thread for b in server.state.batchers)]
+            for i, name in enumerate(names):
+                assert http.post(f"/v2/repository/models/{name}/unload", json={}).status_code == 200
+                assert http.get(f"/v2/models/{name}/ready").status_code == 400
+                assert (first() is None) == (i == len(names) - 1)  # the others still use the GLM
+            assert http.post("/v2/repository/models/llm/unload").status_code == 200  # unloading twice is fine
+            assert server.state.engine is None and server.state.batchers == []
+            assert not any(t.is_alive() for t in threads)
+            states = {m["name"]: m["state"] for m in http.post("/v2/repository/index").json()}
+            assert states == dict.fromkeys(names, "UNAVAILABLE")
+            assert http.get("/v2/models/llm").status_code == 200  # metadata stays
+            assert http.get("/v1/models").json()["data"] == []
+            unloaded = _answers(http)
+            for name, r in unloaded.items():
+                assert r.status_code == 404, (name, r.text)
+                error = r.json()["error"]
+                assert "not loaded" in error["message"] if name.startswith("openai") else "no available" in error
+            assert http.post("/v2/repository/models/nope/load").status_code == 404
+            for name in names:
+                assert http.post(f"/v2/repository/models/{name}/load", json={}).status_code == 200
+                assert http.get(f"/v2/models/{name}/ready").status_code == 200
+            after = _answers(http)
+        for name, r in after.items():
+            same = (lambda j: j["choices"]) if name == "openai" else (lambda j: j)  # ids and times differ
+            assert r.status_code == 200 and same(r.json()) == same(before[name].json()), name
+        assert server.state.service.model is not None and first() is None  # a new GLM from the checkpoint
+    finally:
+        server.stop()
 
 
 def test_generate_and_stream_agree(http):
