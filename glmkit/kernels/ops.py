@@ -135,8 +135,8 @@ def linear_int4x16(
     bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``linear_int4`` for a weight held 16 rows interleaved (``reference.interleave_int4``)."""
-    per_row = INT4_BLOCK_ROWS // 2
-    if w16.dtype == torch.uint8 and group_size in INT4_GROUP_SIZES and _use_kernel(x, w16, scales16, bias, per_row):
+    fits = _use_kernel(x, w16, scales16, bias, per_row=INT4_BLOCK_ROWS // 2)  # a block row holds 16 rows' nibbles
+    if w16.dtype == torch.uint8 and group_size in INT4_GROUP_SIZES and fits:
         y = _op("linear_int4x16")(x.reshape(-1, x.shape[-1]), w16, scales16, group_size, bias)
         return y.view(*x.shape[:-1], w16.shape[0] * INT4_BLOCK_ROWS)
     return reference.linear_int4x16(x, w16, scales16, group_size, bias)
