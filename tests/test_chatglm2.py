@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from glmkit import GLM, KVCache
 from glmkit.chatglm import ChatGLM2, ChatGLM2Config
+from glmkit.chatglm.v2 import rope_angles
 from glmkit.checkpoint import load_state_dict
 from glmkit.config import ConfigError
 
@@ -239,6 +240,20 @@ def test_rope_ratio_and_groups_matter(tmp_path):
         assert (base(ids) - ratio(ids)).abs().max() > 1e-2
 
 
+def test_chatglm2_32k_interpolates_positions():
+    """ChatGLM2-6B-32k's hub code divides positions by rope_ratio (base 10000); ChatGLM3 and GLM-4 multiply the
+    base. The config keys are the same, so the checkpoint's name decides, unless glmkit's own key says."""
+    hub = json.loads((FX / "config.json").read_text()) | {"rope_ratio": 16, "_name_or_path": "THUDM/chatglm2-6b-32k"}
+    interpolated = ChatGLM2Config.from_hub_dict(hub)
+    assert interpolated.rope_interpolation
+    assert not ChatGLM2Config.from_hub_dict(hub | {"_name_or_path": "THUDM/chatglm3-6b-32k"}).rope_interpolation
+    assert ChatGLM2Config.from_hub_dict(interpolated.to_hub_dict()) == interpolated
+    plain = ChatGLM2Config.from_hub_dict(json.loads((FX / "config.json").read_text()))
+    pos = torch.arange(0, 64, 16)[None]
+    for got, expected in zip(rope_angles(pos, interpolated), rope_angles(pos / 16, plain), strict=True):
+        assert torch.equal(got, expected)
+
+
 # ---- config checks ------------------------------------------------------------------------------------------------
 
 
@@ -247,6 +262,25 @@ def test_config_round_trips():
     config = ChatGLM2Config.from_hub_dict(hub)
     assert (config.n_layer, config.n_head, config.n_kv_head, config.head_size) == (2, 4, 2, 16)
     assert ChatGLM2Config.from_hub_dict(config.to_hub_dict()) == config
+
+
+@pytest.mark.parametrize(
+    "change",
+    [{}, {"rmsnorm": False}, {"add_bias_linear": True}, {"post_layer_norm": False}, {"multi_query_attention": False}]
+    + [{"pre_seq_len": 4}, {"pre_seq_len": 3, "prefix_projection": True}],
+)
+def test_parameter_count(change):
+    config = ChatGLM2Config(**change)
+    assert config.num_parameters() == sum(p.numel() for p in ChatGLM2(config).parameters())
+
+
+def test_parameter_count_of_the_released_shapes():
+    """ChatGLM2/3-6B: 6.244 B parameters; GLM-4-9B: 9.400 B (THUDM's model cards)."""
+    v2 = ChatGLM2Config(28, 4096, 32, 128, True, 2, 13696, 65024, 32768)
+    glm4 = ChatGLM2Config(40, 4096, 32, 128, True, 2, 13696, 151552, 131072, 1.5625e-07, rope_ratio=500.0)
+    for config, expected in ((v2, 6_243_584_000), (glm4, 9_399_951_360)):
+        with torch.device("meta"):
+            assert sum(p.numel() for p in ChatGLM2(config).parameters()) == config.num_parameters() == expected
 
 
 @pytest.mark.parametrize(

@@ -39,6 +39,7 @@ def test_generate_reproduces_the_greedy_case(kernels):
     assert isinstance(model.blocks[0].attn.qkv, FastLinear) == kernels  # optimize_for_decode swapped them
     assert isinstance(model.lm_head, FastLinear) == kernels
     assert list(stream(model, prompt, max_new_tokens=12, eos_token_id=NO_STOP)) == case["expected_token_ids"][0]
+    assert model.generate([prompt], max_new_tokens=12, eos_token_id=NO_STOP).tolist() == out.sequences.tolist()
 
 
 def test_generate_left_padded_batch_rows_as_alone():

@@ -62,7 +62,7 @@ def test_chatglm6b_special_ids_and_whitespace_pieces(v1):
     s = tok.specials
     # the released file: [MASK] 130000 [gMASK] 130001 [sMASK] 130002 <sop> 130004 <eop> 130005, <pad> 3
     assert (tok.family, s.mask, s.gmask, s.smask, s.sop, s.eop, s.eos, s.pad) == (
-        "chatglm", n, n + 1, n + 2, n + 4, n + 5, n + 5, 3,
+        "chatglm6b", n, n + 1, n + 2, n + 4, n + 5, n + 5, 3,
     )  # fmt: skip
     assert s.stops == (n + 5,) and s.roles == {}
     tab, blank = n + 8, lambda k: n + 9 + k - 2  # <|tab|> 130008, <|blank_2|> 130009 ... <|blank_80|> 130087
@@ -130,6 +130,21 @@ def test_glm4_special_ids(glm4):
     assert tok.decode([n + 2, n + 4, *tok.encode("hi")]) == "[gMASK]<sop>hi"
 
 
+@pytest.mark.parametrize(
+    ("name", "layout"), [("v1", "chatglm6b"), ("v2", "chatglm2"), ("v3", "chatglm2"), ("glm4", "chatglm2")]
+)
+def test_prompt_layout_of_each_family(request, name, layout):
+    from glmkit.prompts import layout as prompt_layout
+
+    tok = load_chatglm_tokenizer(request.getfixturevalue(name)[0])
+    assert tok.prompt_family == layout
+    body = tok.encode("你好")
+    # the prompt layout the generation code uses agrees with the tokenizer's own build_inputs
+    built = prompt_layout(tok.specials, tok.prompt_family).model_input(tok.build_inputs(body))
+    expected = [*body, tok.specials.gmask] if name == "v1" else tok.build_inputs(body)  # 6B: the engine feeds <sop>
+    assert built == expected
+
+
 def test_decode_rejects_unassigned_ids_and_assigned_filters_them(v2):
     tok = load_chatglm_tokenizer(v2[0])
     with pytest.raises(ValueError, match=f"id {tok.vocab_size} is not assigned"):
@@ -153,7 +168,7 @@ def test_missing_tokenizer_file_is_named(tmp_path, v2):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_chatglm_tokenizer(tmp_path / "nope")
     with pytest.raises(FileNotFoundError, match=r"ice_text\.model is missing"):
-        load_chatglm_tokenizer(v2[0], family="chatglm")
+        load_chatglm_tokenizer(v2[0], family="chatglm6b")
 
 
 def test_broken_files_give_errors_naming_them(tmp_path, v1, v2):

@@ -27,7 +27,7 @@ from .tokenizers import FAMILIES, ChatGLMTokenizerLike
 
 ROLE_ALIASES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant",
                 "observation": "observation", "tool": "observation", "function": "observation"}  # fmt: skip
-ROUND_FAMILIES = ("chatglm", "chatglm2")
+ROUND_FAMILIES = ("chatglm6b", "chatglm2")
 MIN_PROMPT = 8  # below this not even the template's own tokens and a short question fit
 
 
@@ -79,7 +79,7 @@ def _rounds(family: str, turns: list[tuple[str, str]], add_generation_prompt: bo
         raise ValueError("messages: no user message")
     if add_generation_prompt and pairs[-1][1] is not None:
         raise ValueError(f"messages: the {family} template answers a user message; the last message is the assistant's")
-    if family == "chatglm":
+    if family == "chatglm6b":
         if len(pairs) == 1 and pairs[0][1] is None:
             return pairs[0][0]  # the hub's chat() sends a first question with no round markup
         return "".join(
@@ -152,7 +152,7 @@ def chat_prompt(
     if max_length is not None and len(ids) > max_length:
         cut = len(ids) - max_length
         # ChatGLM-6B's prompt ends in [gMASK] <sop>: keep its last tokens; the others start with [gMASK] sop
-        ids = ids[cut:] if tok.family == "chatglm" else ids[:2] + ids[2 + cut :]
+        ids = ids[cut:] if tok.family == "chatglm6b" else ids[:2] + ids[2 + cut :]
         notes.append(f"the last message alone exceeds the context of {max_length} tokens: cut its first {cut} tokens")
     return ChatPrompt(ids, stops, dropped, cut, "; ".join(notes) or None)
 

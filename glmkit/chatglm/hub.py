@@ -63,10 +63,6 @@ def register(family: Family) -> None:
     FAMILIES[:] = [f for f in FAMILIES if f.name != family.name] + [family]
 
 
-def is_chatglm_config(d: dict[str, Any]) -> bool:
-    return isinstance(d, dict) and d.get("model_type") == "chatglm"
-
-
 def family_of(d: dict[str, Any]) -> Family:
     """The family a parsed hub config belongs to; ``ConfigError`` naming the fields when none fits."""
     found = [f for f in FAMILIES if f.detect(d)]
@@ -169,7 +165,7 @@ def _layer_linears(model: nn.Module) -> dict[str, nn.Module]:
     return {n: m for n, m in model.named_modules() if n.startswith(QUANTIZED_LAYERS) and isinstance(m, kinds)}
 
 
-def _swap_for_hub(model: nn.Module, hub: HubQuantization) -> QuantScheme:
+def _swap_for_hub(model: nn.Module, hub: HubQuantization) -> None:
     """Give the transformer layers of a meta ``model`` the empty quantized layers hub weights load into."""
     linears = _layer_linears(model)
     scheme = hub.runtime_scheme([m.in_features for m in linears.values()])
@@ -177,15 +173,14 @@ def _swap_for_hub(model: nn.Module, hub: HubQuantization) -> QuantScheme:
         parent, _, attr = name.rpartition(".")
         new = QuantizedLinear(m.in_features, m.out_features, m.bias is not None, scheme, "meta")
         setattr(model.get_submodule(parent), attr, new)
-    return scheme
 
 
 def _check(key: str, t: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype | None, why: str) -> None:
     """``dtype`` None: any float tensor."""
     if (t.dtype != dtype) if dtype is not None else not t.is_floating_point():
-        raise CheckpointError(f"{key}: checkpoint has {t.dtype}, but {why} implies {dtype or 'a float tensor'}")
+        raise CheckpointError(f"{key}: checkpoint has {t.dtype}, expected {dtype or 'a float tensor'} ({why})")
     if tuple(t.shape) != shape:
-        raise CheckpointError(f"{key}: checkpoint shape {tuple(t.shape)} does not match the {why}'s {shape}")
+        raise CheckpointError(f"{key}: checkpoint shape {tuple(t.shape)} does not match {shape} ({why})")
 
 
 def _rename(
@@ -216,14 +211,14 @@ def _rename(
             if ours.endswith("_scale"):
                 continue
             m = model.get_submodule(module)
-            why = f"config's quantization_bit={hub.bits}"
+            why = f"the config's quantization_bit={hub.bits}"
             _check(key, t, hub.weight_shape(m.out_features, m.in_features), torch.int8, why)
             _check(key + "_scale", state[key + "_scale"], (m.out_features,), None, why)
             scheme = QuantScheme(m.bits, m.group_size)
             out[ours], out[ours + "_scale"] = hub.to_runtime(t, state[key + "_scale"], scheme)
         else:
             # a glmkit-quantized checkpoint's integer tensors are exact; float ones may be any float dtype
-            _check(key, t, tuple(exp.shape), None if exp.is_floating_point() else exp.dtype, "config")
+            _check(key, t, tuple(exp.shape), None if exp.is_floating_point() else exp.dtype, "the config")
             out[ours] = t
     return out
 

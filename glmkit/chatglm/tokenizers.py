@@ -30,7 +30,7 @@ from typing import Any
 
 from ..config import SpecialTokens, read_json_object
 
-FAMILIES = ("chatglm", "chatglm2", "chatglm3", "glm4")
+FAMILIES = ("chatglm6b", "chatglm2", "chatglm3", "glm4")
 ICE_TEXT_FILE = "ice_text.model"  # ChatGLM-6B
 TOKENIZER_FILE = "tokenizer.model"  # ChatGLM2/3 (SentencePiece) and GLM-4 (tiktoken ranks)
 
@@ -117,6 +117,11 @@ class _ChatGLMTokenizerBase:
         return self.specials.as_special_tokens()
 
     @property
+    def prompt_family(self) -> str:
+        """The ``glmkit.prompts`` layout of this vocabulary's models: chatglm6b, or chatglm2 (ChatGLM2/3, GLM-4)."""
+        return "chatglm6b" if self.family == "chatglm6b" else "chatglm2"
+
+    @property
     def run_breaks(self) -> frozenset[int]:
         """Ids after which ``decode`` starts a new run of pieces (streaming detokenization needs to know)."""
         return frozenset(self._special_of)
@@ -181,7 +186,7 @@ class _ChatGLMTokenizerBase:
 class ChatGLM6BTokenizer(_ChatGLMTokenizerBase):
     """ChatGLM-6B's ``ice_text.model`` with the hub preprocessing (``<n>``, ``<|tab|>``, ``<|blank_N|>``)."""
 
-    family = "chatglm"
+    family = "chatglm6b"
 
     def __init__(self, path: Path, num_image_tokens: int = 0) -> None:
         self.sp, self._proto = _load_sentencepiece(path)
@@ -360,7 +365,7 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 def _detect_family(folder: Path, config: dict[str, Any]) -> str:
     if (folder / ICE_TEXT_FILE).is_file():
-        return "chatglm"
+        return "chatglm6b"
     path = folder / TOKENIZER_FILE
     if not path.is_file():
         named = f" (tokenizer_config.json names {config['tokenizer_class']})" if "tokenizer_class" in config else ""
@@ -381,7 +386,7 @@ def _detect_family(folder: Path, config: dict[str, Any]) -> str:
 def load_chatglm_tokenizer(folder: str | Path, family: str | None = None) -> ChatGLMTokenizerLike:
     """The ChatGLM tokenizer in a hub folder (``tokenizer_config.json`` + ``ice_text.model`` or ``tokenizer.model``).
 
-    ``family`` (chatglm, chatglm2, chatglm3, glm4) overrides the detection from the files: ChatGLM2 and ChatGLM3
+    ``family`` (chatglm6b, chatglm2, chatglm3, glm4) overrides the detection from the files: ChatGLM2 and ChatGLM3
     ship the same ``tokenizer.model``, and a ChatGLM3 folder is recognised by the role tokens its
     ``tokenizer_config.json`` lists (or ``chatglm3`` in its config.json ``_name_or_path``).
     """
@@ -393,10 +398,10 @@ def load_chatglm_tokenizer(folder: str | Path, family: str | None = None) -> Cha
     config = _read_json(folder / "tokenizer_config.json")
     detected = _detect_family(folder, config)
     family = family or detected
-    wanted = ICE_TEXT_FILE if family == "chatglm" else TOKENIZER_FILE
+    wanted = ICE_TEXT_FILE if family == "chatglm6b" else TOKENIZER_FILE
     if not (folder / wanted).is_file():
         raise FileNotFoundError(f"{folder}: {wanted} is missing (the {family} tokenizer reads it)")
-    if family == "chatglm":
+    if family == "chatglm6b":
         offset = config.get("num_image_tokens", 0)
         if not isinstance(offset, int) or isinstance(offset, bool) or offset < 0:
             raise ValueError(

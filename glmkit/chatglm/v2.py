@@ -7,7 +7,8 @@ The math of the THUDM hub ``modeling_chatglm.py`` (THUDM/chatglm2-6b, chatglm3-6
   and query head ``h`` reads KV group ``h // (heads / groups)``; without it the rows are interleaved per head
   (``[q_h | k_h | v_h]`` for each head ``h``), as the hub's ``split_tensor_along_last_dim`` reads them;
 - RoPE on the first half of each head's ``kv_channels`` dims, rotating the interleaved pairs ``(2i, 2i + 1)`` by
-  ``position · base^(-2i / rot)``, base ``10000 · rope_ratio`` (ChatGLM3-32k/128k, GLM-4); the other half passes;
+  ``position · base^(-2i / rot)``, base ``10000 · rope_ratio`` (ChatGLM3-32k/128k, GLM-4), or base 10000 at
+  ``position / rope_ratio`` (ChatGLM2-6B-32k's position interpolation, ``rope_interpolation``); the other half passes;
 - causal attention scaled by ``1 / sqrt(kv_channels)``; keys of left padding are hidden, and padding query rows of a
   prompt see every key (so they stay finite, as in the hub ``get_masks``);
 - SwiGLU MLP ``proj(silu(gate) · up)`` with ``fc`` rows ``[gate | up]``, ``ffn_hidden_size`` wide;
@@ -58,7 +59,7 @@ _HUB_IGNORED = {
     "hidden_dropout", "attention_dropout", "classifier_dropout", "bias_dropout_fusion", "attn_implementation",
     "apply_query_key_layer_scaling", "attention_softmax_in_fp32", "fp32_residual_connection", "original_rope",
     "tie_word_embeddings", "bos_token_id", "tokenizer_class", "num_hidden_layers", "vocab_size", "quantization_bit",
-    "interleaved_qkv", "glmkit_quantization",
+    "interleaved_qkv", "glmkit_quantization", "glmkit_rope_interpolation",
 }  # fmt: skip
 _REQUIRED = ("num_layers", "hidden_size", "num_attention_heads", "kv_channels", "ffn_hidden_size", "padded_vocab_size")
 
@@ -76,7 +77,10 @@ class ChatGLM2Config:
         ffn_hidden_size: SwiGLU width (``fc`` has twice as many outputs: gate, then up).
         vocab_size: rows of the embedding and output layer (hub ``padded_vocab_size``).
         seq_length: the context the model was built for; positions must stay below it.
-        rope_ratio: RoPE base multiplier, base = 10000 · rope_ratio.
+        rope_ratio: RoPE base multiplier, base = 10000 · rope_ratio (ChatGLM3, GLM-4).
+        rope_interpolation: divide positions by rope_ratio instead, base 10000 (ChatGLM2-6B-32k: its hub code does,
+            with the same config keys; read from config.json's ``glmkit_rope_interpolation``, else assumed for a
+            ``_name_or_path`` naming chatglm2 with a rope_ratio).
         pre_seq_len / prefix_projection: P-tuning v2 prefix (None: none).
         eos_token_id: stop id(s) (GLM-4 lists three); pad_token_id: the tokenizer's padding id.
     """
@@ -97,6 +101,7 @@ class ChatGLM2Config:
     add_bias_linear: bool = False
     add_qkv_bias: bool = True
     rope_ratio: float = 1.0
+    rope_interpolation: bool = False
     pre_seq_len: int | None = None
     prefix_projection: bool = False
     eos_token_id: int | list[int] = 2
@@ -109,7 +114,7 @@ class ChatGLM2Config:
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 raise ConfigError(f"{name}: expected a positive int, got {v!r}")
         flags = ("multi_query_attention", "rmsnorm", "apply_residual_connection_post_layernorm", "post_layer_norm")
-        for name in (*flags, "add_bias_linear", "add_qkv_bias", "prefix_projection"):
+        for name in (*flags, "add_bias_linear", "add_qkv_bias", "prefix_projection", "rope_interpolation"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name}: expected true or false, got {getattr(self, name)!r}")
         if self.head_size % 4:
@@ -166,7 +171,10 @@ class ChatGLM2Config:
         qkv = h * (n + 2 * g) * d + (n + 2 * g) * d * (self.add_qkv_bias or self.add_bias_linear)
         norms = h * (1 if self.rmsnorm else 2)
         per_layer = 2 * norms + qkv + n * d * h + 3 * h * f + (h + 2 * f + h) * self.add_bias_linear
-        return 2 * self.vocab_size * h + self.n_layer * per_layer + norms * self.post_layer_norm
+        prefix, kv = self.pre_seq_len or 0, self.n_layer * 2 * g * d
+        if prefix:
+            prefix = prefix * h + h * h + h + h * kv + kv if self.prefix_projection else prefix * kv
+        return 2 * self.vocab_size * h + self.n_layer * per_layer + norms * self.post_layer_norm + prefix
 
     # ---- hub config.json ---------------------------------------------------------------------------------
 
@@ -177,6 +185,7 @@ class ChatGLM2Config:
             **{hub: getattr(self, f) for hub, f in _HUB_TO_FIELD.items()},
             "vocab_size": self.vocab_size,
             "tie_word_embeddings": False,
+            **({"glmkit_rope_interpolation": True} if self.rope_interpolation else {}),
         }
 
     @classmethod
@@ -198,6 +207,10 @@ class ChatGLM2Config:
             if alias in d and d[alias] != d[key]:
                 raise ConfigError(f"{alias}: {d[alias]!r} disagrees with {key}={d[key]!r}")
         kwargs = {f: d[hub] for hub, f in _HUB_TO_FIELD.items() if hub in d and d[hub] is not None}
+        if "glmkit_rope_interpolation" in d:
+            kwargs["rope_interpolation"] = d["glmkit_rope_interpolation"]
+        elif d.get("rope_ratio", 1) != 1 and "chatglm2" in str(d.get("_name_or_path", "")).lower():
+            kwargs["rope_interpolation"] = True
         bad = sorted(set(overrides) - {f.name for f in dataclasses.fields(cls)})
         if bad:
             raise ConfigError(f"overrides: unknown ChatGLM2Config field(s) {bad}")
@@ -217,10 +230,11 @@ def _norm(config: ChatGLM2Config) -> nn.Module:
 
 def rope_angles(position_ids: torch.Tensor, config: ChatGLM2Config) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin ``[B, 1, S, rotary_dims / 2]`` for ``position_ids [B, S]`` (fp32, like ChatGLM3/GLM-4)."""
-    rot = config.rotary_dims
-    base = 10000.0 * config.rope_ratio
+    rot, ratio = config.rotary_dims, config.rope_ratio
+    base = 10000.0 if config.rope_interpolation else 10000.0 * ratio
     theta = 1.0 / base ** (torch.arange(0, rot, 2, dtype=torch.float32, device=position_ids.device) / rot)
-    angle = position_ids.float()[:, None, :, None] * theta
+    positions = position_ids.float() / ratio if config.rope_interpolation else position_ids.float()
+    angle = positions[:, None, :, None] * theta
     return angle.cos(), angle.sin()
 
 

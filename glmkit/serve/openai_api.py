@@ -23,7 +23,7 @@ from fastapi.responses import Response, StreamingResponse
 from ..chatglm.chat import is_chat_tokenizer, served_chat_prompt
 from ..masks import find_blanks
 from ..prompts import continuation_ids, infilling_ids
-from .app import APIError, ServerState, translate, until_disconnect
+from .http_common import APIError, ServerState, translate, until_disconnect
 from .request import Fill
 from .sampling import SamplingParams
 from .scoring import ScoreRow

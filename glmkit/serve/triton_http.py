@@ -23,7 +23,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from .. import __version__
-from .app import APIError, ServerState, translate, until_disconnect
+from .http_common import APIError, ServerState, translate, until_disconnect
 from .served import LLMModel, ModelUnloadedError, OneShotModel, parse_json
 from .specs import ModelSpec
 from .tensors import NUMPY, TensorError, decode_input, encode_output, split_body
