@@ -10,34 +10,40 @@ with the CPU's own flags (ggml's build finds AVX2/FMA/F16C by itself but never A
 It depends on nothing but the standard library at run time; its converter (``chatglm_cpp.convert``) imports
 torch, transformers, tabulate and tqdm, which glmkit's environment has.
 
-The two models differ in architecture but match in size, and both have random weights (decode speed does not depend
-on the values; greedy decoding is forced to run exactly ``NEW`` tokens):
-- glmkit: a GLM-Large-shaped GLM (24 layers, hidden 1024, 16 heads, FFN 4096, vocab 30592, tied LM head; 335 M
-  parameters) in bf16, int8 (per channel) and int4 (group size 32), quantized in memory with ``quantize_model``,
-  word embeddings / tied head included (``QuantScheme(..., embeddings=True)``, the default of ``glmkit quantize``), as
-  chatglm.cpp quantizes its embeddings and output layer;
-- chatglm.cpp: a ChatGLM2-architecture model (24 layers, hidden 1024, 16 query heads of 64, ``multi_query_group_num``
-  2, SwiGLU FFN 2816, RMSNorm, untied output layer, ``seq_length`` 2048; 330 M parameters; its embedding and output
-  rows padded past the tokenizer's ids to 32000, as ChatGLM2 pads its 64794 ids to 65024), written to chatglm.cpp's
-  GGML file in f16, q8_0 and q4_0 offline by chatglm.cpp's own ``ChatGLM2Converter``, fed a state dict of random
-  tensors under ChatGLM2's key names, a config object and a SentencePiece tokenizer trained here on generated text
-  (there is no hub to fetch THUDM's modeling code from).
-Each precision is paired with its peer: bf16 vs f16, int8 vs q8_0, int4 vs q4_0.
+Three models, all with random weights (decode speed does not depend on the values; greedy decoding is forced to run
+exactly ``NEW`` tokens), two of them glmkit's:
+- glmkit "glm" (issue 16): a GLM-Large-shaped GLM (24 layers, hidden 1024, 16 heads, FFN 4096, vocab 30592, tied LM
+  head; 335 M parameters) in bf16, int8 (per channel) and int4 (group size 32), quantized in memory with
+  ``quantize_model``, word embeddings / tied head included (``QuantScheme(..., embeddings=True)``, the default of
+  ``glmkit quantize``), as chatglm.cpp quantizes its embeddings and output layer;
+- glmkit "chatglm2" (issue 18): chatglm.cpp's own model below, the same random tensors loaded by glmkit's hub loader
+  (``GLM.from_pretrained`` of a hub folder written here) and quantized the same way, so both engines read the same
+  weights and compute the same network;
+- chatglm.cpp: a ChatGLM2-architecture model (24 layers, hidden 1024, 16 query heads of 64, ``multi_query_group_num`` 2,
+  SwiGLU FFN 2816, RMSNorm, untied output layer, ``seq_length`` 2048; 330 M parameters; its embedding and output rows
+  padded past the tokenizer's ids to 32000, as ChatGLM2 pads its 64794 ids to 65024), written to chatglm.cpp's GGML file
+  in f16, q8_0 and q4_0 offline by chatglm.cpp's own ``ChatGLM2Converter``, fed a state dict of random tensors under
+  ChatGLM2's key names, a config object and a SentencePiece tokenizer trained here on generated text (there is no hub to
+  fetch THUDM's modeling code from).
 
-Measured: ``--rounds`` rounds (after a warm-up round that is not counted) of the six engines, one at a time, each
-pair's two back to back (the pairs' order rotating every round, who goes first alternating), each decode preceded by
-a memory read bandwidth reading (``memory_bandwidth_gbs``, fp32 ``sum`` over 512 MiB, best of 1 s): single-stream
-greedy decoding of 128 new tokens after a 32-token prompt (glmkit: ``[CLS] ... [gMASK]``; chatglm.cpp: ``[gMASK]
-<sop> ...``), timestamping every token (glmkit: a streamer on ``glmkit.generate.generate``, which puts the model on
-glmkit's kernels itself; chatglm.cpp: a loop over ``model.generate_next_token``, the call its own streaming
-``Pipeline`` makes per token). "decode tok/s" = 127 / (last - first token's stamp), the first token (the prefill)
-excluded; "e2e" includes it. Reported: medians over the rounds, the glmkit / peer ratio of the decode medians
-against the goals of issue 16 (bf16 >= f16, int8 >= q8_0, int4 >= 1.3x q4_0) with the range of the pair's ratio
-within each round, and each engine's fraction of the bandwidth roofline = decode tok/s * bytes of weights read per
-token / the bandwidth read just before (median over rounds). Bytes read per token: every weight tensor as stored,
-except embedding tables read by lookup (one row; glmkit's tied table counts whole, since its head reads it) and
-glmkit's position tables (two rows); the KV cache is not counted. Threads: chatglm.cpp sets its own (the hardware
-thread count up to 4, else half of it, at most 16); glmkit's torch threads are set to the same number.
+Each precision is paired with its peer: bf16 vs f16, int8 vs q8_0, int4 vs q4_0; the goals: issue 16 (glmkit's GLM
+against chatglm.cpp) bf16 >= f16, int8 >= q8_0, int4 >= 1.3x q4_0; issue 18 (the same ChatGLM2 model in both) bf16 >=
+f16, int8 >= 1.2x q8_0, int4 >= 1.3x q4_0.
+
+Measured: ``--rounds`` rounds (after a warm-up round that is not counted) of the nine engines, one at a time, each
+precision's three back to back (the precisions' order and the engines' order within them rotating every round), each
+decode preceded by a memory read bandwidth reading (``memory_bandwidth_gbs``, fp32 ``sum`` over 512 MiB, best of 1 s):
+single-stream greedy decoding of 128 new tokens after a 32-token prompt (glmkit's GLM: ``[CLS] ... [gMASK]``; the
+ChatGLM2 models: ``[gMASK] <sop> ...``), timestamping every token (glmkit: a streamer on ``glmkit.generate.generate``,
+which puts the model on glmkit's kernels itself; chatglm.cpp: a loop over ``model.generate_next_token``, the call its
+own streaming ``Pipeline`` makes per token). "decode tok/s" = 127 / (last - first token's stamp), the first token (the
+prefill) excluded; "e2e" includes it. Reported: medians over the rounds, each glmkit / peer ratio of the decode medians
+against its goals with the range of the pair's ratio within each round, and each engine's fraction of the bandwidth
+roofline = decode tok/s * bytes of weights read per token / the bandwidth read just before (median over rounds). Bytes
+read per token: every weight tensor as stored, except embedding tables read by lookup (one row; the GLM's tied table
+counts whole, since its head reads it) and glmkit's position tables (two rows); the KV cache is not counted. Threads:
+chatglm.cpp sets its own (the hardware thread count up to 4, else half of it, at most 16); glmkit's torch threads are
+set to the same number.
 
     python -m benchmarks.peers [--rounds 5] [--isa avx2|avx512] [--json out.json]
 """
@@ -70,7 +76,8 @@ SPECIAL = SpecialTokens(eos=30522, pad=30522, cls=30523, mask=30524, sop=30525, 
 CG_VOCAB, CG_FFN, CG_GROUPS, CG_SEQ, SP_VOCAB = 32000, 2816, 2, 2048, 2000
 PAIRS = {"bf16": "f16", "int8": "q8_0", "int4": "q4_0"}  # glmkit precision: its chatglm.cpp peer
 SCHEMES = {"bf16": None, "int8": QuantScheme(8, embeddings=True), "int4": QuantScheme(4, 32, embeddings=True)}
-GOALS = {"bf16": 1.0, "int8": 1.0, "int4": 1.3}  # issue 16: glmkit decode tok/s >= goal x the peer's
+# glmkit decode tok/s >= goal x the peer's: issue 16 (glmkit's GLM) and issue 18 (the same ChatGLM2 model)
+GOALS = {"glm": {"bf16": 1.0, "int8": 1.0, "int4": 1.3}, "chatglm2": {"bf16": 1.0, "int8": 1.2, "int4": 1.3}}
 GGML_BYTES = {"f32": (4, 1), "f16": (2, 1), "q8_0": (34, 32), "q4_0": (18, 32)}  # (bytes, elements) per block
 INSTALL = (
     'CMAKE_POLICY_VERSION_MINIMUM=3.5 CMAKE_ARGS="-DCMAKE_C_FLAGS=-march=native -DCMAKE_CXX_FLAGS=-march=native" '
@@ -196,19 +203,42 @@ def glm_models() -> dict[str, GLM]:
     }
 
 
-def glm_bytes(model: GLM) -> int:
-    """Bytes a decode step reads: every tensor as held but the position tables, of which it reads two rows."""
+def chatglm2_models(folder: Path, sd: dict[str, torch.Tensor]) -> dict[str, torch.nn.Module]:
+    """chatglm.cpp's random ChatGLM2 tensors as a hub folder, loaded by glmkit and quantized as ``glm_models``."""
+    from safetensors.torch import save_file
+
+    c = vars(chatglm2_config())
+    hub = {k: v for k, v in c.items() if k not in ("quantization_bit", "pre_seq_len")} | {
+        "model_type": "chatglm", "eos_token_id": 2, "torch_dtype": "float32", "tie_word_embeddings": False,
+    }  # fmt: skip
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(hub))
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(folder / "model.safetensors"))
+    base = GLM.from_pretrained(folder, dtype=torch.float32).eval()
+    return {
+        p: (quantize_model(copy.deepcopy(base), s) if s else copy.deepcopy(base)).to(torch.bfloat16)
+        for p, s in SCHEMES.items()
+    }
+
+
+def glm_bytes(model: torch.nn.Module) -> int:
+    """Bytes a decode step reads: every tensor as held but the position tables, of which it reads two rows, and an
+    untied model's word embeddings, of which it reads one row per token."""
+    lookup = ("wpe.", "wbpe.") + (() if type(model) is GLM else ("wte.",))
     return sum(
-        t.element_size() * (2 * t.shape[1] if name.startswith(("wpe.", "wbpe.")) else t.numel())
+        t.element_size() * (t.numel() // t.shape[0] * (1 if name.startswith("wte.") else 2))
+        if name.startswith(lookup)
+        else t.element_size() * t.numel()
         for name, t in [*model.named_parameters(), *model.named_buffers()]
     )
 
 
-def run_glm(model: GLM, prompt: list[int]) -> tuple[float, float]:
+def run_glm(model: torch.nn.Module, prompt: list[int]) -> tuple[float, float]:
     from glmkit.generate import generate
 
     clock = Clock()
-    out = generate(model, prompt, max_new_tokens=NEW, eos_token_id=GLM_VOCAB, special_tokens=SPECIAL, streamer=clock)
+    kw = dict(eos_token_id=GLM_VOCAB, special_tokens=SPECIAL) if type(model) is GLM else dict(eos_token_id=CG_VOCAB)
+    out = generate(model, prompt, max_new_tokens=NEW, streamer=clock, **kw)
     assert len(out.new_tokens[0]) == NEW  # eos_token_id outside the vocabulary: never stops early
     n = len(clock.stamps)
     return n / (clock.stamps[-1] - clock.start), (n - 1) / (clock.stamps[-1] - clock.stamps[0])
@@ -229,25 +259,29 @@ def measure(rounds: int) -> dict:
     with tempfile.TemporaryDirectory(prefix="glmkit-peers-") as tmp:
         paths, cg_bytes = write_ggml(Path(tmp))
         glms = glm_models()
+        twins = chatglm2_models(Path(tmp) / "chatglm2-hub", chatglm2_state_dict())
         pipelines = {g: chatglm_cpp.Pipeline(str(path)) for g, path in paths.items()}
         # ChatGLM2's prompt starts [gMASK] <sop> (its tokenizer's prefix); the rest are random SentencePiece ids
         cg_prompt = pipelines["f16"].tokenizer.encode("", PROMPT) + cg_body
         engines = {f"glmkit {p}": (run_glm, m, glm_prompt) for p, m in glms.items()}
+        engines |= {f"glmkit chatglm2 {p}": (run_glm, m, cg_prompt) for p, m in twins.items()}
         engines |= {f"chatglm.cpp {g}": (run_chatglm, pipe, cg_prompt) for g, pipe in pipelines.items()}
         nbytes = {f"glmkit {p}": glm_bytes(m) for p, m in glms.items()}
+        nbytes |= {f"glmkit chatglm2 {p}": glm_bytes(m) for p, m in twins.items()}
         nbytes |= {f"chatglm.cpp {g}": n for g, n in cg_bytes.items()}
-        pairs, runs = [(f"glmkit {p}", f"chatglm.cpp {g}") for p, g in PAIRS.items()], {name: [] for name in engines}
+        groups = [(f"glmkit {p}", f"glmkit chatglm2 {p}", f"chatglm.cpp {g}") for p, g in PAIRS.items()]
+        runs = {name: [] for name in engines}
         for r in range(rounds + 1):  # round 0 warms up (kernel builds, allocators, page faults) and is dropped
-            # a pair's two decodes run back to back, the pairs' order rotating and who goes first alternating
-            for pair in pairs[r % len(pairs) :] + pairs[: r % len(pairs)]:
-                for name in pair[:: 1 if r % 2 else -1]:
+            # a precision's three decodes run back to back, the precisions' and the engines' order rotating
+            for group in groups[r % len(groups) :] + groups[: r % len(groups)]:
+                for name in group[r % 3 :] + group[: r % 3]:
                     fn, model, prompt = engines[name]
                     bw = memory_bandwidth_gbs(seconds=1.0)  # right before this decode: the machine's speed drifts
                     e2e, decode = fn(model, prompt)
                     runs[name] += [{"e2e_tps": e2e, "decode_tps": decode, "bandwidth_gbs": bw}] if r else []
     out = {"machine": machine(), "threads": {"glmkit": torch.get_num_threads(), "chatglm.cpp": threads},
            "chatglm_cpp_version": chatglm_cpp.__version__, "rounds": rounds, "prompt_tokens": PROMPT,
-           "new_tokens": NEW, "engines": {}, "ratios": {}}  # fmt: skip
+           "new_tokens": NEW, "engines": {}, "ratios": {"glm": {}, "chatglm2": {}}}  # fmt: skip
     for name, rs in runs.items():
         out["engines"][name] = {
             "decode_tps": statistics.median(x["decode_tps"] for x in rs),
@@ -259,12 +293,13 @@ def measure(rounds: int) -> dict:
             "decode_tps_all": [round(x["decode_tps"], 2) for x in rs],
             "bandwidth_gbs_all": [round(x["bandwidth_gbs"], 1) for x in rs],
         }
-    for p, g in PAIRS.items():
-        ours, theirs = out["engines"][f"glmkit {p}"], out["engines"][f"chatglm.cpp {g}"]
-        ratio = ours["decode_tps"] / theirs["decode_tps"]
-        paired = [a / b for a, b in zip(ours["decode_tps_all"], theirs["decode_tps_all"], strict=True)]
-        out["ratios"][p] = {"peer": g, "glmkit_over_peer": ratio, "goal": GOALS[p], "met": ratio >= GOALS[p],
-                            "paired_per_round": [round(x, 3) for x in paired]}  # fmt: skip
+    for model, prefix in (("glm", "glmkit"), ("chatglm2", "glmkit chatglm2")):
+        for p, g in PAIRS.items():
+            ours, theirs = out["engines"][f"{prefix} {p}"], out["engines"][f"chatglm.cpp {g}"]
+            ratio, goal = ours["decode_tps"] / theirs["decode_tps"], GOALS[model][p]
+            paired = [a / b for a, b in zip(ours["decode_tps_all"], theirs["decode_tps_all"], strict=True)]
+            out["ratios"][model][p] = {"peer": g, "glmkit_over_peer": ratio, "goal": goal, "met": ratio >= goal,
+                                       "paired_per_round": [round(x, 3) for x in paired]}  # fmt: skip
     return out
 
 
@@ -275,16 +310,17 @@ def report(r: dict) -> None:
           f"medians of {r['rounds']} rounds")  # fmt: skip
     bw = [b for e in r["engines"].values() for b in e["bandwidth_gbs_all"]]
     print(f"memory bandwidth before each decode: median {statistics.median(bw):.1f} GB/s, {min(bw):.1f}-{max(bw):.1f}")
-    print(f"{'engine':16s} {'decode tok/s':>12s} {'e2e tok/s':>9s} {'MB/token':>8s} {'roofline':>8s}  per round")
+    print(f"{'engine':22s} {'decode tok/s':>12s} {'e2e tok/s':>9s} {'MB/token':>8s} {'roofline':>8s}  per round")
     for p, g in PAIRS.items():
-        for name in (f"glmkit {p}", f"chatglm.cpp {g}"):
+        for name in (f"glmkit {p}", f"glmkit chatglm2 {p}", f"chatglm.cpp {g}"):
             e = r["engines"][name]
-            print(f"{name:16s} {e['decode_tps']:12.1f} {e['e2e_tps']:9.1f} {e['bytes_per_token'] / 1e6:8.0f} "
+            print(f"{name:22s} {e['decode_tps']:12.1f} {e['e2e_tps']:9.1f} {e['bytes_per_token'] / 1e6:8.0f} "
                   f"{e['roofline_fraction']:8.0%}  {e['decode_tps_all']}")  # fmt: skip
-    for p, x in r["ratios"].items():
-        pr = x["paired_per_round"]
-        print(f"{p} / {x['peer']}: glmkit/peer {x['glmkit_over_peer']:.2f}x (goal >= {x['goal']:.1f}x: "
-              f"{'met' if x['met'] else 'not met'}); within each round {min(pr):.2f}-{max(pr):.2f}x")  # fmt: skip
+    for model, ratios in r["ratios"].items():
+        for p, x in ratios.items():
+            pr = x["paired_per_round"]
+            print(f"glmkit {model} {p} / {x['peer']}: {x['glmkit_over_peer']:.2f}x (goal >= {x['goal']:.1f}x: "
+                  f"{'met' if x['met'] else 'not met'}); within each round {min(pr):.2f}-{max(pr):.2f}x")  # fmt: skip
 
 
 def main() -> None:

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 import glmkit.kernels as kernels
 from glmkit import GLM
-from glmkit.kernels import reference
+from glmkit.kernels import layout, reference
 from glmkit.quantize import quantize_int4, quantize_int8
 from tests.helpers.generation import FIXTURE
 
@@ -72,9 +72,12 @@ def test_int8_kernel_is_the_reference_math(M, N, K, scale_dtype):
     close(kernels.linear_int8(x, q, s, b), reference.linear_int8(x, q, s, b), 1e-4)
 
 
+INT4_CASES = [(N, K, g) for N, K in SHAPES for g in layout.INT4_GROUP_SIZES if K % g == 0]
+
+
 @needs_kernels
 @pytest.mark.parametrize("M", ROWS)
-@pytest.mark.parametrize("N,K,group_size", [(N, K, g) for N, K in SHAPES for g in (32, 64, 128) if K % g == 0])
+@pytest.mark.parametrize("N,K,group_size", INT4_CASES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_int4_kernel_is_the_reference_math(M, N, K, group_size, dtype):
     packed, s = quantize_int4(torch.randn(N, K), group_size)
@@ -134,7 +137,7 @@ def test_the_reference_is_the_weight_formats_math(N, K, group_size):
     w16, s16 = reference.interleave_int4(packed, s4)
     torch.testing.assert_close(reference.linear_int4x16(x, w16, s16, group_size, b), expected)
     fixed = reference.fixed16(x)  # 16-bit fixed point per row: within half a step of x, max |x| exact
-    step = x.abs().amax(dim=1, keepdim=True) / reference.FIXED16_MAX
+    step = x.abs().amax(dim=1, keepdim=True) / layout.FIXED16_MAX
     assert ((fixed - x).abs() <= step / 2 * 1.001).all() and torch.equal(fixed.abs().amax(1), x.abs().amax(1))
 
 

@@ -12,10 +12,11 @@ weights stream from memory (benchmarks/RESULTS.md, "Generation"); everything els
   model attends in fp32. Where the fused step below runs, it reads a bf16 KV cache itself (a bf16 model's keys and
   values are bf16 already; 32 rows of 160 tokens: ~8 ms less per GLM-Large step); elsewhere the cache is fp32
   (``cache_dtype``): converting a bf16 cache every step would cost more than reading the wider one.
-- ``DecodeStep`` is the one-token step generation and serving run. For a bf16 model on the kernels' CPU it runs every
-  block in one C++ call (``glmkit_kernels::decode_blocks``: the same LayerNorm/GELU/add ops, the kernels' matmuls,
-  attention over each row's cache in a loop), which removes the ~3 ms of per-op Python dispatch a GLM-Large step
-  otherwise spends around its ~15 ms of weight streaming; rows may hold different numbers of tokens.
+- ``DecodeStep`` is the one-token step generation and serving run. For a bf16 GLM or ChatGLM2/3/GLM-4 on the
+  kernels' CPU it runs every block in one C++ call (``glmkit_kernels::decode_blocks``: the same LayerNorm or
+  RMSNorm, GELU or SwiGLU and residual adds, the kernels' matmuls, attention over each row's cache of its KV heads in
+  a loop), which removes the ~3 ms of per-op Python dispatch a GLM-Large step otherwise spends around its ~15 ms of
+  weight streaming; rows may hold different numbers of tokens.
 - ``optimize_for_decode`` swaps the linear layers and the tied LM head of a bf16 or fp32 model for
   ``glmkit.kernels``' GEMV modules (the stock bf16 and fp32 GEMVs reach a fraction of the memory bandwidth). It is
   applied from outside: model.py stays the network only, and the swapped model computes the same function.
@@ -28,9 +29,11 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .. import kernels
-from ..kernels.ops import MAX_HEAD_SIZE
+from ..chatglm.v2 import ChatGLM2, rope_angles
+from ..kernels.layout import INT4_GROUP_SIZES, MAX_HEAD_SIZE, LinearKind
 from ..kv_cache import KVCache, KVCacheRows
 from ..masks import mask_with_cache
 from ..model import GLM, Block, Rope
@@ -159,7 +162,7 @@ class _FusedBlocks:
     meta: list[int]
     n_head: int
     eps: float
-    gelu: str
+    activation: str  # decode_blocks: GELU's approximate ("tanh" or "none"), or "swiglu"
 
 
 def _fused_linear(module: nn.Module) -> tuple[list[torch.Tensor], list[int]] | None:
@@ -168,33 +171,52 @@ def _fused_linear(module: nn.Module) -> tuple[list[torch.Tensor], list[int]] | N
     if isinstance(module, QuantizedLinear):
         w, s, b = module.weight, module.weight_scale, module.bias
         ok = s.dtype in (torch.float32, torch.bfloat16) and s.is_contiguous()
-        ok = ok and (module.bits == 8 or module.group_size in (32, 64, 128))
-        kind, group = (1, 0) if module.bits == 8 else (3 if module.interleaved else 2, module.group_size)
+        ok = ok and (module.bits == 8 or module.group_size in INT4_GROUP_SIZES)
+        if module.bits == 8:
+            kind, group = LinearKind.INT8, 0
+        else:
+            kind, group = LinearKind.INT4X16 if module.interleaved else LinearKind.INT4, module.group_size
     elif type(module) in (nn.Linear, kernels.FastLinear) and module.weight.dtype == torch.bfloat16:
         packed = getattr(module, "packed", None)  # in the scales' place: every batch multiplies with the panels
         w, s, b, ok = module.weight, none if packed is None else packed, module.bias, True
-        kind, group = 0, 0
+        kind, group = LinearKind.BF16, 0
     else:
         return None
     ok = ok and w.is_contiguous() and (b is None or (b.dtype in (torch.float32, torch.bfloat16) and b.is_contiguous()))
-    return ([w, s, none if b is None else b], [kind, group]) if ok else None
+    return ([w, s, none if b is None else b], [int(kind), group]) if ok else None
+
+
+def _fused_style(model: torch.nn.Module) -> str | None:
+    """``decode_blocks``' activation for ``model``'s blocks, or None where the op cannot run them."""
+    p = next(model.parameters())
+    if model.training or p.dtype != torch.bfloat16 or not kernels.available(p.device):
+        return None
+    if type(model) is GLM:
+        ok = _fp32_attention(model) and model.config.head_size <= MAX_HEAD_SIZE
+        return model.blocks[0].mlp.approximate if ok else None
+    if type(model) is ChatGLM2:  # grouped (blocked) QKV rows, pre-LN residuals, no P-tuning prefix
+        c = model.config
+        ok = c.multi_query_attention and not c.apply_residual_connection_post_layernorm and not c.pre_seq_len
+        return "swiglu" if ok and c.head_size <= MAX_HEAD_SIZE else None
+    return None
 
 
 def _fused_blocks(model: torch.nn.Module) -> _FusedBlocks | None:
-    """The fused op's view of ``model``, or None where it does not run (not a bf16 GLM on the kernels' CPU)."""
-    if type(model) is not GLM or model.training or not _fp32_attention(model) or not kernels.available():
-        return None
-    if next(model.parameters()).dtype != torch.bfloat16:
-        return None
-    if model.config.head_size > MAX_HEAD_SIZE:
+    """The fused op's view of ``model``, or None where it does not run (not a bf16 GLM or ChatGLM2 on the kernels'
+    CPU, or a layer the op does not take)."""
+    activation = _fused_style(model)
+    if activation is None:
         return None
     tensors: list[torch.Tensor] = []
     meta: list[int] = []
+    none = torch.empty(0, dtype=torch.bfloat16)
     for block in model.blocks:
-        norms = [block.norm_1, block.norm_2]
-        if any(n.weight is None or n.bias is None or n.weight.dtype != torch.bfloat16 for n in norms):
-            return None
-        tensors += [block.norm_1.weight, block.norm_1.bias, block.norm_2.weight, block.norm_2.bias]
+        for norm in (block.norm_1, block.norm_2):  # LayerNorm (weight, bias) or RMSNorm (weight, none)
+            bias = getattr(norm, "bias", None)
+            kind_ok = type(norm) is nn.RMSNorm or (type(norm) is nn.LayerNorm and bias is not None)
+            if not kind_ok or norm.weight is None or norm.weight.dtype != torch.bfloat16:
+                return None
+            tensors += [norm.weight, none if bias is None else bias]
         for linear in (block.attn.qkv, block.attn.proj, block.mlp.fc, block.mlp.proj):
             entry = _fused_linear(linear)
             if entry is None:
@@ -202,7 +224,22 @@ def _fused_blocks(model: torch.nn.Module) -> _FusedBlocks | None:
             tensors += entry[0]
             meta += entry[1]
     first = model.blocks[0]
-    return _FusedBlocks(tensors, meta, first.attn.n_head, first.norm_1.eps, first.mlp.approximate)
+    return _FusedBlocks(tensors, meta, first.attn.n_head, first.norm_1.eps, activation)
+
+
+def _fused_inputs(model: torch.nn.Module, tokens: torch.Tensor, positions: torch.Tensor):
+    """The blocks' input ``[N, C]`` and ``decode_blocks``' rope table ``[N, 2, head_size / 2]`` (cos, sin; or None)."""
+    if type(model) is GLM:
+        x, rope = model.embed(tokens, positions)
+        if rope is not None:  # cos, sin [N, 1, 1, head_size / 2] -> [N, 2, head_size / 2]
+            rope = torch.cat(rope, dim=2).flatten(1, 2).contiguous()
+        return x[:, 0], rope
+    # ChatGLM2: 1-D rotary on each head's first rotary_dims; the table turns the other pairs by 0. The Python path
+    # turns in the model's dtype (v2.rotate_pairs), so the table holds bf16 values
+    cos, sin = (t.flatten(1) for t in rope_angles(positions, model.config))
+    pad = model.config.head_size // 2 - cos.shape[1]
+    rope = torch.stack([F.pad(cos, (0, pad), value=1.0), F.pad(sin, (0, pad), value=0.0)], dim=1)
+    return model.wte(tokens)[:, 0], rope.bfloat16().float().contiguous()
 
 
 def _slots(cache) -> tuple[KVCache, list[int]] | None:
@@ -234,7 +271,7 @@ class DecodeStep:
         self.fused = None if compile else _fused_blocks(model)
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, cache, hidden: bool = False) -> torch.Tensor:
-        """``tokens [N, 1]``, ``positions [N, 2, 1]``."""
+        """``tokens [N, 1]``, ``positions [N, 2, 1]`` (GLM) or ``[N, 1]`` (ChatGLM2)."""
         rows = _slots(cache) if self.fused is not None and not torch.is_grad_enabled() else None
         lengths = cache.host_lengths()
         if rows is None:
@@ -245,15 +282,15 @@ class DecodeStep:
             return self.forward(tokens, positions, mask, cache, hidden)[:, -1]
         model, f = self.model, self.fused
         cache.check_room(1)
-        x, rope = model.embed(tokens, positions)
-        if rope is not None:  # cos, sin [N, 1, 1, head_size / 2] -> [N, 2, head_size / 2]
-            rope = torch.cat(rope, dim=2).flatten(1, 2).contiguous()
+        x, rope = _fused_inputs(model, tokens, positions)
         pool, slots = rows
         op = torch.ops.glmkit_kernels.decode_blocks.default
-        x = op(x[:, 0], f.tensors, f.meta, pool.k, pool.v, slots, lengths, rope, f.n_head, f.eps, f.gelu)
+        x = op(x, f.tensors, f.meta, pool.k, pool.v, slots, lengths, rope, f.n_head, f.eps, f.activation)
         cache.advance(1)
         x = model.ln_f(x)
-        return x if hidden else model.lm_head(x, model.wte)
+        if hidden:
+            return x
+        return model.lm_head(x, model.wte) if type(model) is GLM else model.lm_head(x)
 
 
 def optimize_for_decode(model: torch.nn.Module, pack: bool = False) -> torch.nn.Module:

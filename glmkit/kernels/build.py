@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from . import reference
+from . import layout
 
 CSRC = Path(__file__).parent / "csrc"
 SOURCES = [
@@ -38,7 +38,7 @@ SOURCES = [
     CSRC / "prefill.cpp",
     CSRC / "train.cpp",
 ]
-CFLAGS = ["-O3", "-std=c++20", "-fopenmp", f"-DGLMKIT_FIXED16_MAX={reference.FIXED16_MAX}"]
+CFLAGS = ["-O3", "-std=c++20", "-fopenmp", *layout.compile_flags()]
 # per instruction set: the CPU features it needs (as Linux's /proc/cpuinfo names them) and its compiler flags
 ISA_FEATURES = {
     "avx512": ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "avx512_vnni", "fma", "f16c"),

@@ -20,8 +20,8 @@ import torch.nn.functional as F
 
 from ..rotary import apply_interleaved
 from . import build, reference
+from .layout import INT4_BLOCK_ROWS, INT4_GROUP_SIZES, MAX_HEAD_SIZE, PANEL_ROWS
 
-MAX_HEAD_SIZE = 128  # attention holds a head's query in registers (MAX_HEAD_SIZE in csrc/attend.h)
 F32_MAX_ROWS = 64  # fp32 activations: the stock op would first need an fp32 copy of the whole weight
 _ACT_DTYPES = (torch.float32, torch.bfloat16)
 _ops: dict[str, object] = {}  # the loaded extension's op overloads, looked up once (a namespace lookup costs ~1 us)
@@ -47,9 +47,11 @@ def register_fakes() -> None:
         fake(f"glmkit_kernels::{name}")(lambda x, w, bias: rows(x, w.shape[0]))
     fake("glmkit_kernels::linear_int8")(lambda x, w, scales, bias: rows(x, w.shape[0]))
     fake("glmkit_kernels::linear_int4")(lambda x, w, scales, group, bias: rows(x, w.shape[0]))
-    fake("glmkit_kernels::linear_int4x16")(lambda x, w, scales, group, bias: rows(x, w.shape[0] * 16))
+    fake("glmkit_kernels::linear_int4x16")(lambda x, w, scales, group, bias: rows(x, w.shape[0] * INT4_BLOCK_ROWS))
     fake("glmkit_kernels::linear_packed_bf16")(lambda x, packed, n, bias: rows(x, n))
-    fake("glmkit_kernels::pack_bf16")(lambda w: w.new_empty(-(-w.shape[0] // 32), w.shape[1] // 2, 64))
+    fake("glmkit_kernels::pack_bf16")(
+        lambda w: w.new_empty(-(-w.shape[0] // PANEL_ROWS), w.shape[1] // 2, 2 * PANEL_ROWS)
+    )
     fake("glmkit_kernels::gelu_tanh")(lambda x: torch.empty_like(x, memory_format=torch.contiguous_format))
     fake("glmkit_kernels::rotary")(lambda x, cos, sin: torch.empty_like(x, memory_format=torch.contiguous_format))
     fake("glmkit_kernels::attention")(
@@ -117,7 +119,7 @@ def linear_int4(
     ``packed uint8 [N, K / 2]``, ``scales [N, K / group_size]``. On the kernel path ``x`` is rounded to bf16."""
     if (
         packed.dtype == torch.uint8
-        and group_size in (32, 64, 128)
+        and group_size in INT4_GROUP_SIZES
         and _use_kernel(x, packed, scales, bias, per_row=0.5)
     ):
         y = _op("linear_int4")(x.reshape(-1, x.shape[-1]), packed, scales, group_size, bias)
@@ -133,9 +135,10 @@ def linear_int4x16(
     bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``linear_int4`` for a weight held 16 rows interleaved (``reference.interleave_int4``)."""
-    if w16.dtype == torch.uint8 and group_size in (32, 64, 128) and _use_kernel(x, w16, scales16, bias, per_row=8):
+    fits = _use_kernel(x, w16, scales16, bias, per_row=INT4_BLOCK_ROWS // 2)  # a block row holds 16 rows' nibbles
+    if w16.dtype == torch.uint8 and group_size in INT4_GROUP_SIZES and fits:
         y = _op("linear_int4x16")(x.reshape(-1, x.shape[-1]), w16, scales16, group_size, bias)
-        return y.view(*x.shape[:-1], w16.shape[0] * 16)
+        return y.view(*x.shape[:-1], w16.shape[0] * INT4_BLOCK_ROWS)
     return reference.linear_int4x16(x, w16, scales16, group_size, bias)
 
 
@@ -152,7 +155,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 
 def pack_weight(weight: torch.Tensor) -> torch.Tensor | None:
-    """A bf16 CPU ``weight [N, K]`` laid out in panels of 32 rows for ``linear_packed``
+    """A bf16 CPU ``weight [N, K]`` laid out in panels of ``PANEL_ROWS`` (32) rows for ``linear_packed``
     (``[ceil(N / 32), K / 2, 64]``, the last panel padded with zeros), or None where the kernels do not run, the weight
     is not a bf16 CPU matrix or ``K`` is odd."""
     if weight.dtype != torch.bfloat16 or not weight.is_cpu or weight.dim() != 2 or weight.shape[1] % 2:
@@ -163,7 +166,7 @@ def pack_weight(weight: torch.Tensor) -> torch.Tensor | None:
 def unpack_weight(packed: torch.Tensor, out_features: int) -> torch.Tensor:
     """The ``[out_features, K]`` weight that ``pack_weight`` laid out as ``packed`` (exact)."""
     P, K2, _ = packed.shape
-    return packed.view(P, K2, 32, 2).transpose(1, 2).reshape(P * 32, 2 * K2)[:out_features].contiguous()
+    return packed.view(P, K2, PANEL_ROWS, 2).transpose(1, 2).reshape(P * PANEL_ROWS, 2 * K2)[:out_features].contiguous()
 
 
 def linear_packed(

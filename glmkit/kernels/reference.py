@@ -23,8 +23,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .layout import FIXED16_MAX, INT4_BLOCK_ROWS
+
 INT4_OFFSET = 8  # stored nibble u = q + 8 for q in -8..7
-FIXED16_MAX = 32767  # x[m] ~ q * step[m] with |q| <= FIXED16_MAX, step[m] = max |x[m]| / FIXED16_MAX
 
 
 def fixed16(x: torch.Tensor) -> torch.Tensor:
@@ -114,21 +115,21 @@ def interleave_int4(
     """The int4 layout above (``uint8 [N, K / 2]``, scales ``[N, K / G]``) as 16 rows interleaved. Each block of 16
     rows keeps its bytes, reordered: ``in_place`` rewrites ``packed`` and ``scales`` (contiguous) and returns views
     of them, for a caller that owns them (loading a checkpoint: no second copy of the weights)."""
-    N, K = packed.shape[0], packed.shape[1] * 2
-    if N % 16:
-        raise ValueError(f"interleaving int4 weights needs out_features divisible by 16, got {N}")
+    N, K, B = packed.shape[0], packed.shape[1] * 2, INT4_BLOCK_ROWS
+    if N % B:
+        raise ValueError(f"interleaving int4 weights needs out_features divisible by {B}, got {N}")
     ng = scales.shape[1]
     if in_place:
-        w16, s16 = packed.view(N // 16, 8 * K), scales.view(N // 16, ng, 16)
+        w16, s16 = packed.view(N // B, B // 2 * K), scales.view(N // B, ng, B)
     else:
-        w16 = torch.empty(N // 16, 8 * K, dtype=torch.uint8, device=packed.device)
-        s16 = torch.empty(N // 16, ng, 16, dtype=scales.dtype, device=scales.device)
-    for r in range(0, N, 64):  # a few blocks at a time: read (copied) before the same bytes are written
-        u = unpack_int4(packed[r : r + 64]).reshape(-1, 16, K // 4, 4).transpose(1, 2)
-        b = torch.stack([u[..., 0] | (u[..., 2] << 4), u[..., 1] | (u[..., 3] << 4)], dim=-1).reshape(-1, 8 * K)
-        sc = scales[r : r + 64].reshape(-1, 16, ng).transpose(1, 2).clone(memory_format=torch.contiguous_format)
-        w16[r // 16 : r // 16 + b.shape[0]] = b
-        s16[r // 16 : r // 16 + b.shape[0]] = sc
+        w16 = torch.empty(N // B, B // 2 * K, dtype=torch.uint8, device=packed.device)
+        s16 = torch.empty(N // B, ng, B, dtype=scales.dtype, device=scales.device)
+    for r in range(0, N, 4 * B):  # a few blocks at a time: read (copied) before the same bytes are written
+        u = unpack_int4(packed[r : r + 4 * B]).reshape(-1, B, K // 4, 4).transpose(1, 2)
+        b = torch.stack([u[..., 0] | (u[..., 2] << 4), u[..., 1] | (u[..., 3] << 4)], dim=-1).reshape(-1, B // 2 * K)
+        sc = scales[r : r + 4 * B].reshape(-1, B, ng).transpose(1, 2).clone(memory_format=torch.contiguous_format)
+        w16[r // B : r // B + b.shape[0]] = b
+        s16[r // B : r // B + b.shape[0]] = sc
     return w16, s16
 
 
@@ -136,12 +137,13 @@ def int4x16_rows(
     w16: torch.Tensor, scales16: torch.Tensor, rows: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows ``rows`` (all when None) of an interleaved int4 weight as nibbles ``[n, K]`` and scales ``[n, K / G]``."""
-    NB, K = w16.shape[0], w16.shape[1] // 8
-    b = w16.view(NB, K // 4, 16, 2)  # byte pair of (block, inputs 4j..4j+3, row in block)
+    B = INT4_BLOCK_ROWS
+    NB, K = w16.shape[0], w16.shape[1] // (B // 2)
+    b = w16.view(NB, K // 4, B, 2)  # byte pair of (block, inputs 4j..4j+3, row in block)
     if rows is None:
-        b, s = b.transpose(1, 2).reshape(NB * 16, K // 4, 2), scales16.transpose(1, 2).reshape(NB * 16, -1)
+        b, s = b.transpose(1, 2).reshape(NB * B, K // 4, 2), scales16.transpose(1, 2).reshape(NB * B, -1)
     else:
-        b, s = b[rows // 16, :, rows % 16], scales16[rows // 16, :, rows % 16]
+        b, s = b[rows // B, :, rows % B], scales16[rows // B, :, rows % B]
     u = torch.stack([b[..., 0] & 15, b[..., 1] & 15, b[..., 0] >> 4, b[..., 1] >> 4], dim=-1)  # k, k+1, k+2, k+3
     return u.reshape(-1, K), s
 

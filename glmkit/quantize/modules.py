@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..kernels import FastTiedHead, linear_int4, linear_int4x16, linear_int8
+from ..kernels.layout import INT4_BLOCK_ROWS as B
 from ..kernels.reference import (
     deinterleave_int4,
     dequantize_int4,
@@ -40,14 +41,14 @@ class _QuantizedWeight(nn.Module):
     def __init__(self, n: int, k: int, scheme: QuantScheme, device: torch.device | str | None = None) -> None:
         super().__init__()
         self.bits, self.group_size = scheme.bits, scheme.group_size
-        self.rows, self.interleaved = n, scheme.bits == 4 and n % 16 == 0
+        self.rows, self.interleaved = n, scheme.bits == 4 and n % B == 0
         if scheme.bits == 8:
             self.register_buffer("weight", torch.empty(n, k, dtype=torch.int8, device=device))
             self.register_buffer("weight_scale", torch.empty(n, dtype=torch.bfloat16, device=device))
         elif self.interleaved:
-            self.register_buffer("weight", torch.empty(n // 16, 8 * k, dtype=torch.uint8, device=device))
+            self.register_buffer("weight", torch.empty(n // B, B // 2 * k, dtype=torch.uint8, device=device))
             ng = k // scheme.group_size
-            self.register_buffer("weight_scale", torch.empty(n // 16, ng, 16, dtype=torch.bfloat16, device=device))
+            self.register_buffer("weight_scale", torch.empty(n // B, ng, B, dtype=torch.bfloat16, device=device))
         else:
             self.register_buffer("weight", torch.empty(n, k // 2, dtype=torch.uint8, device=device))
             self.register_buffer(

@@ -14,11 +14,12 @@ from typing import Any, Literal
 
 import torch
 
+from ..kernels.layout import INT4_GROUP_SIZES
 from ..kernels.reference import INT4_OFFSET, pack_int4, unpack_int4
 
 METADATA_KEY = "glmkit_quantization"
 FORMAT = "glmkit-weight-only-v1"  # int8 per output row; int4 per group, packed as in glmkit/kernels/reference.py
-GROUP_SIZES = (32, 64, 128)
+GROUP_SIZES = INT4_GROUP_SIZES
 
 
 @dataclass(frozen=True)

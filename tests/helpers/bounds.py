@@ -4,7 +4,7 @@ their outputs."""
 
 import torch
 
-from glmkit.kernels.reference import FIXED16_MAX
+from glmkit.kernels.layout import FIXED16_MAX
 
 BF16_UNIT = 2**-8  # bf16 keeps 8 significant bits: rounding to nearest moves a value by at most 2^-8 of it
 FP32_UNIT = 2**-24

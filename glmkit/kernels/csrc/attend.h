@@ -12,7 +12,7 @@
 
 namespace glmkit::attend {
 
-constexpr int64_t MAX_HEAD_SIZE = 128;  // attend_head holds a head's query in registers
+constexpr int64_t MAX_HEAD_SIZE = GLMKIT_MAX_HEAD_SIZE;  // attend_head holds a head's query in registers
 
 #if defined(GLMKIT_ISA_AVX512)
 

@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <iterator>
 #include <vector>
 
 #include "simd.h"
@@ -105,6 +106,32 @@ inline void reduce_rows(const vfloat (&acc)[NM][U], float* out) {
     vfloat a = vadd(acc[m][0], acc[m][1]);
     for (int u = 2; u < U; u++) a = vadd(a, acc[m][u]);
     out[m] = reduce_add(a);
+  }
+}
+
+
+// ---- int4 group sizes (glmkit/kernels/layout.py INT4_GROUP_SIZES) ----------------------------------------------
+
+#define GLMKIT_TEXT_(...) #__VA_ARGS__
+#define GLMKIT_TEXT(...) GLMKIT_TEXT_(__VA_ARGS__)
+constexpr int INT4_GROUPS[] = {GLMKIT_INT4_GROUP_SIZES};
+constexpr const char* INT4_GROUPS_TEXT = GLMKIT_TEXT(GLMKIT_INT4_GROUP_SIZES);
+static_assert([] {
+  for (int g : INT4_GROUPS)
+    if (g % 32) return false;
+  return true;
+}(), "int4 groups must be whole 32-input chunks: the packed layout's last chunk of 32 is one group");
+
+inline bool int4_group_supported(int64_t g) {
+  return std::find(std::begin(INT4_GROUPS), std::end(INT4_GROUPS), g) != std::end(INT4_GROUPS);
+}
+
+// calls f.template operator()<G>() with the supported group size g known at compile time
+template <size_t I = 0, typename F>
+void dispatch_group(int64_t g, const F& f) {
+  if constexpr (I < std::size(INT4_GROUPS)) {
+    if (g == INT4_GROUPS[I]) return f.template operator()<INT4_GROUPS[I]>();
+    dispatch_group<I + 1>(g, f);
   }
 }
 

@@ -26,7 +26,8 @@ namespace {
 
 using glmkit::gemv::bf16_activations;
 
-constexpr int64_t PANEL = 32;  // output rows per panel: two vectors of 16 fp32 sums (AVX2: four of 8)
+constexpr int64_t PANEL = GLMKIT_PANEL_ROWS;
+static_assert(PANEL == 32, "panel_rows holds a panel's outputs as two vectors of 16 fp32 sums (AVX2: four of 8)");
 #if defined(GLMKIT_ISA_AVX512)
 constexpr int MR = 8;  // activation rows per pass: 8 x 2 accumulators
 #else

@@ -226,7 +226,7 @@ at::Tensor linear_int4(const at::Tensor& x, const at::Tensor& w, const at::Tenso
                        const c10::optional<at::Tensor>& bias) {
   TORCH_CHECK(w.scalar_type() == at::kByte && w.dim() == 2, "weight: expected uint8 [N, K / 2]");
   const int64_t N = w.size(0), K = w.size(1) * 2, G = group_size;
-  TORCH_CHECK(G == 32 || G == 64 || G == 128, "group_size: 32, 64 or 128, got ", G);
+  TORCH_CHECK(int4_group_supported(G), "group_size: one of ", INT4_GROUPS_TEXT, ", got ", G);
   TORCH_CHECK(K % G == 0, "group_size ", G, " does not divide in_features ", K);
   check_common(x, w, K, bias);
   const int64_t ng = K / G, M = x.size(0);
@@ -247,12 +247,7 @@ at::Tensor linear_int4(const at::Tensor& x, const at::Tensor& w, const at::Tenso
       const uint8_t* wr = wp + n * (K / 2);
       const auto* xr = a.x + m0 * K;
       const auto* o = a.off.data() + m0 * ng;
-      if (G == 32)
-        row_int4<NM, 32>(wr, K, xr, o, s, out);
-      else if (G == 64)
-        row_int4<NM, 64>(wr, K, xr, o, s, out);
-      else
-        row_int4<NM, 128>(wr, K, xr, o, s, out);
+      dispatch_group(G, [&]<int GS>() { row_int4<NM, GS>(wr, K, xr, o, s, out); });
     });
   };
   return launch(x, N, bias, f32_scales ? 0 : ng, row, [&](int64_t m, int64_t, float d) { return d * a.step(m); });
@@ -261,6 +256,10 @@ at::Tensor linear_int4(const at::Tensor& x, const at::Tensor& w, const at::Tenso
 }  // namespace glmkit
 
 namespace {
+
+constexpr int64_t BLOCK_ROWS = GLMKIT_INT4_BLOCK_ROWS;
+static_assert(BLOCK_ROWS == 16, "an interleaved int4 block is one AVX-512 vector of fp32 sums (two AVX2 halves)");
+
 
 // an fp32 or bf16 bias read where it lies (no per-call conversion), or none
 struct Bias {
@@ -288,10 +287,12 @@ inline __m512 load_bias(const Bias& b, int64_t n) {
 // y[m][0..16) = the 16 rows of block w against x[m] (+ bias[n0..n0 + 16)), for NM activation rows (stride K;
 // y: stride N)
 template <int NM, int G, typename ST, typename Out>
-void block_int4x16(const uint8_t* w, int64_t K, const uint16_t* x, const float* off, const ST* s,
-                          const Bias& bias, int64_t n0, Out* y, int64_t N) {
+void block_int4x16(const uint8_t* w, int64_t K, const Int4Acts& a, int64_t m0, const ST* s, const Bias& bias,
+                   int64_t n0, Out* y, int64_t N) {
   const __m512i low = _mm512_set1_epi16(0x000F), magic = _mm512_set1_epi16(0x4300);  // bf16 0x4300 | u = 128 + u
   const int64_t ng = K / G;
+  const uint16_t* x = a.x + m0 * K;
+  const float* off = a.off.data() + m0 * ng;
   __m512 tot[NM];
   for (int m = 0; m < NM; m++) tot[m] = _mm512_setzero_ps();
   for (int64_t g = 0; g < ng; g++) {
@@ -341,13 +342,13 @@ inline __m256 load_bias8(const Bias& b, int64_t n) {
 
 // y[m][0..16) = the 16 rows of block w against x[m] (+ bias[n0..n0 + 16)), as the AVX-512 block_int4x16
 template <int NM, int G, typename ST, typename Out>
-void block_int4x16(const uint8_t* w, int64_t K, const int16_t* x, const int32_t* off, const float* step, const ST* s,
-                   const Bias& bias, int64_t n0, Out* y, int64_t N) {
+void block_int4x16(const uint8_t* w, int64_t K, const Int4Acts& a, int64_t m0, const ST* s, const Bias& bias,
+                   int64_t n0, Out* y, int64_t N) {
   for (int half = 0; half < 2; half++) {
     __m256 tot[NM];
-    half_int4x16<NM, G>(w, K, x, off, s, half, tot);
+    half_int4x16<NM, G>(w, K, a.x + m0 * K, a.off.data() + m0 * (K / G), s, half, tot);
     for (int m = 0; m < NM; m++) {
-      __m256 v = _mm256_mul_ps(tot[m], _mm256_set1_ps(step[m]));
+      __m256 v = _mm256_mul_ps(tot[m], _mm256_set1_ps(a.step(m0 + m)));
       if (bias.p) v = _mm256_add_ps(v, load_bias8(bias, n0 + 8 * half));
       if constexpr (sizeof(Out) == 4)
         glmkit::store8(reinterpret_cast<float*>(y + m * N + 8 * half), v);
@@ -363,27 +364,14 @@ template <typename ST, typename Out>
 void run_int4x16(const uint8_t* w, const Int4Acts& a, const ST* s, const Bias& bias, int64_t M, int64_t N, int64_t K,
                  int64_t G, Out* y) {
   const int64_t ng = K / G;
-  at::parallel_for(0, N / 16, 1, [&](int64_t b0, int64_t b1) {
+  at::parallel_for(0, N / BLOCK_ROWS, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; b++)
       for (int64_t m0 = 0; m0 < M; m0 += MT)
         dispatch_rows(static_cast<int>(std::min<int64_t>(MT, M - m0)), [&]<int NM>() {
-          const uint8_t* wb = w + b * K * 8;
-          const auto* x = a.x + m0 * K;
-          const auto* o = a.off.data() + m0 * ng;
-          const ST* sb = s + b * ng * 16;
-          Out* yb = y + m0 * N + b * 16;
-#if defined(GLMKIT_ISA_AVX512)
-#define GLMKIT_BLOCK_ARGS wb, K, x, o, sb, bias, b * 16, yb, N
-#else
-#define GLMKIT_BLOCK_ARGS wb, K, x, o, a.steps.data() + m0, sb, bias, b * 16, yb, N
-#endif
-          if (G == 32)
-            block_int4x16<NM, 32>(GLMKIT_BLOCK_ARGS);
-          else if (G == 64)
-            block_int4x16<NM, 64>(GLMKIT_BLOCK_ARGS);
-          else
-            block_int4x16<NM, 128>(GLMKIT_BLOCK_ARGS);
-#undef GLMKIT_BLOCK_ARGS
+          dispatch_group(G, [&]<int GS>() {
+            block_int4x16<NM, GS>(w + b * K * 8, K, a, m0, s + b * ng * BLOCK_ROWS, bias, b * BLOCK_ROWS,
+                                  y + m0 * N + b * BLOCK_ROWS, N);
+          });
         });
   });
 }
@@ -396,13 +384,14 @@ at::Tensor linear_int4x16(const at::Tensor& x, const at::Tensor& w, const at::Te
                           const c10::optional<at::Tensor>& bias) {
   TORCH_CHECK(w.scalar_type() == at::kByte && w.dim() == 2 && w.size(1) % 8 == 0,
               "weight: expected uint8 [N / 16, 8 K] (16 rows interleaved)");
-  const int64_t N = w.size(0) * 16, K = w.size(1) / 8, G = group_size;
-  TORCH_CHECK(G == 32 || G == 64 || G == 128, "group_size: 32, 64 or 128, got ", G);
+  const int64_t N = w.size(0) * BLOCK_ROWS, K = w.size(1) / 8, G = group_size;
+  TORCH_CHECK(int4_group_supported(G), "group_size: one of ", INT4_GROUPS_TEXT, ", got ", G);
   TORCH_CHECK(K % G == 0, "group_size ", G, " does not divide in_features ", K);
   TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu() && w.is_contiguous(), "CPU tensors, contiguous weight");
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "x: float32 or bfloat16");
   TORCH_CHECK(x.dim() == 2 && x.size(1) == K, "x: expected [M, ", K, "], got ", x.sizes());
-  TORCH_CHECK(scales.dim() == 3 && scales.size(0) == N / 16 && scales.size(1) == K / G && scales.size(2) == 16 &&
+  TORCH_CHECK(scales.dim() == 3 && scales.size(0) == N / BLOCK_ROWS && scales.size(1) == K / G &&
+                  scales.size(2) == BLOCK_ROWS &&
                   scales.is_contiguous(),
               "scales: expected [N / 16, K / group_size, 16]");
   check_scales(scales);

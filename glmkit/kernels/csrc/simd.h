@@ -67,6 +67,11 @@ inline void store_bf16(c10::BFloat16* p, __m512 v, __mmask16 m) {
   _mm256_mask_storeu_epi16(p, m, (__m256i)_mm512_cvtneps_pbh(v));
 }
 
+// v rounded to bf16 (nearest even), back in fp32: where the Python path rounds an intermediate to bf16
+inline __m512 round_bf16(__m512 v) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(v)), 16));
+}
+
 inline __mmask16 tail(int64_t n, int64_t i) { return n - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - i)) - 1); }
 
 #else  // AVX2: 8 floats per register, no masked 16-bit loads (tails go through a small buffer)
@@ -137,6 +142,9 @@ inline __m128i to_bf16x8(__m256 v) {
   r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
   return _mm256_castsi256_si128(_mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08));
 }
+
+// v rounded to bf16 (nearest even), back in fp32
+inline __m256 round_bf16(__m256 v) { return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(to_bf16x8(v)), 16)); }
 
 inline void store8(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
 inline void store8(c10::BFloat16* p, __m256 v) { _mm_storeu_si128((__m128i*)p, to_bf16x8(v)); }
