@@ -5,7 +5,7 @@ only turns transformers' ``input_ids`` + 2D padding mask into GLM's 2D positions
 recomputes the whole sequence every step (no cache, so it also checks the engine's KV-cache path). A row is
 ``[pad...] Part A <sop> generated...``: Part A up to the first ``<sop>`` is bidirectional with positions 0..L-1;
 the span sits at the first blank's position with block positions 1, 2, ... (the hub ``build_inputs_for_generation``
-layout). Needs transformers 5.x (dataclass configs).
+layout). Needs transformers >= 5.24 (dataclass configs; beam sampling semantics).
 """
 
 from __future__ import annotations
