@@ -12,6 +12,7 @@ from glmkit import GLM, KVCache, kernels
 from glmkit.chatglm import ChatGLM2, ChatGLM2Config
 from glmkit.generate.causal import prefill
 from glmkit.generate.fast import DecodeStep, cache_dtype, optimize_for_decode
+from glmkit.kernels import layout
 from glmkit.quantize import QuantScheme, quantize_model
 
 from .conftest import FIXTURES
@@ -101,7 +102,7 @@ def test_fused_step_on_other_shapes(changes):
 def test_fused_step_is_not_used_where_it_cannot_run():
     half = fixture_model().to(torch.bfloat16)
     assert DecodeStep(half).fused is not None
-    assert len(DecodeStep(half).fused.tensors) == 16 * half.config.n_layer
+    assert len(DecodeStep(half).fused.tensors) == layout.DECODE_TENSORS_PER_BLOCK * half.config.n_layer
     assert DecodeStep(fixture_model()).fused is None  # fp32
     per_head = shaped_model(multi_query_attention=False).to(torch.bfloat16)  # rows interleaved per head
     assert DecodeStep(per_head).fused is None

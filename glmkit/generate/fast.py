@@ -33,7 +33,13 @@ import torch.nn.functional as F
 
 from .. import kernels
 from ..chatglm.v2 import ChatGLM2, rope_angles
-from ..kernels.layout import INT4_GROUP_SIZES, MAX_HEAD_SIZE, LinearKind
+from ..kernels.layout import (
+    DECODE_META_PER_BLOCK,
+    DECODE_TENSORS_PER_BLOCK,
+    INT4_GROUP_SIZES,
+    MAX_HEAD_SIZE,
+    LinearKind,
+)
 from ..kv_cache import KVCache, KVCacheRows
 from ..masks import mask_with_cache
 from ..model import GLM, Block, Rope
@@ -156,7 +162,8 @@ def forward_for(model: torch.nn.Module) -> Forward:
 
 @dataclass
 class _FusedBlocks:
-    """The arguments of ``decode_blocks`` for a model's blocks: 16 tensors and 8 ints per block."""
+    """The arguments of ``decode_blocks`` for a model's blocks: ``DECODE_TENSORS_PER_BLOCK`` tensors and
+    ``DECODE_META_PER_BLOCK`` ints per block (glmkit/kernels/layout.py)."""
 
     tensors: list[torch.Tensor]
     meta: list[int]
@@ -223,6 +230,8 @@ def _fused_blocks(model: torch.nn.Module) -> _FusedBlocks | None:
                 return None
             tensors += entry[0]
             meta += entry[1]
+    n = len(model.blocks)
+    assert len(tensors) == DECODE_TENSORS_PER_BLOCK * n and len(meta) == DECODE_META_PER_BLOCK * n  # layout.py
     first = model.blocks[0]
     return _FusedBlocks(tensors, meta, first.attn.n_head, first.norm_1.eps, activation)
 
