@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..kernels import FastTiedHead, linear_int4, linear_int4x16, linear_int8
+from ..kernels import FastLinear, FastTiedHead, linear_int4, linear_int4x16, linear_int8
 from ..kernels.layout import INT4_BLOCK_ROWS as B
 from ..kernels.reference import (
     deinterleave_int4,
@@ -154,7 +154,7 @@ def _targets(model: GLM, scheme: QuantScheme) -> list[tuple[nn.Module, str, nn.M
     for parent_name, parent in model.named_modules():
         for name, child in parent.named_children():
             full = f"{parent_name}.{name}".lstrip(".")
-            if type(child) is nn.Linear:
+            if type(child) in (nn.Linear, FastLinear):  # FastLinear: a model already put on the decode kernels
                 scheme.check_width(full, child.in_features)
                 out.append((parent, name, child))
             elif parent is model and (name == "lm_head" or (scheme.embeddings and name == "wte")):
@@ -167,7 +167,7 @@ def _targets(model: GLM, scheme: QuantScheme) -> list[tuple[nn.Module, str, nn.M
 def _swap(model: GLM, scheme: QuantScheme, quantize: bool) -> GLM:
     for parent, name, child in _targets(model, scheme):
         if isinstance(child, nn.Linear):
-            w = child.weight
+            w = child.state_dict()["weight"]  # a released FastLinear's weight is in its panels only
             new = QuantizedLinear(
                 child.in_features, child.out_features, child.bias is not None, scheme, w.device, w.dtype
             )

@@ -32,3 +32,32 @@ def assert_within(y: torch.Tensor, ref: torch.Tensor, bound: torch.Tensor) -> No
     err = (y.float() - ref.float()).abs()
     worst = (err - bound).argmax()
     assert bool((err <= bound).all()), (err.flatten()[worst].item(), bound.flatten()[worst].item())
+
+
+# Comparisons of two evaluations of the same weights that round differently (the order of their fp32 sums, where
+# they round to bf16): neither is exact, so both are measured against an evaluation of the same weights in higher
+# precision. Each result's rounding error is a sum of many roundings, each at most the unit roundoff of its value and
+# as likely up as down whatever the order of the sums, so the other evaluation's error is as large as the
+# reference's; REROUNDED_SLACK covers how much the largest one varies between two orders (measured: up to 1.6 for a
+# 32-value gradient under inductor, 1.0 for the fused decode step; test_chatglm2_fused.py allows 1.5).
+REROUNDED_SLACK = 2.0
+
+
+def rounding_error(y: torch.Tensor, exact: torch.Tensor, unit: float) -> float:
+    """How far rounding moved ``y`` from ``exact`` (the largest difference), and never less than one rounding of the
+    largest value: a result that happened to round exactly is no evidence that another order would."""
+    exact = exact.double()
+    return max(float((y.double() - exact).abs().max()), unit * float(exact.abs().max()))
+
+
+def reevaluation_bound(reference: torch.Tensor, exact: torch.Tensor, unit: float) -> float:
+    """The most an evaluation that rounds differently may differ from ``reference``: the reference's rounding error
+    plus its own, which is as large within ``REROUNDED_SLACK``."""
+    return (1 + REROUNDED_SLACK) * rounding_error(reference, exact, unit)
+
+
+def clear_steps(logits: torch.Tensor, bound: float) -> torch.Tensor:
+    """Steps (``logits [..., V]``) whose top logit leads the next by more than ``2 * bound``: an evaluation whose
+    logits lie within ``bound`` of these chooses the same greedy token there."""
+    top2 = logits.float().topk(2, dim=-1).values
+    return top2[..., 0] - top2[..., 1] > 2 * bound
