@@ -344,11 +344,16 @@ inline __m256 load_bias8(const Bias& b, int64_t n) {
 template <int NM, int G, typename ST, typename Out>
 void block_int4x16(const uint8_t* w, int64_t K, const Int4Acts& a, int64_t m0, const ST* s, const Bias& bias,
                    int64_t n0, Out* y, int64_t N) {
+  __m256 tot[2][NM];
+  if constexpr (NM <= 2) {
+    both_int4x16<NM, G>(w, K, a.x + m0 * K, a.off.data() + m0 * (K / G), s, tot);
+  } else {
+    half_int4x16<NM, G>(w, K, a.x + m0 * K, a.off.data() + m0 * (K / G), s, 0, tot[0]);
+    half_int4x16<NM, G>(w, K, a.x + m0 * K, a.off.data() + m0 * (K / G), s, 1, tot[1]);
+  }
   for (int half = 0; half < 2; half++) {
-    __m256 tot[NM];
-    half_int4x16<NM, G>(w, K, a.x + m0 * K, a.off.data() + m0 * (K / G), s, half, tot);
     for (int m = 0; m < NM; m++) {
-      __m256 v = _mm256_mul_ps(tot[m], _mm256_set1_ps(a.step(m0 + m)));
+      __m256 v = _mm256_mul_ps(tot[half][m], _mm256_set1_ps(a.step(m0 + m)));
       if (bias.p) v = _mm256_add_ps(v, load_bias8(bias, n0 + 8 * half));
       if constexpr (sizeof(Out) == 4)
         glmkit::store8(reinterpret_cast<float*>(y + m * N + 8 * half), v);

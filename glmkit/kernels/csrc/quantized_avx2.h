@@ -144,8 +144,9 @@ void row_int4(const uint8_t* w, int64_t K, const int16_t* x, const int32_t* off,
 
 // ---- int4, 16 rows interleaved (reference.py): per 4 inputs k..k+3, 32 bytes, row i's bytes 2i = u[k] | u[k+2] << 4,
 // 2i + 1 = u[k+1] | u[k+3] << 4. Widened to int16, the low nibbles of rows 0-7 are the pairs (u[k], u[k+1]) and the
-// high ones (u[k+2], u[k+3]): one vpmaddwd against a broadcast pair of x gives 8 rows' sums. The two halves of a
-// block (rows 0-7, 8-15) go one after the other so that accumulators for 4 activation rows fit in 16 registers.
+// high ones (u[k+2], u[k+3]): one vpmaddwd against a broadcast pair of x gives 8 rows' sums. For up to 2 activation
+// rows both halves of a block (rows 0-7, 8-15) go in one pass, sharing each broadcast of x and each loop step; for
+// more, one half after the other, so that the accumulators of 4 activation rows fit in 16 registers.
 
 inline __m256 load8_scales(const float* p) { return _mm256_loadu_ps(p); }
 inline __m256 load8_scales(const uint16_t* p) { return load8(reinterpret_cast<const c10::BFloat16*>(p)); }
@@ -174,6 +175,39 @@ void half_int4x16(const uint8_t* w, int64_t K, const int16_t* x, const int32_t* 
     }
     const __m256 sv = load8_scales(s + g * 16 + 8 * half);
     for (int m = 0; m < NM; m++) tot[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[m]), sv, tot[m]);
+  }
+}
+
+// tot[h][m] = half h of the block w against q[m], both halves in one pass (NM <= 2)
+template <int NM, int G, typename ST>
+void both_int4x16(const uint8_t* w, int64_t K, const int16_t* x, const int32_t* off, const ST* s,
+                  __m256 (&tot)[2][NM]) {
+  static_assert(NM <= 2, "2 x NM accumulators, 4 nibble vectors and 2 broadcasts must fit in 16 registers");
+  const int64_t ng = K / G;
+  for (int h = 0; h < 2; h++)
+    for (int m = 0; m < NM; m++) tot[h][m] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < ng; g++) {
+    __m256i acc[2][NM];
+    for (int m = 0; m < NM; m++) acc[0][m] = acc[1][m] = _mm256_set1_epi32(off[m * ng + g]);
+    for (int64_t k = g * G; k < (g + 1) * G; k += 4) {
+      if (k % 8 == 0) prefetch_ahead<1, PREFETCH_AHEAD_INT>(w + k * 8);
+      __m256i lo0, hi0, lo1, hi1;
+      nibbles16(w + k * 8, lo0, hi0);
+      nibbles16(w + k * 8 + 16, lo1, hi1);
+#pragma GCC unroll 2
+      for (int m = 0; m < NM; m++) {
+        int32_t p0, p1;
+        std::memcpy(&p0, x + m * K + k, 4);
+        std::memcpy(&p1, x + m * K + k + 2, 4);
+        const __m256i b0 = _mm256_set1_epi32(p0), b1 = _mm256_set1_epi32(p1);
+        acc[0][m] = _mm256_add_epi32(acc[0][m], _mm256_add_epi32(_mm256_madd_epi16(lo0, b0), _mm256_madd_epi16(hi0, b1)));
+        acc[1][m] = _mm256_add_epi32(acc[1][m], _mm256_add_epi32(_mm256_madd_epi16(lo1, b0), _mm256_madd_epi16(hi1, b1)));
+      }
+    }
+    for (int h = 0; h < 2; h++) {
+      const __m256 sv = load8_scales(s + g * 16 + 8 * h);
+      for (int m = 0; m < NM; m++) tot[h][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[h][m]), sv, tot[h][m]);
+    }
   }
 }
 
