@@ -170,6 +170,30 @@ def layout(special: Any, family: str = DEFAULT_FAMILY) -> PromptLayout:
     return factory(special)
 
 
+def model_family(model: Any) -> str:
+    """The prompt family of ``model``: its config's ``family`` (ChatGLM-6B ``chatglm6b``; ChatGLM2/3 and GLM-4
+    ``chatglm2``), else GLM's. Entry points that lay out a prompt for a model ask this rather than assume GLM: a
+    ChatGLM-6B prompt under the GLM layout keeps ``<sop>`` in its bidirectional prefix and silently decodes wrong."""
+    family = getattr(getattr(model, "config", None), "family", None)
+    return family if isinstance(family, str) else DEFAULT_FAMILY
+
+
+def model_layout(model: Any, special: Any, tokenizer: Any = None) -> PromptLayout:
+    """The layout of ``model``'s family over ``special``. A ChatGLM2/3/GLM-4 model takes a ChatGLM tokenizer's own
+    ids when it has them (``specials``, which list the chat stop ids ``SpecialTokens`` has no field for)."""
+    family = model_family(model)
+    if family == "chatglm2":
+        special = getattr(tokenizer, "specials", None) or special
+    return layout(special, family)
+
+
+def model_stop_ids(model: Any, prompts: PromptLayout) -> list[int]:
+    """The ids that end a generation of ``model`` by default: its config's eos ids where it lists them (ChatGLM2/3,
+    GLM-4), then its layout's."""
+    eos = getattr(getattr(model, "config", None), "eos_ids", None)
+    return list(dict.fromkeys([*(eos if isinstance(eos, list) else []), *prompts.stop_ids()]))
+
+
 def has_blank(prompts: PromptLayout, ids: Sequence[int]) -> bool:
     return bool(find_blanks(ids, prompts.blank_ids()))
 

@@ -223,6 +223,19 @@ def _rename(
     return out
 
 
+def read_config(path: str | Path, **config_overrides: Any) -> Any:
+    """The model config of the ChatGLM hub folder ``path`` (any generation), as ``load_pretrained`` parses it; a
+    ``ConfigError`` names the file and the field."""
+    config_path = Path(path) / "config.json"
+    if not config_path.is_file():
+        raise CheckpointError(f"{path}: no config.json")
+    d = read_json_object(config_path)
+    try:
+        return family_of(d).config_from_hub(d, **config_overrides)
+    except ConfigError as e:
+        raise ConfigError(f"{config_path}: {e}") from e
+
+
 def load_pretrained(
     path: str | Path, dtype: torch.dtype | None = None, device: torch.device | str = "cpu", **config_overrides: Any
 ) -> nn.Module:

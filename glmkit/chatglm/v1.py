@@ -22,7 +22,7 @@ import dataclasses
 import functools
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn as nn
@@ -53,6 +53,8 @@ class ChatGLM6BConfig:
         bos_token_id / eos_token_id: ``<sop>`` (starts the answer) / ``<eop>`` (ends it).
         mask_token_id / gmask_token_id / pad_token_id: ``[MASK]``, ``[gMASK]``, ``<pad>``.
     """
+
+    family: ClassVar[str] = "chatglm6b"  # its glmkit.prompts layout: `text [gMASK]`, <sop> fed by the engine
 
     n_layer: int = 28
     n_embd: int = 4096
@@ -183,9 +185,10 @@ _HUB_CHECKED = {
     "quantization_bit": (lambda v: v in (None, 0, 4, 8), "0, 4 or 8"),
     "quantization_embeddings": (lambda v: v in (None, False), "false (quantized embeddings are not supported)"),
 }
-# HF plumbing that does not change the math.
+# HF plumbing that does not change the math; glmkit_quantization is the loader's (a ``glmkit quantize`` output).
 _HUB_IGNORED = {
     "architectures", "auto_map", "torch_dtype", "transformers_version", "use_cache", "_name_or_path", "model_type",
+    "glmkit_quantization",
 }  # fmt: skip
 
 
@@ -301,6 +304,19 @@ class ChatGLM6B(nn.Module):
                 nn.init.ones_(p)
             else:
                 nn.init.normal_(p, 0.0, std)
+
+    @classmethod
+    def from_pretrained(cls, path, dtype: torch.dtype | None = None, device="cpu", **config_overrides) -> nn.Module:
+        """Load a hub checkpoint folder (``glmkit.chatglm.hub.load_pretrained``)."""
+        from .hub import load_pretrained
+
+        return load_pretrained(path, dtype=dtype, device=device, **config_overrides)
+
+    def save_pretrained(self, path, max_shard_size: int | None = None) -> None:
+        """Write the hub layout (``glmkit.chatglm.hub.save_pretrained``)."""
+        from .hub import save_pretrained
+
+        save_pretrained(self, path, max_shard_size=max_shard_size)
 
     def embed(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, Rope]:
         return self.wte(input_ids), rotary_2d_half(position_ids, self.config.head_size)

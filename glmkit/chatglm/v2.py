@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn as nn
@@ -84,6 +84,8 @@ class ChatGLM2Config:
         pre_seq_len / prefix_projection: P-tuning v2 prefix (None: none).
         eos_token_id: stop id(s) (GLM-4 lists three); pad_token_id: the tokenizer's padding id.
     """
+
+    family: ClassVar[str] = "chatglm2"  # its glmkit.prompts layout: `[gMASK] sop text`, continued causally
 
     n_layer: int = 2
     n_embd: int = 64

@@ -18,10 +18,19 @@ import torch
 from ..config import SpecialTokens
 from ..kv_cache import KVCache
 from ..masks import find_blanks, mask_with_cache, prefix_lm_mask, span_feed
-from ..prompts import continuation_ids, infilling_ids, layout
+from ..prompts import continuation_ids, infilling_ids, layout, model_family
 from ..tokenizer import TokenizerLike
 from .config import GenerationConfig
-from .engine import Decoding, GLMStepper, Streamer, prefill, prepare_model, resolve_special_tokens, seeded_generator
+from .engine import (
+    Decoding,
+    GLMStepper,
+    Streamer,
+    generate,
+    prefill,
+    prepare_model,
+    resolve_special_tokens,
+    seeded_generator,
+)
 from .fast import cache_dtype, forward_for
 from .stopping import FinishReason
 
@@ -67,11 +76,14 @@ def fill_blank_ids(
         )
     if streamer is not None and config.num_beams > 1:
         raise ValueError("streamer: streaming is not supported with beam search (num_beams > 1)")
+    if getattr(model, "causal_lm", False):
+        raise ValueError("fill_blank_ids: ChatGLM2/3 and GLM-4 are causal LMs: they continue a prompt, fill no blanks")
     special = resolve_special_tokens(model, special_tokens, tokenizer)
+    prompts = layout(special, model_family(model))
     row = list(input_ids)
-    blanks = find_blanks(row, special.mask_ids())
+    blanks = find_blanks(row, prompts.blank_ids())
     if not blanks:
-        raise ValueError(f"input_ids: no blank to fill (none of the blank ids {list(special.mask_ids())})")
+        raise ValueError(f"input_ids: no blank to fill (none of the blank ids {list(prompts.blank_ids())})")
     cfg = model.config
     if len(row) > cfg.n_positions:
         raise ValueError(f"input_ids: {len(row)} tokens is longer than the context of {cfg.n_positions} positions")
@@ -82,7 +94,7 @@ def fill_blank_ids(
     cache = KVCache.for_model(model, 1, len(row) + len(blanks) * (max_new + 1), dtype=cache_dtype(model))
     prefill(model, [row], cache)
     generator = seeded_generator(config, device, generator)  # one RNG stream across all spans
-    eos_ids = config.eos_ids() or layout(special).stop_ids()
+    eos_ids = config.eos_ids() or prompts.stop_ids()
     pad_id = config.pad_token_id if config.pad_token_id is not None else special.pad
 
     history = list(row)  # every token in the cache: what the processors see, as transformers would
@@ -133,7 +145,7 @@ def fill_blank_ids(
 def fill_blanks(model: torch.nn.Module, tokenizer: TokenizerLike, text: str, **kwargs: Any) -> FillResult:
     """Fill every [MASK]/[sMASK]/[gMASK] in ``text``; the input is ``[CLS] text [eos]`` (no eos after a final
     blank), as in the original GLM (``prompts.infilling_ids``). Returns the completed text and each span's text."""
-    ids = infilling_ids(tokenizer, text)
+    ids = infilling_ids(tokenizer, text, model_family(model))
     res = fill_blank_ids(model, ids, special_tokens=tokenizer.special, tokenizer=tokenizer, **kwargs)
     spans = [tokenizer.decode(s, skip_special_tokens=True) for s in res.spans]
     return FillResult(tokenizer.decode(res.ids, skip_special_tokens=True), spans)
@@ -145,6 +157,10 @@ def complete(model: torch.nn.Module, tokenizer: TokenizerLike, text: str, **kwar
 
     Blanks inside ``text`` are filled first (the original GLM's behaviour) and serve as context.
     """
-    ids = continuation_ids(tokenizer, text)
+    ids = continuation_ids(tokenizer, text, model_family(model))
+    if getattr(model, "causal_lm", False):  # ChatGLM2/3, GLM-4: `[gMASK] sop text` continued causally
+        out = generate(model, [ids], tokenizer=tokenizer, **kwargs)
+        span = out.new_tokens[0][:-1] if out.finish_reasons[0] == "stop" else out.new_tokens[0]
+        return tokenizer.decode(span, skip_special_tokens=True)
     res = fill_blank_ids(model, ids, special_tokens=tokenizer.special, tokenizer=tokenizer, **kwargs)
     return tokenizer.decode(res.spans[-1], skip_special_tokens=True)

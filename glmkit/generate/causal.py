@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from ..kv_cache import KVCache
+from ..kv_cache import KVCache, KVCacheRows
 from ..prompts import layout
 from .config import GenerationConfig
 from .engine import Decoding, TokenIds, unpadded_rows
@@ -44,9 +44,11 @@ class CausalStepper:
         self.positions = self.positions[index]
 
 
-def prefill(model: torch.nn.Module, rows: list[list[int]], cache: KVCache) -> torch.Tensor:
-    """Encode every prompt into ``cache`` (causal, padding masked) and return its next-token logits ``[B, V]``."""
-    device = cache.device
+def encode(model: torch.nn.Module, rows: list[list[int]], cache: KVCache | KVCacheRows | None) -> torch.Tensor:
+    """Encode every prompt into ``cache`` (causal, right-padded, padding keys masked; each row then holds its own
+    length) and return the final hidden states ``[B, S, C]``. The serving engine prefills its slots with it and
+    scores rows without a cache (``None``)."""
+    device = cache.device if cache is not None else next(model.parameters()).device
     lengths = torch.tensor([len(r) for r in rows], device=device)
     S = int(lengths.max())
     ids = torch.tensor([r + [r[-1]] * (S - len(r)) for r in rows], device=device)
@@ -55,8 +57,16 @@ def prefill(model: torch.nn.Module, rows: list[list[int]], cache: KVCache) -> to
     causal = arange[None, :] <= arange[:, None]
     mask = (causal[None] & (arange < lengths[:, None])[:, None, :])[:, None]  # [B, 1, S, S]
     hidden = model(ids, positions, mask, cache=cache, return_hidden=True)
-    cache.set_lengths(lengths.tolist())
-    return model.lm_head(hidden[torch.arange(len(rows), device=device), lengths - 1])
+    if cache is not None:
+        cache.set_lengths(lengths.tolist())
+    return hidden
+
+
+def prefill(model: torch.nn.Module, rows: list[list[int]], cache: KVCache) -> torch.Tensor:
+    """Encode every prompt into ``cache`` (``encode``) and return its next-token logits ``[B, V]``."""
+    hidden = encode(model, rows, cache)
+    last = torch.tensor([len(r) - 1 for r in rows], device=hidden.device)
+    return model.lm_head(hidden[torch.arange(len(rows), device=hidden.device), last])
 
 
 def start(
@@ -73,7 +83,8 @@ def start(
     (``glmkit.prompts``, family ``chatglm2``); without, the ids are the model input as they are."""
     cfg = model.config
     rows = unpadded_rows(input_ids, attention_mask)
-    special = special_tokens or getattr(tokenizer, "special", None)
+    # a ChatGLM tokenizer's own ids (``specials``) list its chat stop ids, which ``SpecialTokens`` has no field for
+    special = special_tokens or getattr(tokenizer, "specials", None) or getattr(tokenizer, "special", None)
     prompts = layout(special, "chatglm2") if special is not None else None
     if prompts is not None:
         rows = [prompts.model_input(r) for r in rows]

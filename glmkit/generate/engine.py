@@ -22,7 +22,7 @@ import torch
 from ..config import SpecialTokens
 from ..kv_cache import KVCache, KVCacheRows
 from ..masks import find_blanks, part_a_positions, part_b_step_positions, prefix_lm_mask
-from ..prompts import layout
+from ..prompts import DEFAULT_FAMILY, layout, model_family
 from .beam import beam_search
 from .config import GenerationConfig
 from .fast import DecodeStep, cache_dtype, forward_for, optimize_for_decode
@@ -139,12 +139,17 @@ def unpadded_rows(input_ids: TokenIds, attention_mask: torch.Tensor | None) -> l
 
 
 def prompt_rows(
-    input_ids: TokenIds, attention_mask: torch.Tensor | None, special: SpecialTokens, max_length: int
+    input_ids: TokenIds,
+    attention_mask: torch.Tensor | None,
+    special: SpecialTokens,
+    max_length: int,
+    family: str = DEFAULT_FAMILY,
 ) -> list[list[int]]:
-    """Unpadded Part-A rows, each completed by ``prompts.layout(special).model_input`` (a row without a blank gets
-    [gMASK], or [MASK] in a vocabulary without task masks, as the original GLM does)."""
+    """Unpadded Part-A rows, each completed by ``prompts.layout(special, family).model_input`` (GLM: a row without a
+    blank gets [gMASK], or [MASK] in a vocabulary without task masks, as the original GLM does; ChatGLM-6B: the
+    tokenizer's trailing ``<sop>`` is dropped, since the engine feeds it)."""
     rows = unpadded_rows(input_ids, attention_mask)
-    prompts = layout(special)
+    prompts = layout(special, family)
     for b, row in enumerate(rows):
         row[:] = prompts.model_input(row)
         if len(row) > max_length:
@@ -265,8 +270,8 @@ def _start(
 
         return start(model, input_ids, attention_mask, config, special_tokens, tokenizer, generator)
     special = resolve_special_tokens(model, special_tokens, tokenizer)
-    cfg = model.config
-    rows = prompt_rows(input_ids, attention_mask, special, cfg.n_positions)
+    cfg, family = model.config, model_family(model)
+    rows = prompt_rows(input_ids, attention_mask, special, cfg.n_positions, family)
     device = next(model.parameters()).device
     repeat = config.num_beams if config.num_beams > 1 else config.num_return_sequences
     max_new = min(config.max_new_tokens, cfg.max_sequence_length)  # blocks 1..max_new are fed
@@ -276,11 +281,12 @@ def _start(
     expand = torch.arange(len(rows), device=device).repeat_interleave(repeat)
     if repeat > 1:
         cache.reorder(expand)
-    blanks = torch.tensor([find_blanks(r, special.mask_ids())[0] for r in rows], device=device)[expand]
+    blank_ids = layout(special, family).blank_ids()
+    blanks = torch.tensor([find_blanks(r, blank_ids)[0] for r in rows], device=device)[expand]
     stepper = GLMStepper(model, cache, blanks, special.sop, config.compile)
     ids = torch.tensor([[special.pad] * (P - len(r)) + r + [special.sop] for r in rows], device=device)[expand]
     left_padding = torch.tensor([P - len(r) for r in rows], device=device)[expand]
-    eos_ids = config.eos_ids() or layout(special).stop_ids()
+    eos_ids = config.eos_ids() or layout(special, family).stop_ids()
     pad_id = config.pad_token_id if config.pad_token_id is not None else special.pad
     decoding = Decoding(
         stepper,

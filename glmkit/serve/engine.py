@@ -25,6 +25,7 @@ from ..config import SpecialTokens
 from ..generate.config import GenerationConfig
 from ..generate.engine import resolve_special_tokens
 from ..generate.stopping import Decoder
+from ..prompts import layout, model_family, model_stop_ids
 from .request import Fill, Request, RequestOutput
 from .runner import Failures, ModelRunner
 from .scheduler import QueueFullError, RunnerOutput, Scheduler, SchedulerConfig, SchedulerOutput
@@ -52,6 +53,13 @@ class LLMEngine:
         self.config = config or SchedulerConfig()
         self.model, self.tokenizer = model, tokenizer
         self.special = resolve_special_tokens(model, special_tokens, tokenizer)
+        self.family = model_family(model)
+        # the ids requests are laid out with: a causal family's are a ChatGLM tokenizer's own when it has them
+        # (``specials``, with the chat stop ids)
+        self.layout_ids: Any = self.special
+        if self.family == "chatglm2" and special_tokens is None:
+            self.layout_ids = getattr(tokenizer, "specials", None) or self.special
+        self.stop_ids = model_stop_ids(model, layout(self.layout_ids, self.family))
         self.scheduler = Scheduler(self.config)
         self.runner = ModelRunner(model, self.config.max_num_seqs, self.config.max_model_len)
         self.stats = stats or ModelStats("llm")
@@ -74,7 +82,7 @@ class LLMEngine:
             request_id,
             prompt_ids,
             GenerationConfig.from_kwargs(config, **kwargs),
-            special=self.special,
+            special=self.layout_ids,
             max_sequence_length=self.model.config.max_sequence_length,
             tokenizer=self.tokenizer,
             fill=fill,
@@ -82,6 +90,8 @@ class LLMEngine:
             logprobs=logprobs,
             priority=priority,
             device=self.runner.device,
+            family=self.family,
+            stop_ids=self.stop_ids,
         )
 
     def check_size(self, num_requests: int) -> None:

@@ -22,7 +22,7 @@ from fastapi.responses import Response, StreamingResponse
 
 from ..chatglm.chat import is_chat_tokenizer, served_chat_prompt
 from ..masks import find_blanks
-from ..prompts import continuation_ids, infilling_ids
+from ..prompts import continuation_ids, infilling_ids, layout
 from .http_common import APIError, ServerState, translate, until_disconnect
 from .request import Fill
 from .sampling import SamplingParams
@@ -58,17 +58,18 @@ async def _body(request: Request, served: str = "llm") -> dict[str, Any]:
 
 
 def _prompts(state: ServerState, prompt: Any, params: SamplingParams) -> list[tuple[list[int], Fill, str]]:
-    """(ids, fill mode, prompt text) per prompt: text → ``[CLS] text [gMASK]``; token ids are Part A as given."""
-    tok = state.service.tok
+    """(ids, fill mode, prompt text) per prompt: text → the family's continuation prompt (GLM ``[CLS] text [gMASK]``);
+    token ids are the model input as given (``model_input`` completes them)."""
+    tok, family = state.service.tok, state.service.family
     if isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt):
         try:  # before any tokenizing: a request that can never be queued whole is refused outright
             state.service.check_size(len(prompt), params)
         except ValueError as e:
             raise APIError(400, str(e)) from e
     if isinstance(prompt, str):
-        return [(continuation_ids(tok, prompt), "all", prompt)]
+        return [(continuation_ids(tok, prompt, family), "all", prompt)]
     if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
-        return [(continuation_ids(tok, p), "all", p) for p in prompt]
+        return [(continuation_ids(tok, p, family), "all", p) for p in prompt]
     if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
         return [(list(prompt), "first", _ids_text(state, prompt))]
     if isinstance(prompt, list) and prompt and all(isinstance(p, list) and p for p in prompt):
@@ -187,7 +188,7 @@ async def _generate(request: Request, chat: bool) -> Response:
             raise APIError(400, f"messages: a text part's text must be a string ({e})") from e
         prompts: list[tuple[list[int], Fill, str]]
         if glm is None:
-            prompts = [(continuation_ids(tok, text), "all", text)]
+            prompts = [(continuation_ids(tok, text, state.service.family), "all", text)]
         else:  # the template's ids are the model input as they are, and its stop ids end the answer
             params.stop_token_ids = [*params.stop_token_ids, *glm.stop_ids]
             prompts = [(glm.ids, "first", text)]
@@ -309,12 +310,12 @@ async def infill(request: Request) -> Response:
     body = await _body(request)
     if not isinstance(body.get("prompt"), str):
         raise APIError(400, "prompt: expected a string with [MASK], [sMASK] or [gMASK] blanks")
-    tok = state.service.tok
+    tok, family = state.service.tok, state.service.family
     try:
-        ids = infilling_ids(tok, body["prompt"])
+        ids = infilling_ids(tok, body["prompt"], family)
     except ValueError as e:
         raise APIError(400, f"prompt: {e}") from e
-    blanks = find_blanks(ids, tok.special.mask_ids())
+    blanks = find_blanks(ids, layout(tok.special, family).blank_ids())
     params = _params(state, {**body, "n": 1, "stream": None}, 16)
     try:
         merged, first = await _start(state, request, state.service.stream([(ids, "all")], params))
@@ -361,8 +362,11 @@ async def embeddings(request: Request) -> Response:
     if fmt not in ("float", "base64"):
         raise APIError(400, "encoding_format: 'float' or 'base64'")
     try:
+        family = model.family
         rows = [
-            model.check(ScoreRow("embedding", continuation_ids(tok, x) if isinstance(x, str) else [int(t) for t in x]))
+            model.check(
+                ScoreRow("embedding", continuation_ids(tok, x, family) if isinstance(x, str) else [int(t) for t in x])
+            )
             for x in inputs
         ]
         for r in rows:

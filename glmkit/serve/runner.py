@@ -3,15 +3,19 @@
 The KV cache is one ``KVCache`` with a row ("slot") per running sequence; each step runs on the rows that take
 part (``KVCache.rows``), whose lengths differ — the cache and ``mask_with_cache`` handle ragged rows, so a row
 computes what it would alone. Positions come from masks.py and the prefill is ``glmkit.generate``'s, so serving
-and ``generate`` share one definition of GLM's Part A / Part B layout. Token choice applies each request's own
-processors (transformers' order) and its own generator, as ``SampleRun`` does for a single request. A row whose
-token cannot be chosen (probabilities that are not finite) fails alone: ``execute`` reports it in ``Failures``.
+and ``generate`` share one definition of GLM's Part A / Part B layout (ChatGLM-6B's is the same, without [CLS]). A
+causal model (ChatGLM2/3, GLM-4) is prefilled as ``glmkit.generate.causal`` does, its first token chosen from the
+prefill's last logits (the rows just prefilled feed nothing that step), then fed at 1-D positions ``[N, 1]``.
+Token choice applies each request's own processors (transformers' order) and its own generator, as ``SampleRun``
+does for a single request. A row whose token cannot be chosen (probabilities that are not finite) fails alone:
+``execute`` reports it in ``Failures``.
 """
 
 from __future__ import annotations
 
 import torch
 
+from ..generate import causal
 from ..generate.engine import prefill
 from ..generate.fast import DecodeStep, cache_dtype, optimize_for_decode
 from ..generate.processors import apply_processors
@@ -30,23 +34,48 @@ class ModelRunner:
         self.device = next(model.parameters()).device
         self.cache = KVCache.for_model(model, num_slots, max_model_len, dtype=cache_dtype(model))
         self.decode = DecodeStep(model)  # the one-token step generation uses
+        self.causal = bool(getattr(model, "causal_lm", False))
 
     @torch.inference_mode()
     def execute(self, scheduled: SchedulerOutput) -> tuple[RunnerOutput, Failures]:
+        first = None  # a causal model's first-token logits of the rows prefilled now
         if scheduled.prefill:
             rows = [r.prompt_ids for r in scheduled.prefill]
             view = self.cache.rows([r.slot for r in scheduled.prefill])
             view.set_lengths([0] * len(rows))  # a reused slot still counts its previous sequence
-            prefill(self.model, rows, view)
+            if self.causal:
+                hidden = causal.encode(self.model, rows, view)
+                last = torch.tensor([len(r) - 1 for r in rows], device=self.device)
+                first = self.model.lm_head(hidden[torch.arange(len(rows), device=self.device), last]).float()
+            else:
+                prefill(self.model, rows, view)
         if not scheduled.decode:
             return {}, {}
         requests = scheduled.decode
+        if first is None:
+            return self.sample(requests, self._step(requests))
+        new = {id(r): i for i, r in enumerate(scheduled.prefill)}
+        logits = first.new_empty(len(requests), first.shape[1])
+        fed = []
+        for i, r in enumerate(requests):
+            if id(r) in new:
+                logits[i] = first[new[id(r)]]
+            else:
+                fed.append(i)
+        if fed:
+            logits[fed] = self._step([requests[i] for i in fed])
+        return self.sample(requests, logits)
+
+    def _step(self, requests: list[Request]) -> torch.Tensor:
+        """Feed each request's next input in its slot; the next-token logits ``[N, V]`` in fp32."""
         inputs = [r.next_input() for r in requests]
         tokens = torch.tensor([[t] for t, _, _ in inputs], device=self.device)  # (N, 1)
-        positions = torch.tensor([[[p], [b]] for _, p, b in inputs], device=self.device)  # (N, 2, 1)
+        if self.causal:
+            positions = torch.tensor([[p] for _, p, _ in inputs], device=self.device)  # (N, 1)
+        else:
+            positions = torch.tensor([[[p], [b]] for _, p, b in inputs], device=self.device)  # (N, 2, 1)
         view = self.cache.rows([r.slot for r in requests])
-        logits = self.decode(tokens, positions, view).float()  # (N, V)
-        return self.sample(requests, logits)
+        return self.decode(tokens, positions, view).float()  # (N, V)
 
     def sample(self, requests: list[Request], logits: torch.Tensor) -> tuple[RunnerOutput, Failures]:
         """Choose each sampling request's token from its row of ``logits [N, V]``; a row that fails fails alone."""

@@ -117,14 +117,20 @@ class SamplingParams:
         return max(width, self.num_beams)
 
     def generation_config(
-        self, special: SpecialTokens, index: int = 0, vocab_size: int | None = None
+        self,
+        special: SpecialTokens,
+        index: int = 0,
+        vocab_size: int | None = None,
+        default_stops: list[int] | None = None,
     ) -> GenerationConfig:
-        """Settings of choice ``index`` (a beam job returns all ``n`` at once)."""
+        """Settings of choice ``index`` (a beam job returns all ``n`` at once). ``stop_token_ids`` add to
+        ``default_stops`` (the model's, ``glmkit.prompts.model_stop_ids``; default GLM's layout's)."""
         if vocab_size is not None and any(t >= vocab_size for t in self.stop_token_ids):
             raise ValueError(f"stop_token_ids: ids must be < the vocabulary size {vocab_size}")
         eos = None
         if self.stop_token_ids:
-            eos = list(dict.fromkeys([*layout(special).stop_ids(), *self.stop_token_ids]))
+            base = default_stops if default_stops is not None else layout(special).stop_ids()
+            eos = list(dict.fromkeys([*base, *self.stop_token_ids]))
         kw: dict[str, Any] = dict(
             max_new_tokens=self.max_tokens,
             min_new_tokens=self.min_tokens,

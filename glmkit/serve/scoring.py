@@ -5,7 +5,10 @@ layout generation uses), so a batch of any mix is one model execution — what t
 continuation is scored exactly as generation would produce it: its first token is predicted at ``<sop>``, at
 (blank position, block 1), after a bidirectional Part A; a prompt without a blank gets [gMASK] (the prompt
 layout's ``model_input``), as in ``generate``. Embeddings are the L2-normalised mean of the final hidden states over
-Part A.
+Part A. The layout is the model family's (``glmkit.prompts.model_family``): ChatGLM-6B's Part A has no [CLS], and a
+causal model (ChatGLM2/3, GLM-4) scores ``[gMASK] sop context + continuation[:-1]`` causally, the continuation's
+first token predicted at the context's last token, as ``glmkit.generate.causal`` continues a prompt; its embedding
+is the mean over the context.
 """
 
 from __future__ import annotations
@@ -17,10 +20,12 @@ import torch
 import torch.nn.functional as F
 
 from ..config import SpecialTokens
+from ..generate import causal
 from ..generate.fast import cache_dtype, forward_for
 from ..kv_cache import PassThroughCache
 from ..masks import BlankSample, collate, find_blanks
-from ..prompts import layout
+from ..model import TiedLMHead
+from ..prompts import layout, model_family
 
 Kind = Literal["loglikelihood", "logits", "embedding"]
 
@@ -47,7 +52,9 @@ class Scorer:
     """Runs batches of ``ScoreRow`` lists (one list per request) through the model in one forward pass."""
 
     def __init__(self, model: torch.nn.Module, special: SpecialTokens) -> None:
-        self.model, self.special, self.prompts = model.eval(), special, layout(special)
+        self.model, self.special, self.family = model.eval(), special, model_family(model)
+        self.prompts = layout(special, self.family)
+        self.causal = bool(getattr(model, "causal_lm", False))
         self.device = next(model.parameters()).device
         self.n_positions = model.config.n_positions
         self.max_block = model.config.max_sequence_length
@@ -60,7 +67,9 @@ class Scorer:
         context = self.prompts.model_input(row.context)
         if row.kind == "loglikelihood" and not row.continuation:
             raise ValueError("continuation: empty")
-        if len(context) > self.n_positions or len(row.continuation) > self.max_block:
+        # GLM's continuation sits in its own blocks; a causal model's follows the context in one position range
+        long = len(context) + len(row.continuation) > self.n_positions if self.causal else False
+        if long or len(context) > self.n_positions or len(row.continuation) > self.max_block:
             raise ValueError(
                 f"text: {len(context)} context tokens and {len(row.continuation)} continuation tokens do not fit "
                 f"the model's {self.n_positions} positions"
@@ -81,9 +90,11 @@ class Scorer:
             sep=n,
         )
 
-    @torch.inference_mode()
-    def __call__(self, requests: list[list[ScoreRow]]) -> list[list[ScoreResult]]:
-        rows = [r for req in requests for r in req]
+    def _hidden(self, rows: list[ScoreRow]) -> tuple[torch.Tensor, list[int]]:
+        """Final hidden states ``[B, S, C]`` of every row, and where each row's first scored token is predicted."""
+        if self.causal:
+            tokens = [r.context + r.continuation[:-1] for r in rows]
+            return causal.encode(self.model, tokens, None), [len(r.context) - 1 for r in rows]
         samples = [self._sample(r) for r in rows]
         batch = collate(samples, pad_id=self.special.pad)
         ids = batch["input_ids"].to(self.device)
@@ -93,16 +104,27 @@ class Scorer:
         mask = batch["attention_mask"].to(self.device)
         lengths = batch["lengths"].tolist()
         hidden = self.forward(ids, batch["position_ids"].to(self.device), mask, cache, True, lengths)  # (B, S, C)
-        # every row's scored positions through the model's own head (kernels, quantized embeddings), log-softmax
-        # and gather at once, then plain Python lists: per-row tensor calls would cost more than the head itself
+        return hidden, [s.sep for s in samples]
+
+    def _head(self, x: torch.Tensor) -> torch.Tensor:
+        """The model's own LM head (kernels, quantized embeddings): GLM's is tied to the embeddings."""
+        head = self.model.lm_head
+        return head(x, self.model.wte) if isinstance(head, TiedLMHead) else head(x)
+
+    @torch.inference_mode()
+    def __call__(self, requests: list[list[ScoreRow]]) -> list[list[ScoreResult]]:
+        rows = [r for req in requests for r in req]
+        hidden, starts = self._hidden(rows)
+        # every row's scored positions through the model's own head, log-softmax and gather at once, then plain
+        # Python lists: per-row tensor calls would cost more than the head itself
         spans, targets, at = [], [], 0
-        for row, sample in zip(rows, samples, strict=True):
+        for row, start in zip(rows, starts, strict=True):
             scored = {"embedding": [], "logits": [0], "loglikelihood": row.continuation}[row.kind]
-            spans.append((sample.sep, at, len(scored)))
+            spans.append((start, at, len(scored)))
             targets += scored
             at += len(scored)
         picked = torch.cat([hidden[b, sep : sep + n] for b, (sep, _, n) in enumerate(spans)])
-        raw = self.model.lm_head(picked, self.model.wte).float()
+        raw = self._head(picked).float()
         logp = torch.log_softmax(raw, dim=-1)
         target = torch.tensor(targets, dtype=torch.long, device=logp.device)
         token_lp = logp.gather(1, target[:, None])[:, 0].tolist()
@@ -111,7 +133,8 @@ class Scorer:
         for b, (row, (sep, at, n)) in enumerate(zip(rows, spans, strict=True)):
             res = ScoreResult()
             if row.kind == "embedding":
-                res.embedding = F.normalize(hidden[b, :sep].mean(0).float(), dim=0).cpu()
+                n_context = len(row.context) if self.causal else sep  # Part A, or the causal prompt
+                res.embedding = F.normalize(hidden[b, :n_context].mean(0).float(), dim=0).cpu()
             elif row.kind == "logits":
                 res.logits = raw[at].cpu()
             else:

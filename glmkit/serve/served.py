@@ -23,7 +23,7 @@ import numpy as np
 
 from ..generate import fill_blank_ids, generate
 from ..masks import find_blanks
-from ..prompts import continuation_ids
+from ..prompts import continuation_ids, layout
 from .batcher import DynamicBatcher
 from .engine import AsyncLLMEngine
 from .request import Fill, Request, RequestOutput, TokenLogprob
@@ -85,7 +85,7 @@ class _Choice:
     def __init__(self, index: int, request: Request, params: SamplingParams, tok: Any) -> None:
         self.index, self.request = index, request
         self.text = IncrementalText(tok, params.stop, params.include_stop_str_in_output)
-        self.last_span = len(request.blanks) - 1
+        self.last_span = request.num_spans - 1
 
     def delta(self, out: RequestOutput) -> Delta | None:
         mine = out.span_index == self.last_span
@@ -129,6 +129,11 @@ class GenerationService:
     def model(self) -> Any:
         return self.engine.engine.model
 
+    @property
+    def family(self) -> str:
+        """The served model's prompt family (``glmkit.prompts.model_family``)."""
+        return self.engine.engine.family
+
     def check_prompt(self, ids: list[int]) -> None:
         if len(ids) > self.limits.max_prompt_tokens:
             raise ValueError(f"prompt: {len(ids)} tokens exceed the limit of {self.limits.max_prompt_tokens}")
@@ -170,7 +175,7 @@ class GenerationService:
                 request = self.engine.engine.make_request(
                     f"gen-{next(_ids)}",
                     ids,
-                    params.generation_config(self.special, i, vocab),
+                    params.generation_config(self.special, i, vocab, self.engine.engine.stop_ids),
                     fill=fill,
                     ignore_eos=params.ignore_eos,
                     logprobs=params.logprobs,
@@ -200,11 +205,13 @@ class GenerationService:
         if params.logprobs is not None:
             raise ValueError("logprobs: not available with beam search")
         model = self.model  # the job thread must not look it up: an unload may drop it meanwhile
-        config = params.generation_config(self.special, 0, self.vocab_size)
-        blanks = find_blanks(prompt_ids, self.special.mask_ids())
+        engine = self.engine.engine
+        config = params.generation_config(self.special, 0, self.vocab_size, engine.stop_ids)
+        blanks = find_blanks(prompt_ids, layout(self.special, engine.family).blank_ids())
         if len(blanks) > 1 and params.n > 1:
             raise ValueError("n: beam search over several blanks returns one sequence")
-        kw = dict(generation_config=config, special_tokens=self.special, tokenizer=self.tok)
+        # the engine's layout ids: a ChatGLM tokenizer's own for a causal family (with its chat stop ids)
+        kw = dict(generation_config=config, special_tokens=engine.layout_ids, tokenizer=self.tok)
         if len(blanks) > 1:
             res = await self.engine.run_job(lambda: fill_blank_ids(model, prompt_ids, **kw))
             seqs, reasons, spans = [res.spans[-1]], res.finish_reasons[-1:], [res.spans]
@@ -268,7 +275,7 @@ class LLMModel:
         if sp.n != 1:
             raise ValueError("n: the llm model returns one sequence per request")
         priority = params.get("priority", 0)
-        ids = continuation_ids(self.service.tok, prompt[0])
+        ids = continuation_ids(self.service.tok, prompt[0], self.service.family)
         head = "" if exclude else prompt[0]
         text, reason = head, None
         async for d in self.service.stream([(ids, "all")], sp, priority=priority if isinstance(priority, int) else 0):
@@ -319,13 +326,21 @@ class OneShotModel:
             raise ModelUnloadedError(self.spec.name)
         return self.scorer.check(row)
 
+    @property
+    def family(self) -> str:
+        """The model's prompt family, which lays out a text row (``glmkit.prompts.model_family``)."""
+        if self.scorer is None:
+            raise ModelUnloadedError(self.spec.name)
+        return self.scorer.family
+
     def rows(self, inputs: dict[str, np.ndarray]) -> list[ScoreRow]:
         texts = _strings("text_input", inputs["text_input"])
         conts = _strings("continuation", inputs["continuation"]) if "continuation" in inputs else [""] * len(texts)
         if len(conts) != len(texts):
             raise ValueError("continuation: one per text_input row")
+        family = self.family
         return [
-            self.check(ScoreRow(self.kind, continuation_ids(self.tok, t), self.tok.encode(c) if c else []))
+            self.check(ScoreRow(self.kind, continuation_ids(self.tok, t, family), self.tok.encode(c) if c else []))
             for t, c in zip(texts, conts, strict=True)
         ]
 

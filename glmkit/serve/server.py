@@ -80,10 +80,11 @@ def available_memory() -> int:
 
 
 def kv_slot_bytes(model: torch.nn.Module, max_model_len: int) -> int:
-    """Bytes of one KV slot: keys and values of every layer for ``max_model_len`` tokens, in the cache's dtype."""
+    """Bytes of one KV slot: keys and values of every layer for ``max_model_len`` tokens, in the cache's dtype (the
+    KV heads only: ChatGLM2/3 and GLM-4 cache their groups)."""
     c = model.config
     itemsize = torch.empty((), dtype=cache_dtype(model)).element_size()
-    return 2 * c.n_layer * c.n_head * c.head_size * itemsize * max_model_len
+    return 2 * c.n_layer * getattr(c, "n_kv_head", c.n_head) * c.head_size * itemsize * max_model_len
 
 
 def size_kv_pool(
@@ -277,10 +278,9 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..bundled import model_path
-    from ..config import GLMConfig
+    from ..bundled import load_config
 
-    n_positions = GLMConfig.from_file(model_path(args.model) / "config.json").n_positions
+    n_positions = load_config(args.model).n_positions
     options = ServeOptions(
         scheduler=SchedulerConfig(
             max_num_seqs=args.max_num_seqs or 1,  # without --max-num-seqs, build_state sizes it from memory
