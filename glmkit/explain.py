@@ -4,7 +4,8 @@ Blanks are written ``[MASK]``, ``[sMASK]`` or ``[gMASK]``; a blank may be follow
 fills it (as in pretraining), otherwise ``--span-length`` placeholder tokens stand for what generation will
 produce. Everything shown comes from masks.py, the same code that data, generation and serving use.
 ``--family chatglm6b`` lays the text out as ChatGLM-6B does (``text [gMASK] <sop>``, no [CLS]; [MASK] infill) with
-its 2D positions (masks.chatglm6b_inputs, the hub's ``get_position_ids``).
+its 2D positions (masks.chatglm6b_inputs, the hub's ``get_position_ids``). Without ``--family`` the layout is the
+tokenizer folder's model family (``glmkit.prompts``): a ChatGLM-6B hub folder is drawn as ChatGLM-6B.
 """
 
 from __future__ import annotations
@@ -37,13 +38,18 @@ class Explanation:
         return range(self.sample.sep, len(self.sample))
 
 
-def explain(text: str, tokenizer: str | Path | None = None, span_length: int = 2, family: str = "glm") -> Explanation:
+def explain(
+    text: str, tokenizer: str | Path | None = None, span_length: int = 2, family: str | None = None
+) -> Explanation:
     """Lay out ``text`` as GLM Part A + Part B (blanks filled left to right, the order generation uses), or as
-    ChatGLM-6B's prompt and answer with ``family="chatglm6b"``."""
+    ChatGLM-6B's prompt and answer with ``family="chatglm6b"``; ``None``: the family of the tokenizer folder's model
+    (GLM unless it is a ChatGLM hub folder)."""
     from .tokenizer import load_tokenizer
 
     if span_length < 1:
         raise ValueError(f"span_length: must be at least 1, got {span_length}")
+    if family is None:
+        family = _folder_family(tokenizer)
     if family == "chatglm6b":
         return _explain_chatglm6b(text, tokenizer, span_length)
     if family != "glm":
@@ -105,7 +111,7 @@ def _explain_chatglm6b(text: str, tokenizer: str | Path | None, span_length: int
     if tokenizer is not None:
         from .chatglm.tokenizers import load_chatglm_tokenizer
 
-        tok = load_chatglm_tokenizer(tokenizer, "chatglm")
+        tok = load_chatglm_tokenizer(tokenizer, "chatglm6b")
     else:
         tok = load_tokenizer(None)
     sp = tok.special
@@ -129,6 +135,24 @@ def _explain_chatglm6b(text: str, tokenizer: str | Path | None, span_length: int
     else:
         labels = [tok.decode([t]) for t in tokens[: sep + 1]]
     return Explanation(sample, labels + [PLACEHOLDER] * span_length)
+
+
+def _folder_family(folder: str | Path | None) -> str:
+    """The prompt family of the model a tokenizer folder belongs to: a ChatGLM hub folder's (by its tokenizer), else
+    GLM's. ChatGLM2/3 and GLM-4 are causal LMs, with no Part A / Part B to draw: named, not drawn as GLM."""
+    from .bundled import is_chatglm_folder
+
+    if folder is None or not is_chatglm_folder(folder):
+        return "glm"
+    from .chatglm.tokenizers import load_chatglm_tokenizer
+
+    family = load_chatglm_tokenizer(folder).prompt_family
+    if family != "chatglm6b":
+        raise ValueError(
+            f"--tokenizer: {folder} holds a ChatGLM2/3 or GLM-4 model, a causal LM (its mask is plain causal, its "
+            "positions 0..n-1); explain draws GLM and ChatGLM-6B blank infilling only"
+        )
+    return family
 
 
 def render_terminal(ex: Explanation, max_grid: int = 64) -> None:
@@ -201,8 +225,9 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--family",
         choices=("glm", "chatglm6b"),
-        default="glm",
-        help="prompt layout: GLM ([CLS] text, blanks filled) or ChatGLM-6B (text [gMASK] <sop>, its 2D positions)",
+        default=None,
+        help="prompt layout: GLM ([CLS] text, blanks filled) or ChatGLM-6B (text [gMASK] <sop>, its 2D positions); "
+        "default: the family of the --tokenizer folder's model (GLM unless a ChatGLM hub folder)",
     )
 
 

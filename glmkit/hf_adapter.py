@@ -6,6 +6,10 @@ recomputes the whole sequence every step (no cache, so it also checks the engine
 ``[pad...] Part A <sop> generated...``: Part A up to the first ``<sop>`` is bidirectional with positions 0..L-1;
 the span sits at the first blank's position with block positions 1, 2, ... (the hub ``build_inputs_for_generation``
 layout). Needs transformers >= 5.24 (dataclass configs; beam sampling semantics).
+
+The ChatGLM families are wrapped the same way, each in its hub class's conventions: ChatGLM-6B gets the same 2D
+layout (its Part A is ``text [gMASK]``, no [CLS]) with its mask inverted (the hub's True = masked); ChatGLM2/3 and
+GLM-4 are causal LMs that take transformers' 2D padding mask as they are (their ``forward`` derives the positions).
 """
 
 from __future__ import annotations
@@ -17,18 +21,28 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from .chatglm.v1 import ChatGLM6B, ChatGLM6BConfig
+from .chatglm.v2 import ChatGLM2, ChatGLM2Config
 from .config import GLMConfig, SpecialTokens
 from .masks import find_blanks, part_b_positions, prefix_lm_mask
 from .model import GLM
-from .prompts import layout
+from .prompts import DEFAULT_FAMILY, layout, model_family, model_stop_ids
+
+# family -> (model class, config class) a saved wrapper is rebuilt from
+MODELS: dict[str, tuple[type[torch.nn.Module], type]] = {
+    DEFAULT_FAMILY: (GLM, GLMConfig),
+    "chatglm6b": (ChatGLM6B, ChatGLM6BConfig),
+    "chatglm2": (ChatGLM2, ChatGLM2Config),
+}
 
 
 class GLMHFConfig(PretrainedConfig):
-    """transformers config holding a glmkit ``GLMConfig`` (as a dict) and the GLM special token ids."""
+    """transformers config holding a glmkit model config (as a dict), its family and the special token ids."""
 
     model_type = "glmkit_glm"
     glm_config: dict | None = None
     special_tokens: dict | None = None
+    glmkit_family: str = DEFAULT_FAMILY
     use_cache: bool = False
 
 
@@ -68,25 +82,37 @@ class GLMForHFGeneration(PreTrainedModel, GenerationMixin):
     base_model_prefix = "glm"
     main_input_name = "input_ids"
 
-    def __init__(self, config: GLMHFConfig, model: GLM | None = None) -> None:
+    def __init__(self, config: GLMHFConfig, model: torch.nn.Module | None = None) -> None:
         super().__init__(config)
-        self.glm = model if model is not None else GLM(GLMConfig(**config.glm_config))
-        self.special = SpecialTokens.from_dict(config.special_tokens)
+        family = getattr(config, "glmkit_family", DEFAULT_FAMILY)
+        if family not in MODELS:
+            raise ValueError(f"glmkit_family: unknown model family {family!r}; known: {sorted(MODELS)}")
+        if model is None:
+            model_cls, config_cls = MODELS[family]
+            model = model_cls(config_cls(**config.glm_config))
+        self.glm, self.family = model, family
+        self.special = SpecialTokens.from_dict(config.special_tokens) if config.special_tokens else None
         self.post_init()
 
     @classmethod
-    def from_glm(cls, model: GLM, special_tokens: SpecialTokens | None = None) -> GLMForHFGeneration:
-        """Wrap ``model`` (weights shared, not copied). Stop ids default to the prompt layout's (``[<eop>, <eos>]``),
-        pad to pad."""
+    def from_glm(cls, model: torch.nn.Module, special_tokens: SpecialTokens | None = None) -> GLMForHFGeneration:
+        """Wrap ``model`` (a ``GLM``, ``ChatGLM6B`` or ``ChatGLM2``; weights shared, not copied). Stop ids default to
+        the model's (``glmkit.prompts.model_stop_ids``: GLM ``[<eop>, <eos>]``), pad to pad. A ChatGLM2/3/GLM-4
+        model needs no special ids (its config names its eos and pad ids)."""
+        family = model_family(model)
         special = special_tokens or model.config.special_tokens
-        if special is None:
+        if special is None and family != "chatglm2":
             raise ValueError("special_tokens: the model config names no special tokens; pass special_tokens=")
-        glm_config = dataclasses.asdict(model.config)
+        if special is None:
+            eos, pad = model.config.eos_ids, model.config.pad_token_id
+        else:
+            eos, pad = model_stop_ids(model, layout(special, family)), special.pad
         config = GLMHFConfig(
-            glm_config=glm_config,
-            special_tokens=special.to_dict(),
-            eos_token_id=layout(special).stop_ids(),
-            pad_token_id=special.pad,
+            glm_config=dataclasses.asdict(model.config),
+            special_tokens=special.to_dict() if special is not None else None,
+            glmkit_family=family,
+            eos_token_id=eos,
+            pad_token_id=pad,
             vocab_size=model.config.vocab_size,
         )
         wrapper = cls(config, model)
@@ -99,7 +125,10 @@ class GLMForHFGeneration(PreTrainedModel, GenerationMixin):
     def prepare_inputs_for_generation(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any
     ) -> dict[str, torch.Tensor]:
-        """Recompute the whole sequence every step with its GLM 2D positions and prefix-LM mask."""
+        """Recompute the whole sequence every step with its GLM 2D positions and prefix-LM mask (a causal family:
+        transformers' padding mask as it is)."""
+        if self.family == "chatglm2":
+            return {"input_ids": input_ids, "attention_mask": attention_mask}
         position_ids, mask = glm_layout(input_ids, attention_mask, self.special)
         return {"input_ids": input_ids, "position_ids": position_ids, "attention_mask": mask}
 
@@ -110,9 +139,14 @@ class GLMForHFGeneration(PreTrainedModel, GenerationMixin):
         position_ids: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> CausalLMOutputWithPast:
-        """Logits for ``input_ids``; a 2D (or missing) ``attention_mask`` is turned into the GLM layout first."""
+        """Logits for ``input_ids``; a 2D (or missing) ``attention_mask`` is turned into the GLM layout first (a
+        causal family derives its positions and mask from it itself)."""
+        if self.family == "chatglm2":
+            return CausalLMOutputWithPast(logits=self.glm(input_ids, position_ids, attention_mask))
         if position_ids is None or attention_mask is None or attention_mask.dim() == 2:
             position_ids, attention_mask = glm_layout(input_ids, attention_mask, self.special)
+        if self.family == "chatglm6b":  # the hub class's mask: True = masked
+            attention_mask = ~attention_mask
         return CausalLMOutputWithPast(logits=self.glm(input_ids, position_ids, attention_mask))
 
 

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from ..masks import find_blanks
-from ..prompts import has_blank, layout, text_prompt
+from ..prompts import DEFAULT_FAMILY, has_blank, layout, model_family, text_prompt
 from ..tokenizer import TokenizerLike
 from .blanks import fill_blank_ids
 from .engine import generate
@@ -52,14 +52,17 @@ class TextGeneration:
         return self.new_tokens / self.seconds if self.seconds > 0 else 0.0
 
 
-def prompt_ids(tokenizer: TokenizerLike, text: str, n_positions: int, truncate: bool = False) -> tuple[list[int], int]:
-    """Input ids of ``text`` (``prompts.text_prompt``) and how many tokens were cut from its left.
+def prompt_ids(
+    tokenizer: TokenizerLike, text: str, n_positions: int, truncate: bool = False, family: str = DEFAULT_FAMILY
+) -> tuple[list[int], int]:
+    """Input ids of ``text`` (``prompts.text_prompt`` of ``family``) and how many tokens were cut from its left.
 
-    With blanks: ``[CLS] text [eos]`` (no eos after a final blank), as ``fill_blanks``; without: ``[CLS] text
-    [gMASK]``, as ``complete``. Longer than ``n_positions`` raises ``ValueError``, unless ``truncate``: then the
-    oldest text tokens are dropped (the ids the layout adds stay).
+    GLM with blanks: ``[CLS] text [eos]`` (no eos after a final blank), as ``fill_blanks``; without: ``[CLS] text
+    [gMASK]``, as ``complete`` (ChatGLM-6B: ``text [gMASK]``; ChatGLM2/3, GLM-4: ``[gMASK] sop text``). Longer than
+    ``n_positions`` raises ``ValueError``, unless ``truncate``: then the oldest text tokens are dropped (the ids the
+    layout adds stay).
     """
-    prompts = layout(tokenizer.special)
+    prompts = layout(tokenizer.special, family)
     body = tokenizer.encode(text)
     if not body:
         raise ValueError("prompt: the text is empty")
@@ -139,15 +142,25 @@ def generate_text(
     ``on_text`` receives the generated text piece by piece as tokens arrive (greedy/sampling only); ``on_span_end``
     is called after each span.
     """
-    special = tokenizer.special
-    ids, cut = prompt_ids(tokenizer, text, model.config.n_positions, truncate)
-    blanks = find_blanks(ids, special.mask_ids())
+    special, family = tokenizer.special, model_family(model)
+    ids, cut = prompt_ids(tokenizer, text, model.config.n_positions, truncate, family)
+    blanks = find_blanks(ids, layout(special, family).blank_ids())
     n = kwargs.get("num_return_sequences", 1)
     if n > 1 and on_text is not None:
         raise ValueError(f"num_return_sequences: streaming shows one sequence, got {n}")
     common = dict(special_tokens=special, tokenizer=tokenizer, **kwargs)
     start = time.perf_counter()
-    if n == 1:
+    if not blanks:  # a causal LM (ChatGLM2/3, GLM-4) continues the prompt itself: one span after its last token
+        streamer = (
+            None if n > 1 or kwargs.get("num_beams", 1) > 1 else TextStreamer(tokenizer, ids[-1:], on_text, on_span_end)
+        )
+        out = generate(model, ids, streamer=streamer, **common)
+        rows = []
+        for toks, reason in zip(out.new_tokens, out.finish_reasons, strict=True):
+            span = toks[:-1] if reason == "stop" else toks
+            rows.append((ids + span, [span], [reason]))
+        first = streamer.first_token_s if streamer is not None else None
+    elif n == 1:
         contexts = [ids[p - 1] for p in blanks]
         streamer = None if kwargs.get("num_beams", 1) > 1 else TextStreamer(tokenizer, contexts, on_text, on_span_end)
         res = fill_blank_ids(model, ids, streamer=streamer, **common)
@@ -275,7 +288,7 @@ def run(args: argparse.Namespace) -> int:
     results = []
     for prompt in prompts:
         shown: dict[str, Any] = {}
-        blanks = has_blank(layout(tokenizer.special), tokenizer.encode(prompt))
+        blanks = has_blank(layout(tokenizer.special, model_family(model)), tokenizer.encode(prompt))
         if args.stream:
             out.write("" if blanks else prompt)
             out.flush()

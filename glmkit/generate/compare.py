@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from ..masks import find_blanks
+from ..prompts import DEFAULT_FAMILY, model_family
 from ..tokenizer import TokenizerLike
 from .cli import DTYPES, prompt_ids, read_prompt_file
 from .engine import generate
@@ -185,14 +186,11 @@ def compare_decoding(
         raise ValueError(f"references: {len(references)} given for {len(prompts)} prompts")
     strategies = STRATEGIES if strategies is None else strategies
     scorer = model if score_model is None else score_model
-    special = tokenizer.special
-    contexts = [prompt_ids(tokenizer, p, model.config.n_positions, truncate=True)[0] for p in prompts]
-    blanks = [find_blanks(c, special.mask_ids())[-1] for c in contexts]
+    special, family = tokenizer.special, model_family(model)
+    contexts = [prompt_ids(tokenizer, p, model.config.n_positions, truncate=True, family=family)[0] for p in prompts]
 
     def nlls(spans: list[list[int]]) -> list[float]:
-        return [
-            x for c, b, s in zip(contexts, blanks, spans, strict=True) for x in span_nll(scorer, c, s, special.sop, b)
-        ]
+        return [x for c, s in zip(contexts, spans, strict=True) for x in _span_nll(scorer, c, s, special, family)]
 
     results = []
     if references is not None:
@@ -218,6 +216,24 @@ def compare_decoding(
             spans.append(span[:-1] if out.finish_reasons[0] == "stop" else span)
         results.append(_score(name, settings, spans, nlls(spans), tokenizer, (seconds, steps)))
     return results
+
+
+def _span_nll(model: torch.nn.Module, context: list[int], span: list[int], special: Any, family: str) -> list[float]:
+    """NLL of each ``span`` token as generation produces it after ``context``: GLM's span at the last blank
+    (``metrics.span_nll``); a ChatGLM model called as its hub class, which derives positions and mask from the ids
+    (ChatGLM-6B: ``context <sop> span``, the span at the [gMASK]; ChatGLM2/3, GLM-4: ``context span``, causal)."""
+    if family == DEFAULT_FAMILY:
+        return span_nll(model, context, span, special.sop, find_blanks(context, special.mask_ids())[-1])
+    if not span:
+        return []
+    causal = bool(getattr(model, "causal_lm", False))
+    ids = [*context, *([] if causal else [special.sop]), *span[:-1]]
+    device = next(model.parameters()).device
+    with torch.inference_mode():
+        logits = model(torch.tensor([ids], device=device))
+    start = len(context) - 1 if causal else len(context)
+    target = torch.tensor(list(span), device=device)
+    return torch.nn.functional.cross_entropy(logits[0, start:].float(), target, reduction="none").tolist()
 
 
 def _cell(value: float | None, field: str) -> str:

@@ -5,7 +5,9 @@ Offline conversion, then a runtime module swap (gpt-fast): the output is an ordi
 class and ``glmkit.generate`` runs it unchanged. The word embeddings, and with them the tied LM head, are quantized
 too (per vocabulary row) unless ``--no-quantize-embeddings``: on GLM-Large they are 9 % of the weights but, kept in
 bf16, 27 % of an INT4 model's bytes, and quantizing them costs < 0.15 % held-out loss on the bundled model
-(benchmarks/RESULTS.md). Position embeddings, LayerNorms and biases keep the source precision.
+(benchmarks/RESULTS.md). Position embeddings, LayerNorms and biases keep the source precision. A ChatGLM hub folder
+(any generation) is written back in its family's hub layout (``glmkit.chatglm.hub.save_pretrained``), its untied
+output layer quantized like every other linear layer.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ def quantize_checkpoint(
         overwrite: replace a ``dst`` that holds files, whole (nothing of the old folder is kept).
     """
     from ..checkpoint import read_quantization, staged_folder
+    from ..config import read_json_object
 
     src, dst = Path(src), Path(dst)
     scheme = QuantScheme(bits, group_size if bits == 4 else None, quantize_embeddings)
@@ -51,6 +54,14 @@ def quantize_checkpoint(
         raise FileNotFoundError(f"IN: checkpoint folder {src} does not exist")
     if dst.resolve() == src.resolve() or dst.resolve() in src.resolve().parents:
         raise ValueError(f"OUT: {dst} is or holds the input folder; write the quantized copy to another folder")
+    from ..bundled import is_chatglm_folder
+
+    bits_held = read_json_object(src / "config.json").get("quantization_bit") if is_chatglm_folder(src) else None
+    if bits_held:
+        raise ValueError(
+            f"{src} is already quantized (the hub's int{bits_held} format, quantization_bit); quantize the "
+            "full-precision checkpoint instead"
+        )
     existing = read_quantization(src)
     if existing is not None:
         raise ValueError(

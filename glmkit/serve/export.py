@@ -14,9 +14,9 @@ from __future__ import annotations
 import argparse
 import shutil
 from pathlib import Path
+from typing import Any
 
 from ..checkpoint import check_output_folder, load_state_dict, staged_folder
-from ..config import GLMConfig
 from .batcher import DynamicBatchingConfig, QueuePolicy
 from .specs import LLM, ModelSpec, llm_spec, one_shot_specs
 
@@ -71,11 +71,11 @@ def export_triton(
         execution_env: a conda-pack tarball with torch and glmkit, copied next to each config and named in
             ``EXECUTION_ENV_PATH``.
     """
-    from ..bundled import model_path
+    from ..bundled import load_config, model_path
 
     source = model_path(model)
     final = check_output_folder(out_dir)
-    config = GLMConfig.from_file(source / "config.json")
+    config = load_config(source)
     load_state_dict(source)  # read once: a corrupt or truncated checkpoint is refused here, not by Triton later
     batching = batching or DynamicBatchingConfig(
         max_batch_size=16, max_queue_delay_microseconds=1000, default_queue_policy=QueuePolicy(max_queue_size=256)
@@ -92,7 +92,7 @@ def export_triton(
 def _write_repository(
     out: Path,
     source: Path,
-    config: GLMConfig,
+    config: Any,
     batching: DynamicBatchingConfig,
     kind: str,
     common: dict[str, str],
