@@ -254,7 +254,12 @@ def configure(p: argparse.ArgumentParser) -> None:
         "not given (default %(default)s; the resulting limit is logged)",
     )
     p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="tokens per model step")
-    p.add_argument("--max-model-len", type=int, default=None, help="KV rows per slot (default: 2x the context)")
+    p.add_argument(
+        "--max-model-len",
+        type=int,
+        default=None,
+        help="KV rows per slot (default: a GLM's 2x its context, Part A and B; a ChatGLM model's context)",
+    )
     p.add_argument("--max-queue-size", type=int, default=256, help="waiting requests before 503/429")
     p.add_argument("--max-batch-size", type=int, default=16, help="dynamic batcher: one-shot requests per batch")
     p.add_argument("--max-queue-delay-us", type=int, default=2000, help="dynamic batcher: wait for a fuller batch")
@@ -280,12 +285,14 @@ def configure(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..bundled import load_config
 
-    n_positions = load_config(args.model).n_positions
+    config = load_config(args.model)
+    # GLM's Part B has its own block positions beside Part A's; a ChatGLM context holds prompt and answer together
+    context = config.n_positions * (2 if getattr(config, "family", "glm") == "glm" else 1)
     options = ServeOptions(
         scheduler=SchedulerConfig(
             max_num_seqs=args.max_num_seqs or 1,  # without --max-num-seqs, build_state sizes it from memory
             max_num_batched_tokens=args.max_num_batched_tokens,
-            max_model_len=args.max_model_len or 2 * n_positions,
+            max_model_len=args.max_model_len or context,
             max_queue_size=args.max_queue_size,
         ),
         batching=DynamicBatchingConfig(

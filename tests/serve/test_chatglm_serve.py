@@ -187,3 +187,24 @@ def test_bad_input_is_a_4xx_and_the_server_keeps_serving(served):
     else:  # ChatGLM-6B fills a [MASK]
         assert r.status_code == 200 and len(r.json()["spans"]) == 1
     assert post(server, "/v1/completions", {"prompt": "你好", "max_tokens": 2}).status_code == 200
+
+
+def test_serve_command_on_a_chatglm_folder(tmp_path, monkeypatch):
+    """``glmkit serve --model FOLDER`` reads the ChatGLM config (a slot holds its context: prompt and answer share
+    it), and what it starts (bf16: the kernels' packed weights and the fused step) answers."""
+    from glmkit.cli import main
+    from glmkit.serve import server
+
+    folder = chatglm3_folder(tmp_path / "model", seq_length=96)
+    seen = {}
+    monkeypatch.setattr(server, "serve", lambda model, host, port, options, dtype: seen.update(options=options))
+    assert main(["serve", "--model", str(folder), "--max-num-seqs", "2", "--dtype", "bfloat16"]) == 0
+    options = seen["options"]
+    assert options.scheduler.max_model_len == 96
+    live = LiveServer(server.load_state(str(folder), options, "bfloat16"))
+    try:
+        r = post(live, "/v1/chat/completions", {"messages": CHAT, "max_tokens": 5, "temperature": 0})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
+    finally:
+        live.stop()
+        live.state.engine.shutdown()
