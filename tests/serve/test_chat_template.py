@@ -1,8 +1,8 @@
 """``/v1/chat/completions`` picks the prompt by the served tokenizer: a ChatGLM tokenizer gets its family's template
 (glmkit/chatglm/chat.py) trimmed to the server's limits from the oldest turn, glmkit's own tokenizers the plain
-``User:``/``Assistant:`` format. The serve engine cannot run a ChatGLM model yet, so the ChatGLM case serves a small
-random GLM over a ChatGLM3-layout vocabulary: what is checked is the wiring (the prompt the server builds, its
-trimming and errors), not a ChatGLM model's answers."""
+``User:``/``Assistant:`` format. Here a small random GLM is served over a ChatGLM3-layout vocabulary, so what is
+checked is the wiring (the prompt the server builds, its trimming and errors); ChatGLM models' own answers are
+checked in test_chatglm_serve.py."""
 
 import httpx
 import pytest
