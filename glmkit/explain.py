@@ -4,8 +4,9 @@ Blanks are written ``[MASK]``, ``[sMASK]`` or ``[gMASK]``; a blank may be follow
 fills it (as in pretraining), otherwise ``--span-length`` placeholder tokens stand for what generation will
 produce. Everything shown comes from masks.py, the same code that data, generation and serving use.
 ``--family chatglm6b`` lays the text out as ChatGLM-6B does (``text [gMASK] <sop>``, no [CLS]; [MASK] infill) with
-its 2D positions (masks.chatglm6b_inputs, the hub's ``get_position_ids``). Without ``--family`` the layout is the
-tokenizer folder's model family (``glmkit.prompts``): a ChatGLM-6B hub folder is drawn as ChatGLM-6B.
+its 2D positions (masks.chatglm6b_inputs, the hub's ``get_position_ids``); ``--family chatglm2`` as ChatGLM2/3 and
+GLM-4 do (``[gMASK] sop text``, positions 0..n-1, every token causal: no blanks to fill). Without ``--family`` the
+layout is the tokenizer folder's model family (``glmkit.prompts``): a ChatGLM hub folder is drawn as its family.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ PLACEHOLDER = "▢"
 class Explanation:
     sample: BlankSample
     labels: list[str]  # a display string per token (placeholders shown as ▢)
+    causal: bool = False  # a causal LM's prompt and answer (sample.sep == 0): no Part A / Part B
 
     @property
     def part_a(self) -> range:
@@ -52,8 +54,10 @@ def explain(
         family = _folder_family(tokenizer)
     if family == "chatglm6b":
         return _explain_chatglm6b(text, tokenizer, span_length)
+    if family == "chatglm2":
+        return _explain_causal(text, tokenizer, span_length)
     if family != "glm":
-        raise ValueError(f"family: expected 'glm' or 'chatglm6b', got {family!r}")
+        raise ValueError(f"family: expected 'glm', 'chatglm6b' or 'chatglm2', got {family!r}")
     tok = load_tokenizer(tokenizer)
     sp = tok.special
     blank_ids = {"MASK": sp.mask, "sMASK": sp.smask, "gMASK": sp.gmask}
@@ -137,22 +141,37 @@ def _explain_chatglm6b(text: str, tokenizer: str | Path | None, span_length: int
     return Explanation(sample, labels + [PLACEHOLDER] * span_length)
 
 
+def _explain_causal(text: str, tokenizer: str | Path | None, span_length: int) -> Explanation:
+    """ChatGLM2/3 and GLM-4: the prompt ``[gMASK] sop text`` (prompts.ChatGLM2Prompts) and the answer
+    (``span_length`` placeholders), every token attending to itself and those before, at positions 0..n-1."""
+    if tokenizer is None:
+        raise ValueError("--tokenizer: a ChatGLM2/3 or GLM-4 folder is needed for --family chatglm2")
+    if _BLANK.search(text):
+        raise ValueError("text: ChatGLM2/3 and GLM-4 continue a text causally; it has no blanks to fill")
+    from .chatglm.tokenizers import load_chatglm_tokenizer
+
+    tok = load_chatglm_tokenizer(tokenizer)
+    sp = tok.special
+    prompt = layout(sp, "chatglm2").continuation(tok.encode(text))
+    filler = sp.pad if sp.pad is not None else sp.eos
+    tokens = [*prompt] + [filler] * span_length
+    n = len(tokens)
+    loss_mask = [0] * len(prompt) + [1] * span_length
+    sample = BlankSample(tokens, tokens, loss_mask, list(range(n)), [0] * n, 0, [])
+    labels = [tok.decode([t]) or f"<{t}>" for t in prompt]
+    return Explanation(sample, labels + [PLACEHOLDER] * span_length, causal=True)
+
+
 def _folder_family(folder: str | Path | None) -> str:
-    """The prompt family of the model a tokenizer folder belongs to: a ChatGLM hub folder's (by its tokenizer), else
-    GLM's. ChatGLM2/3 and GLM-4 are causal LMs, with no Part A / Part B to draw: named, not drawn as GLM."""
+    """The prompt family of the model a tokenizer folder belongs to: a ChatGLM hub folder's (by its tokenizer:
+    ``chatglm6b``, or ``chatglm2`` for ChatGLM2/3 and GLM-4), else GLM's."""
     from .bundled import is_chatglm_folder
 
     if folder is None or not is_chatglm_folder(folder):
         return "glm"
     from .chatglm.tokenizers import load_chatglm_tokenizer
 
-    family = load_chatglm_tokenizer(folder).prompt_family
-    if family != "chatglm6b":
-        raise ValueError(
-            f"--tokenizer: {folder} holds a ChatGLM2/3 or GLM-4 model, a causal LM (its mask is plain causal, its "
-            "positions 0..n-1); explain draws GLM and ChatGLM-6B blank infilling only"
-        )
-    return family
+    return load_chatglm_tokenizer(folder).prompt_family
 
 
 def render_terminal(ex: Explanation, max_grid: int = 64) -> None:
@@ -163,6 +182,8 @@ def render_terminal(ex: Explanation, max_grid: int = 64) -> None:
     console = Console()
     s = ex.sample
     parts = (("Part A (corrupted text, bidirectional)", ex.part_a), ("Part B (spans, in generation order)", ex.part_b))
+    if ex.causal:
+        parts = (("prompt and answer (causal: each token sees itself and those before)", range(len(s))),)
     for title, rows in parts:
         table = Table(title=title, title_justify="left")
         table.add_column("index", justify="right")
@@ -177,7 +198,8 @@ def render_terminal(ex: Explanation, max_grid: int = 64) -> None:
         console.print(f"[yellow]attention mask not drawn: {n} tokens > {max_grid} (use --png)[/yellow]")
         return
     mask = sample_mask(s)
-    console.print(f"Attention mask (row attends to column; ■ = visible; Part A = first {s.sep} tokens):")
+    where = "causal" if ex.causal else f"Part A = first {s.sep} tokens"
+    console.print(f"Attention mask (row attends to column; ■ = visible; {where}):")
     width = max(len(x) for x in ex.labels[:n])
     for i in range(n):
         cells = "".join(("■" if mask[i, j] else "·") + ("│" if j == s.sep - 1 else "") for j in range(n))
@@ -195,8 +217,9 @@ def render_png(ex: Explanation, path: str | Path) -> None:
 
     s = ex.sample
     n = len(s)
+    title = "ChatGLM2/3, GLM-4 (causal)" if ex.causal else "GLM (Part A bidirectional, Part B autoregressive)"
     masks = {
-        "GLM (Part A bidirectional, Part B autoregressive)": sample_mask(s),
+        title: sample_mask(s),
         "GPT (causal)": prefix_lm_mask(0, n)[0, 0],
         "BERT (bidirectional)": torch.ones(n, n, dtype=torch.bool),
     }
@@ -208,7 +231,7 @@ def render_png(ex: Explanation, path: str | Path) -> None:
         ax.set_title(title, fontsize=10)
         ax.set_xticks(range(n), ticks, rotation=90, fontsize=7)
         ax.set_yticks(range(n), ticks, fontsize=7)
-        if "GLM" in title:
+        if title.startswith("GLM"):
             ax.axhline(s.sep - 0.5, color="crimson", lw=1)
             ax.axvline(s.sep - 0.5, color="crimson", lw=1)
     fig.suptitle("token (position, block position); rows attend to columns", fontsize=9)
@@ -224,10 +247,10 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--span-length", type=int, default=2, help="placeholder tokens per blank with no {span}")
     p.add_argument(
         "--family",
-        choices=("glm", "chatglm6b"),
+        choices=("glm", "chatglm6b", "chatglm2"),
         default=None,
-        help="prompt layout: GLM ([CLS] text, blanks filled) or ChatGLM-6B (text [gMASK] <sop>, its 2D positions); "
-        "default: the family of the --tokenizer folder's model (GLM unless a ChatGLM hub folder)",
+        help="prompt layout: GLM ([CLS] text, blanks filled), ChatGLM-6B (text [gMASK] <sop>, its 2D positions) or "
+        "ChatGLM2/3 / GLM-4 ([gMASK] sop text, causal); default: the family of the --tokenizer folder's model",
     )
 
 

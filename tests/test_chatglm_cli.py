@@ -163,10 +163,19 @@ def test_transformers_wrapper_reproduces_the_greedy_fixture(family, tmp_path):
 def test_explain_takes_the_family_of_a_chatglm_folder(folder, capsys):
     from glmkit.chatglm.tokenizers import load_chatglm_tokenizer
     from glmkit.explain import explain
+    from glmkit.masks import sample_mask
 
-    if not (folder / "ice_text.model").is_file():  # ChatGLM3: a causal LM, no blank infilling to draw
-        assert main(["explain", "你好[gMASK]", "--tokenizer", str(folder)]) == 2
-        assert "causal LM" in capsys.readouterr().err
+    if not (folder / "ice_text.model").is_file():  # ChatGLM3: a causal LM, drawn causal at positions 0..n-1
+        ex, special = explain("你好，世界", tokenizer=folder, span_length=3), load_chatglm_tokenizer(folder).specials
+        s = ex.sample
+        assert ex.causal and s.sep == 0 and s.tokens[:2] == [special.gmask, special.sop]  # `[gMASK] sop text`
+        assert s.position_ids == list(range(len(s))) and set(s.block_position_ids) == {0}
+        assert s.loss_mask == [0] * (len(s) - 3) + [1] * 3
+        assert torch.equal(sample_mask(s), torch.ones(len(s), len(s), dtype=torch.bool).tril())
+        assert main(["explain", "你好，世界", "--tokenizer", str(folder)]) == 0
+        assert "causal" in capsys.readouterr().out
+        assert main(["explain", "你好[gMASK]", "--tokenizer", str(folder)]) == 2  # no blanks in a causal prompt
+        assert "no blanks" in capsys.readouterr().err
         return
     s, special = explain("你好，世界", tokenizer=folder).sample, load_chatglm_tokenizer(folder).specials
     assert s.tokens[s.sep - 1 : s.sep + 1] == [special.gmask, special.sop]  # `text [gMASK] <sop>`, no [CLS]
