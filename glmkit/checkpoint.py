@@ -36,6 +36,27 @@ class OutputFolderError(CheckpointError):
     """The folder a checkpoint is to be written to is a file, or holds something that ``overwrite`` would lose."""
 
 
+# THUDM's parameter names inside a block, which GLM and ChatGLM-6B share → glmkit's
+HUB_BLOCK_KEYS = {
+    "input_layernorm": "norm_1",
+    "attention.query_key_value": "attn.qkv",
+    "attention.dense": "attn.proj",
+    "post_attention_layernorm": "norm_2",
+    "mlp.dense_h_to_4h": "mlp.fc",
+    "mlp.dense_4h_to_h": "mlp.proj",
+}
+
+
+def hub_block_keys(n_layer: int) -> dict[str, str]:
+    """``transformer.layers.{i}.<hub name>.weight|bias`` → ``blocks.{i}.<glmkit name>.weight|bias``."""
+    return {
+        f"transformer.layers.{i}.{hub}.{t}": f"blocks.{i}.{ours}.{t}"
+        for i in range(n_layer)
+        for hub, ours in HUB_BLOCK_KEYS.items()
+        for t in ("weight", "bias")
+    }
+
+
 def hub_key_map(config: GLMConfig, scheme: QuantScheme | None = None) -> dict[str, str]:
     """Hub key (without the ``glm.`` prefix) → glmkit parameter name; with ``scheme``, quantized weights add
     ``<name>.weight_scale`` (ChatGLM's hub naming)."""
@@ -48,18 +69,7 @@ def hub_key_map(config: GLMConfig, scheme: QuantScheme | None = None) -> dict[st
         m["transformer.position_embeddings.weight"] = "wpe.weight"
         if config.block_position_encoding:
             m["transformer.block_position_embeddings.weight"] = "wbpe.weight"
-    layer = {
-        "input_layernorm": "norm_1",
-        "attention.query_key_value": "attn.qkv",
-        "attention.dense": "attn.proj",
-        "post_attention_layernorm": "norm_2",
-        "mlp.dense_h_to_4h": "mlp.fc",
-        "mlp.dense_4h_to_h": "mlp.proj",
-    }
-    for i in range(config.n_layer):
-        for hub, ours in layer.items():
-            for t in ("weight", "bias"):
-                m[f"transformer.layers.{i}.{hub}.{t}"] = f"blocks.{i}.{ours}.{t}"
+    m.update(hub_block_keys(config.n_layer))
     if scheme is not None:
         scaled = {n.removesuffix("_scale") for n in _expected_tensors(config, scheme) if n.endswith(".weight_scale")}
         m.update({hub + "_scale": ours + "_scale" for hub, ours in list(m.items()) if ours in scaled})

@@ -26,11 +26,12 @@ from typing import Any, ClassVar
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
-from .. import kernels
 from ..config import ConfigError, SpecialTokens
 from ..kv_cache import KVCache
 from ..masks import chatglm6b_inputs, mask_with_cache
+from .base import HubModel
 
 # The hub GLMBlock's default num_layers=28 is never overridden by ChatGLMModel, so α = sqrt(2·28) for every depth
 # (chatglm.cpp hard-codes it too); sqrt(2·num_layers) moves a 2-layer model's logits by ~3.
@@ -227,7 +228,7 @@ def apply_rotary_half(x: torch.Tensor, rope: Rope) -> torch.Tensor:
 
 
 def _attend_in_fp32(x: torch.Tensor) -> bool:
-    # the CPU attention kernels are ~10x faster in fp32 than in bf16 at decode shapes (generate/fast.py)
+    # on a CPU, half-precision attention is ~10x slower than fp32 at decode shapes (generate/fast.py)
     return x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16)
 
 
@@ -250,7 +251,8 @@ class Attention(nn.Module):
         q, k = apply_rotary_half(q, rope), apply_rotary_half(k, rope)
         if cache is not None:
             k, v = cache.write(layer, k, v)  # (B, nh, T, hs)
-        y = kernels.attention(q, k, v, mask, x.dtype)  # (B, S, nh * hs)
+        y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask)
+        y = y.transpose(1, 2).reshape(B, S, self.n_head * self.head_size).to(x.dtype)
         if blind is not None:  # the hub's -10000 fill makes every score of such a row equal: the mean of the values
             y = torch.where(blind, v.mean(dim=2).flatten(1)[:, None].to(y.dtype), y)
         return self.proj(y)
@@ -263,7 +265,7 @@ class MLP(nn.Module):
         self.proj = nn.Linear(config.inner_hidden_size, config.n_embd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(kernels.gelu(self.fc(x), "tanh"))
+        return self.proj(F.gelu(self.fc(x), approximate="tanh"))
 
 
 class Block(nn.Module):
@@ -283,7 +285,7 @@ class Block(nn.Module):
         return m * ALPHA + self.mlp(m)
 
 
-class ChatGLM6B(nn.Module):
+class ChatGLM6B(HubModel):
     def __init__(self, config: ChatGLM6BConfig) -> None:
         super().__init__()
         self.config = config
@@ -293,30 +295,6 @@ class ChatGLM6B(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if not any(p.is_meta for p in self.parameters()):
             self.reset_parameters()
-
-    def reset_parameters(self, std: float = 0.02) -> None:
-        """Random weights for benchmarks and tests (the hub ships no init): N(0, std) matrices, zero biases, unit
-        LayerNorms."""
-        for name, p in self.named_parameters():
-            if name.endswith("bias"):
-                nn.init.zeros_(p)
-            elif ".norm_" in name or name.startswith("ln_f"):
-                nn.init.ones_(p)
-            else:
-                nn.init.normal_(p, 0.0, std)
-
-    @classmethod
-    def from_pretrained(cls, path, dtype: torch.dtype | None = None, device="cpu", **config_overrides) -> nn.Module:
-        """Load a hub checkpoint folder (``glmkit.chatglm.hub.load_pretrained``)."""
-        from .hub import load_pretrained
-
-        return load_pretrained(path, dtype=dtype, device=device, **config_overrides)
-
-    def save_pretrained(self, path, max_shard_size: int | None = None) -> None:
-        """Write the hub layout (``glmkit.chatglm.hub.save_pretrained``)."""
-        from .hub import save_pretrained
-
-        save_pretrained(self, path, max_shard_size=max_shard_size)
 
     def embed(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, Rope]:
         return self.wte(input_ids), rotary_2d_half(position_ids, self.config.head_size)
@@ -418,26 +396,16 @@ class ChatGLM6B(nn.Module):
 
 
 def hub_key_map(config: ChatGLM6BConfig) -> dict[str, str]:
-    """Hub key of THUDM/chatglm-6b → glmkit parameter name."""
-    m = {
+    """Hub key of THUDM/chatglm-6b → glmkit parameter name (the block names are GLM's)."""
+    from ..checkpoint import hub_block_keys
+
+    return {
         "transformer.word_embeddings.weight": "wte.weight",
         "transformer.final_layernorm.weight": "ln_f.weight",
         "transformer.final_layernorm.bias": "ln_f.bias",
         "lm_head.weight": "lm_head.weight",
+        **hub_block_keys(config.n_layer),
     }
-    layer = {
-        "input_layernorm": "norm_1",
-        "attention.query_key_value": "attn.qkv",
-        "attention.dense": "attn.proj",
-        "post_attention_layernorm": "norm_2",
-        "mlp.dense_h_to_4h": "mlp.fc",
-        "mlp.dense_4h_to_h": "mlp.proj",
-    }
-    for i in range(config.n_layer):
-        for hub, ours in layer.items():
-            for t in ("weight", "bias"):
-                m[f"transformer.layers.{i}.{hub}.{t}"] = f"blocks.{i}.{ours}.{t}"
-    return m
 
 
 def is_ignored_hub_key(key: str) -> bool:

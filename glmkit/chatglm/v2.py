@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from ..config import ConfigError, _json_kind
 from ..kv_cache import KVCache
+from .base import HubModel
 
 _HUB_TO_FIELD = {
     "num_layers": "n_layer",
@@ -335,7 +336,7 @@ class PrefixEncoder(nn.Module):
         return [(layer[0].expand(batch, -1, -1, -1), layer[1].expand(batch, -1, -1, -1)) for layer in kv]
 
 
-class ChatGLM2(nn.Module):
+class ChatGLM2(HubModel):
     """ChatGLM2 / ChatGLM3 / GLM-4 (``ChatGLMForConditionalGeneration``'s network). A causal LM: generation continues
     the prompt token by token (glmkit/generate/causal.py)."""
 
@@ -351,29 +352,6 @@ class ChatGLM2(nn.Module):
         self.prefix_encoder = PrefixEncoder(config) if config.pre_seq_len else None
         if not any(p.is_meta for p in self.parameters()):
             self.reset_parameters()
-
-    def reset_parameters(self, std: float = 0.02) -> None:
-        """N(0, std) weights, zero biases, unit norms (a random model for tests and benchmarks)."""
-        for name, p in self.named_parameters():
-            if name.endswith("bias"):
-                nn.init.zeros_(p)
-            elif ".norm_" in name or name.startswith("ln_f"):
-                nn.init.ones_(p)
-            else:
-                nn.init.normal_(p, 0.0, std)
-
-    @classmethod
-    def from_pretrained(cls, path, dtype: torch.dtype | None = None, device="cpu", **config_overrides) -> nn.Module:
-        """Load a hub checkpoint folder (``glmkit.chatglm.hub.load_pretrained``)."""
-        from .hub import load_pretrained
-
-        return load_pretrained(path, dtype=dtype, device=device, **config_overrides)
-
-    def save_pretrained(self, path, max_shard_size: int | None = None) -> None:
-        """Write the hub layout (``glmkit.chatglm.hub.save_pretrained``)."""
-        from .hub import save_pretrained
-
-        save_pretrained(self, path, max_shard_size=max_shard_size)
 
     def generate(self, input_ids, **kwargs) -> torch.Tensor:
         """``glmkit.generate.generate`` returning transformers' ``sequences`` (prompt, then new tokens)."""
