@@ -13,6 +13,7 @@ from glmkit.generate import generate, stream
 from glmkit.generate.causal import CausalStepper, prefill
 from glmkit.generate.fast import DecodeStep, optimize_for_decode
 from glmkit.kernels import FastLinear
+from glmkit.kernels import available as kernels_available
 from glmkit.prompts import layout
 
 from .conftest import FIXTURES
@@ -36,8 +37,9 @@ def test_generate_reproduces_the_greedy_case(kernels):
     out = generate(model, prompt, max_new_tokens=12, do_sample=False, eos_token_id=NO_STOP, kernels=kernels)
     assert out.new_tokens == case["expected_token_ids"]
     assert out.sequences[0].tolist() == prompt + case["expected_token_ids"][0]
-    assert isinstance(model.blocks[0].attn.qkv, FastLinear) == kernels  # optimize_for_decode swapped them
-    assert isinstance(model.lm_head, FastLinear) == kernels
+    swapped = kernels and kernels_available()  # optimize_for_decode swaps them where the kernels run
+    assert isinstance(model.blocks[0].attn.qkv, FastLinear) == swapped
+    assert isinstance(model.lm_head, FastLinear) == swapped
     assert list(stream(model, prompt, max_new_tokens=12, eos_token_id=NO_STOP)) == case["expected_token_ids"][0]
     assert model.generate([prompt], max_new_tokens=12, eos_token_id=NO_STOP).tolist() == out.sequences.tolist()
 
@@ -153,7 +155,7 @@ def test_hub_int4_model_generates_on_the_quantized_layers(tmp_path):
     model = GLM.from_pretrained(folder, dtype=torch.bfloat16)
     optimize_for_decode(model)
     step = DecodeStep(model)
-    assert step.fused is not None  # the hub int4 layers run inside the fused C++ step (decode_blocks)
+    assert (step.fused is not None) == kernels_available()  # the hub int4 layers run inside decode_blocks
     prompt = CASES["c_greedy_single"]["input_ids"][0]
     out = generate(model, prompt, max_new_tokens=12, eos_token_id=NO_STOP)
     reference = generate(
