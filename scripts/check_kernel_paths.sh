@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 TESTS=(
   tests/test_kernels.py tests/test_kernel_build.py tests/test_quantize.py tests/test_prefill_kernels.py
   tests/test_generate_fast.py tests/test_train_kernels.py tests/test_kernel_fakes.py tests/serve/test_engine.py
-  tests/test_chatglm2_fused.py
+  tests/test_chatglm2_fused.py tests/test_chatglm6b_fused.py
 )
 GLMKIT_KERNELS=0 pytest -q "${TESTS[@]}"
 if python -c "import sys; from glmkit.kernels import build; sys.exit(build.best_isa() != 'avx512')"; then

@@ -12,8 +12,8 @@ weights stream from memory (benchmarks/RESULTS.md, "Generation"); everything els
   model attends in fp32. Where the fused step below runs, it reads a bf16 KV cache itself (a bf16 model's keys and
   values are bf16 already; 32 rows of 160 tokens: ~8 ms less per GLM-Large step); elsewhere the cache is fp32
   (``cache_dtype``): converting a bf16 cache every step would cost more than reading the wider one.
-- ``DecodeStep`` is the one-token step generation and serving run. For a bf16 GLM or ChatGLM2/3/GLM-4 on the
-  kernels' CPU it runs every block in one C++ call (``glmkit_kernels::decode_blocks``: the same LayerNorm or
+- ``DecodeStep`` is the one-token step generation and serving run. For a bf16 GLM, ChatGLM-6B or ChatGLM2/3/GLM-4
+  on the kernels' CPU it runs every block in one C++ call (``glmkit_kernels::decode_blocks``: the same LayerNorm or
   RMSNorm, GELU or SwiGLU and residual adds, the kernels' matmuls, attention over each row's cache of its KV heads in
   a loop), which removes the ~3 ms of per-op Python dispatch a GLM-Large step otherwise spends around its ~15 ms of
   weight streaming; rows may hold different numbers of tokens.
@@ -32,6 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import kernels
+from ..chatglm.v1 import ALPHA, ChatGLM6B, rotary_2d_half
 from ..chatglm.v2 import ChatGLM2, rope_angles
 from ..kernels.layout import (
     DECODE_META_PER_BLOCK,
@@ -170,6 +171,9 @@ class _FusedBlocks:
     n_head: int
     eps: float
     activation: str  # decode_blocks: GELU's approximate ("tanh" or "none"), or "swiglu"
+    qkv_per_head: bool = False  # ChatGLM-6B's QKV rows: q, k, v of each head in turn (else Q | K | V blocks)
+    rope_halves: int = 0  # rotate-half pairs within this many segments of a head (ChatGLM-6B: 2), else adjacent pairs
+    residual_alpha: float = 0.0  # ChatGLM-6B's LN(x) * alpha + f(LN(x)); 0: x + f(LN(x))
 
 
 def _fused_linear(module: nn.Module) -> tuple[list[torch.Tensor], list[int]] | None:
@@ -205,12 +209,14 @@ def _fused_style(model: torch.nn.Module) -> str | None:
         c = model.config
         ok = c.multi_query_attention and not c.apply_residual_connection_post_layernorm and not c.pre_seq_len
         return "swiglu" if ok and c.head_size <= MAX_HEAD_SIZE else None
+    if type(model) is ChatGLM6B:  # GELU (tanh) MLP, per-head QKV rows, rotate-half 2D rotary, alpha residuals
+        return "tanh" if model.config.head_size <= MAX_HEAD_SIZE else None
     return None
 
 
 def _fused_blocks(model: torch.nn.Module) -> _FusedBlocks | None:
-    """The fused op's view of ``model``, or None where it does not run (not a bf16 GLM or ChatGLM2 on the kernels'
-    CPU, or a layer the op does not take)."""
+    """The fused op's view of ``model``, or None where it does not run (not a bf16 GLM, ChatGLM-6B or ChatGLM2 on
+    the kernels' CPU, or a layer the op does not take)."""
     activation = _fused_style(model)
     if activation is None:
         return None
@@ -233,7 +239,10 @@ def _fused_blocks(model: torch.nn.Module) -> _FusedBlocks | None:
     n = len(model.blocks)
     assert len(tensors) == DECODE_TENSORS_PER_BLOCK * n and len(meta) == DECODE_META_PER_BLOCK * n  # layout.py
     first = model.blocks[0]
-    return _FusedBlocks(tensors, meta, first.attn.n_head, first.norm_1.eps, activation)
+    fused = _FusedBlocks(tensors, meta, first.attn.n_head, first.norm_1.eps, activation)
+    if type(model) is ChatGLM6B:
+        fused.qkv_per_head, fused.rope_halves, fused.residual_alpha = True, 2, ALPHA
+    return fused
 
 
 def _fused_inputs(model: torch.nn.Module, tokens: torch.Tensor, positions: torch.Tensor):
@@ -243,6 +252,10 @@ def _fused_inputs(model: torch.nn.Module, tokens: torch.Tensor, positions: torch
         if rope is not None:  # cos, sin [N, 1, 1, head_size / 2] -> [N, 2, head_size / 2]
             rope = torch.cat(rope, dim=2).flatten(1, 2).contiguous()
         return x[:, 0], rope
+    if type(model) is ChatGLM6B:  # cos, sin [N, 1, 1, D] repeat each half's D / 4 angles: one per rotate-half pair
+        N, D = len(tokens), model.config.head_size
+        cos, sin = (t.view(N, 2, 2, D // 4)[:, :, 0].flatten(1) for t in rotary_2d_half(positions, D))
+        return model.wte(tokens)[:, 0], torch.stack([cos, sin], dim=1).contiguous()
     # ChatGLM2: 1-D rotary on each head's first rotary_dims; the table turns the other pairs by 0. The Python path
     # turns in the model's dtype (v2.rotate_pairs), so the table holds bf16 values
     cos, sin = (t.flatten(1) for t in rope_angles(positions, model.config))
@@ -294,7 +307,10 @@ class DecodeStep:
         x, rope = _fused_inputs(model, tokens, positions)
         pool, slots = rows
         op = torch.ops.glmkit_kernels.decode_blocks.default
-        x = op(x, f.tensors, f.meta, pool.k, pool.v, slots, lengths, rope, f.n_head, f.eps, f.activation)
+        x = op(
+            x, f.tensors, f.meta, pool.k, pool.v, slots, lengths, rope, f.n_head, f.eps, f.activation,
+            f.qkv_per_head, f.rope_halves, f.residual_alpha,
+        )  # fmt: skip
         cache.advance(1)
         x = model.ln_f(x)
         if hidden:

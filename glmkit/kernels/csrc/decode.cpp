@@ -1,6 +1,7 @@
-// Every block of one decode step in one call (glmkit.generate.fast): one new token per row, bf16 activations. Two
-// block styles: GLM's (LayerNorm, GELU MLP, one KV head per head) and ChatGLM2/3/GLM-4's (RMSNorm, SwiGLU MLP,
-// grouped KV heads, 1-D rotary on part of each head: the rope table turns the rest by 0).
+// Every block of one decode step in one call (glmkit.generate.fast): one new token per row, bf16 activations. Three
+// block styles: GLM's (LayerNorm, GELU MLP, one KV head per head, pre-LN residuals), ChatGLM-6B's (GLM's with per-head
+// QKV rows, rotate-half 2D rotary and the residual LN(x) * alpha + f(LN(x))) and ChatGLM2/3/GLM-4's (RMSNorm, SwiGLU
+// MLP, grouped KV heads, 1-D rotary on part of each head: the rope table turns the rest by 0).
 //
 // A decode step of GLM-Large is ~15 ms of weight streaming plus, in Python, ~3 ms of everything else: 24 layers of
 // LayerNorm, attention over the cache, GELU and residual adds, each a Python-dispatched op costing more than its
@@ -281,14 +282,54 @@ void add_into(at::Tensor& x, const at::Tensor& y) {
   elementwise(x.numel(), [&](int64_t i0, int64_t i1) { add_range(xp, yp, i0, i1); });
 }
 
-// qkv [B, (H + 2G) D] (bf16, rows Q | K | V head-major: H query heads, G key/value heads, each shared by H / G
+// out = x turned pair by pair where the pairs are rotate-half ones (GPT-NeoX's layout) within each of `halves` equal
+// segments of the head: element j of a segment with element j + segment / 2, pair p = segment index * segment / 2 + j
+// taking c[p], s[p]. ChatGLM-6B has two segments (position, block position). Rounded as the Python path's
+// x * cos + rotate_half(x) * sin (each product, then the sum: no fused multiply-add); out may be x.
+__attribute__((optimize("fp-contract=off"))) void rotate_halves(const float* x, const float* c, const float* s,
+                                                                 int64_t D, int64_t halves, float* out) {
+  const int64_t seg = D / halves, q = seg / 2;
+  for (int64_t g = 0; g < halves; g++) {
+    const float *cg = c + g * q, *sg = s + g * q;
+    for (int64_t j = 0; j < q; j++) {
+      const float a = x[g * seg + j], b = x[g * seg + j + q];
+      out[g * seg + j] = a * cg[j] - b * sg[j];
+      out[g * seg + j + q] = b * cg[j] + a * sg[j];
+    }
+  }
+}
+
+// x[i] = bf16(bf16(h[i] * alpha) + y[i]): ChatGLM-6B's residual, which adds the normalized input scaled by alpha
+void scale_add_into(at::Tensor& x, const at::Tensor& h, const at::Tensor& y, float alpha) {
+  auto* xp = x.data_ptr<c10::BFloat16>();
+  const auto *hp = h.data_ptr<c10::BFloat16>(), *yp = y.data_ptr<c10::BFloat16>();
+  elementwise(x.numel(), [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; i++)
+      xp[i] = c10::BFloat16(static_cast<float>(c10::BFloat16(static_cast<float>(hp[i]) * alpha)) +
+                            static_cast<float>(yp[i]));
+  });
+}
+
+// Where a head's q, k and v sit in a row of the QKV projection's output: head-major blocks Q | K | V, or per head
+// (ChatGLM-6B: q, k, v of head 0, then of head 1, ...; one KV head per head)
+struct QkvLayout {
+  int64_t q_stride, k_start, v_start, kv_stride;
+  QkvLayout(bool per_head, int64_t H, int64_t G, int64_t D)
+      : q_stride(per_head ? 3 * D : D),
+        k_start(per_head ? D : H * D),
+        v_start(per_head ? 2 * D : (H + G) * D),
+        kv_stride(per_head ? 3 * D : D) {}
+};
+
+// qkv [B, (H + 2G) D] (bf16, laid out as `lay` says: H query heads, G key/value heads, each shared by H / G
 // consecutive query heads); rope: none, or [B, 2, D / 2] (cos, sin of each pair's angle) turning each head's q and k
-// before k is cached; writes each row's k, v at its length in its cache slot (an fp32 or bf16 cache: bf16 holds a
+// before k is cached, adjacent pairs (rope_halves 0) or rotate-half pairs in rope_halves segments; writes each row's k, v at its length in its cache slot (an fp32 or bf16 cache: bf16 holds a
 // bf16 model's k and v exactly, rotated k rounded once, and halves the bytes attention reads), attends over the
 // slot's tokens 0..length, returns y [B, H D] in bf16 (what SDPA then .to(bf16) gives the Python path)
 template <typename CT>
 at::Tensor attend_rows(const at::Tensor& qkv, at::Tensor& kc, at::Tensor& vc, int64_t layer, at::IntArrayRef slots,
-                       at::IntArrayRef lengths, int64_t H, const float* rope) {
+                       at::IntArrayRef lengths, int64_t H, const QkvLayout& lay, const float* rope,
+                       int64_t rope_halves) {
   const int64_t B = qkv.size(0), G = kc.size(2), D = kc.size(4), P = kc.size(1), Tmax = kc.size(3);
   const int64_t W = qkv.size(1), C = H * D;
   const auto* qp = qkv.data_ptr<c10::BFloat16>();
@@ -302,21 +343,24 @@ at::Tensor attend_rows(const at::Tensor& qkv, at::Tensor& kc, at::Tensor& vc, in
     for (int64_t d = 0; d < n; d++) dst[d] = static_cast<float>(src[d]);
   };
   auto turn = [&](float* v, int64_t b) {
-    if (rope) rotate(v, rope + b * D, rope + b * D + D / 2, D, v);
+    if (rope && rope_halves)
+      rotate_halves(v, rope + b * D, rope + b * D + D / 2, D, rope_halves, v);
+    else if (rope)
+      rotate(v, rope + b * D, rope + b * D + D / 2, D, v);
   };
   // the new keys and values first: every query head of a group reads them (one row's heads stay on one thread)
   at::parallel_for(0, B * G, 64, [&](int64_t i0, int64_t i1) {
     float k[MAX_HEAD_SIZE];
     for (int64_t i = i0; i < i1; i++) {
       const int64_t b = i / G, g = i % G, n = lengths[b];
-      const c10::BFloat16* row = qp + b * W + C;
-      widen(row + g * D, k, D);
+      const c10::BFloat16* row = qp + b * W;
+      widen(row + lay.k_start + g * lay.kv_stride, k, D);
       turn(k, b);
       CT* K = kp + ((slots[b] * G + g) * Tmax + n) * D;
       CT* V = vp + ((slots[b] * G + g) * Tmax + n) * D;
       for (int64_t d = 0; d < D; d++) {
         K[d] = CT(k[d]);
-        V[d] = CT(static_cast<float>(row[G * D + g * D + d]));
+        V[d] = CT(static_cast<float>(row[lay.v_start + g * lay.kv_stride + d]));
       }
     }
   });
@@ -325,7 +369,7 @@ at::Tensor attend_rows(const at::Tensor& qkv, at::Tensor& kc, at::Tensor& vc, in
     float q[MAX_HEAD_SIZE], out[MAX_HEAD_SIZE];
     for (int64_t i = i0; i < i1; i++) {
       const int64_t b = i / H, h = i % H, g = h / (H / G);
-      widen(qp + b * W + h * D, q, D);
+      widen(qp + b * W + h * lay.q_stride, q, D);
       turn(q, b);
       const CT* K = kp + (slots[b] * G + g) * Tmax * D;
       const CT* V = vp + (slots[b] * G + g) * Tmax * D;
@@ -343,7 +387,8 @@ namespace glmkit {
 at::Tensor decode_blocks(const at::Tensor& x_in, at::TensorList tensors, at::IntArrayRef meta, at::Tensor k_cache,
                          at::Tensor v_cache, at::IntArrayRef slots, at::IntArrayRef lengths,
                          const c10::optional<at::Tensor>& rope, int64_t n_head, double eps,
-                         c10::string_view activation) {
+                         c10::string_view activation, bool qkv_per_head, int64_t rope_halves,
+                         double residual_alpha) {
   TORCH_CHECK(x_in.device().is_cpu() && x_in.scalar_type() == at::kBFloat16 && x_in.dim() == 2,
               "decode_blocks: x must be a bf16 CPU tensor [B, C]");
   const int64_t B = x_in.size(0);
@@ -371,6 +416,13 @@ at::Tensor decode_blocks(const at::Tensor& x_in, at::TensorList tensors, at::Int
                     rope->size(1) == 2 && rope->size(2) * 2 == D,
                 "decode_blocks: rope must be contiguous fp32 [B, 2, head_size / 2] (cos, sin)");
   const float* rp = rope ? rope->data_ptr<float>() : nullptr;
+  TORCH_CHECK(!qkv_per_head || G == n_head, "decode_blocks: per-head QKV rows need one KV head per head, got ", G,
+              " for ", n_head);
+  TORCH_CHECK(rope_halves >= 0 && (rope_halves == 0 || D % (2 * rope_halves) == 0), "decode_blocks: rope_halves ",
+              rope_halves, " does not split a head of ", D, " into rotate-half segments");
+  TORCH_CHECK(residual_alpha >= 0, "decode_blocks: residual_alpha must be 0 (x + f(LN(x))) or positive");
+  const QkvLayout qkv_at(qkv_per_head, n_head, G, D);
+  const float alpha = static_cast<float>(residual_alpha);
   TORCH_CHECK(activation == "tanh" || activation == "none" || activation == "swiglu",
               "decode_blocks: activation must be tanh or none (GELU's approximate) or swiglu");
   for (int64_t l = 0; l < L; l++) {
@@ -383,6 +435,13 @@ at::Tensor decode_blocks(const at::Tensor& x_in, at::TensorList tensors, at::Int
   }
   at::Tensor x = x_in.clone(at::MemoryFormat::Contiguous);  // the residual stream, updated in place
   at::Tensor h = at::empty_like(x);
+  // x + f(LN(x)) (pre-LN), or ChatGLM-6B's LN(x) * alpha + f(LN(x))
+  auto residual = [alpha](at::Tensor& x, const at::Tensor& h, const at::Tensor& f) {
+    if (alpha > 0)
+      scale_add_into(x, h, f, alpha);
+    else
+      add_into(x, f);
+  };
   for (int64_t l = 0; l < L; l++) {
     const at::Tensor* t = tensors.data() + l * PER_BLOCK;
     const int64_t* m = meta.data() + l * META_PER_BLOCK;
@@ -391,9 +450,11 @@ at::Tensor decode_blocks(const at::Tensor& x_in, at::TensorList tensors, at::Int
     TORCH_CHECK(qkv.size(1) == (n_head + 2 * G) * D, "decode_blocks: block ", l, "'s qkv has ", qkv.size(1),
                 " outputs, not (heads + 2 KV heads) x head size");
     const at::Tensor y = k_cache.scalar_type() == at::kFloat
-                             ? attend_rows<float>(qkv, k_cache, v_cache, l, slots, lengths, n_head, rp)
-                             : attend_rows<c10::BFloat16>(qkv, k_cache, v_cache, l, slots, lengths, n_head, rp);
-    add_into(x, run_linear(t + 7, m[2], m[3], y));
+                             ? attend_rows<float>(qkv, k_cache, v_cache, l, slots, lengths, n_head, qkv_at, rp,
+                                                  rope_halves)
+                             : attend_rows<c10::BFloat16>(qkv, k_cache, v_cache, l, slots, lengths, n_head, qkv_at,
+                                                          rp, rope_halves);
+    residual(x, h, run_linear(t + 7, m[2], m[3], y));
     norm(x, t[2], t[3], eps, h);
     auto f = run_linear(t + 10, m[4], m[5], h);
     if (activation == "swiglu")
@@ -402,7 +463,7 @@ at::Tensor decode_blocks(const at::Tensor& x_in, at::TensorList tensors, at::Int
       gelu_tanh(f);
     else
       f = at::gelu(f, activation);
-    add_into(x, run_linear(t + 13, m[6], m[7], f));
+    residual(x, h, run_linear(t + 13, m[6], m[7], f));
   }
   return x;
 }

@@ -291,7 +291,8 @@ TORCH_LIBRARY(glmkit_kernels, m) {
   m.def("linear_int4x16(Tensor x, Tensor w, Tensor scales, int group_size, Tensor? bias) -> Tensor");
   m.def(
       "decode_blocks(Tensor x, Tensor[] tensors, int[] linear_meta, Tensor(a!) k_cache, Tensor(b!) v_cache, int[] slots, "
-      "int[] lengths, Tensor? rope, int n_head, float eps, str activation) -> Tensor");
+      "int[] lengths, Tensor? rope, int n_head, float eps, str activation, bool qkv_per_head, int rope_halves, "
+      "float residual_alpha) -> Tensor");
   m.def("gelu_tanh(Tensor x) -> Tensor");
   m.def("pack_bf16(Tensor w) -> Tensor");
   m.def("attention(Tensor q, Tensor k, Tensor v, Tensor? mask, bool bf16_out) -> Tensor");

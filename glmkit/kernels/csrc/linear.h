@@ -26,6 +26,7 @@ at::Tensor linear_packed_bf16(const at::Tensor& x, const at::Tensor& packed, int
 at::Tensor decode_blocks(const at::Tensor& x, at::TensorList tensors, at::IntArrayRef linear_meta,
                          at::Tensor k_cache, at::Tensor v_cache, at::IntArrayRef slots, at::IntArrayRef lengths,
                          const c10::optional<at::Tensor>& rope, int64_t n_head, double eps,
-                         c10::string_view activation);
+                         c10::string_view activation, bool qkv_per_head, int64_t rope_halves,
+                         double residual_alpha);
 
 }  // namespace glmkit
