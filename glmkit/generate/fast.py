@@ -45,6 +45,7 @@ from ..kv_cache import KVCache, KVCacheRows
 from ..masks import mask_with_cache
 from ..model import GLM, Block, Rope
 from ..quantize.modules import QuantizedLinear
+from ..rotary import angles_2d
 
 # (input_ids, position_ids, attention_mask, cache, hidden[, lengths]) -> logits, or final hidden states when hidden;
 # lengths: valid tokens per right-padded row (cached_forward)
@@ -245,23 +246,40 @@ def _fused_blocks(model: torch.nn.Module) -> _FusedBlocks | None:
     return fused
 
 
-def _fused_inputs(model: torch.nn.Module, tokens: torch.Tensor, positions: torch.Tensor):
-    """The blocks' input ``[N, C]`` and ``decode_blocks``' rope table ``[N, 2, head_size / 2]`` (cos, sin; or None)."""
-    if type(model) is GLM:
-        x, rope = model.embed(tokens, positions)
-        if rope is not None:  # cos, sin [N, 1, 1, head_size / 2] -> [N, 2, head_size / 2]
-            rope = torch.cat(rope, dim=2).flatten(1, 2).contiguous()
-        return x[:, 0], rope
+def _rope_rows(model: torch.nn.Module, positions: torch.Tensor) -> torch.Tensor:
+    """``decode_blocks``' rope rows ``[N, 2, head_size / 2]`` (cos, sin of each pair's angle) for ``positions
+    [N, 2, 1]`` (GLM's rotary, ChatGLM-6B) or ``[N, 1]`` (ChatGLM2), computed as the model's Python path does."""
+    if type(model) is GLM:  # cos, sin [N, 1, 1, head_size / 2] -> [N, 2, head_size / 2]
+        return torch.cat(angles_2d(positions, model.config.head_size), dim=2).flatten(1, 2).contiguous()
     if type(model) is ChatGLM6B:  # cos, sin [N, 1, 1, D] repeat each half's D / 4 angles: one per rotate-half pair
-        N, D = len(tokens), model.config.head_size
+        N, D = len(positions), model.config.head_size
         cos, sin = (t.view(N, 2, 2, D // 4)[:, :, 0].flatten(1) for t in rotary_2d_half(positions, D))
-        return model.wte(tokens)[:, 0], torch.stack([cos, sin], dim=1).contiguous()
+        return torch.stack([cos, sin], dim=1).contiguous()
     # ChatGLM2: 1-D rotary on each head's first rotary_dims; the table turns the other pairs by 0. The Python path
     # turns in the model's dtype (v2.rotate_pairs), so the table holds bf16 values
     cos, sin = (t.flatten(1) for t in rope_angles(positions, model.config))
     pad = model.config.head_size // 2 - cos.shape[1]
     rope = torch.stack([F.pad(cos, (0, pad), value=1.0), F.pad(sin, (0, pad), value=0.0)], dim=1)
-    return model.wte(tokens)[:, 0], rope.bfloat16().float().contiguous()
+    return rope.bfloat16().float().contiguous()
+
+
+class _RopeTable:
+    """``_rope_rows`` by lookup in rows computed once for positions 0..P-1 (P doubled when a position passes it):
+    computing them costs ~10 dispatched ops, ~0.5 ms of every decode step. A 2D-position model's first half of pairs
+    turns by the position, the second by the block position, so its rows are looked up per half."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model, self.two_d = model, type(model) is not ChatGLM2
+        self.rows = torch.empty(0)
+
+    def __call__(self, positions: torch.Tensor) -> torch.Tensor:
+        if int(positions.max()) >= len(self.rows):
+            p = torch.arange(max(256, 2 * int(positions.max()) + 1))
+            self.rows = _rope_rows(self.model, torch.stack([p, p], 1)[..., None] if self.two_d else p[:, None])
+        if not self.two_d:
+            return self.rows[positions[:, 0]]
+        half = self.rows.shape[-1] // 2
+        return torch.cat([self.rows[positions[:, 0, 0], :, :half], self.rows[positions[:, 1, 0], :, half:]], dim=-1)
 
 
 def _slots(cache) -> tuple[KVCache, list[int]] | None:
@@ -274,6 +292,15 @@ def _slots(cache) -> tuple[KVCache, list[int]] | None:
         return None
     ok = pool.k.dtype in (torch.float32, torch.bfloat16) and pool.k.is_contiguous() and pool.v.is_contiguous()
     return (pool, slots) if ok else None
+
+
+def _final_norm(model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None, float] | None:
+    """The kernels' ``norm`` arguments for ``model.ln_f`` (a bf16 LayerNorm with bias or RMSNorm), else None."""
+    ln = model.ln_f
+    bias = getattr(ln, "bias", None)
+    ok = (type(ln) is nn.LayerNorm and bias is not None) or type(ln) is nn.RMSNorm
+    ok = ok and ln.weight is not None and ln.weight.dtype == torch.bfloat16 and ln.eps is not None
+    return (ln.weight, bias, float(ln.eps)) if ok else None
 
 
 class DecodeStep:
@@ -291,6 +318,9 @@ class DecodeStep:
         if compile:
             self.forward = torch.compile(self.forward, backend="inductor" if compile is True else compile, dynamic=True)
         self.fused = None if compile else _fused_blocks(model)
+        learned = type(model) is GLM and model.wpe is not None  # position tables, no rotary
+        self.rope = None if self.fused is None or learned else _RopeTable(model)
+        self.final_norm = _final_norm(model) if self.fused is not None else None
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, cache, hidden: bool = False) -> torch.Tensor:
         """``tokens [N, 1]``, ``positions [N, 2, 1]`` (GLM) or ``[N, 1]`` (ChatGLM2)."""
@@ -304,7 +334,10 @@ class DecodeStep:
             return self.forward(tokens, positions, mask, cache, hidden)[:, -1]
         model, f = self.model, self.fused
         cache.check_room(1)
-        x, rope = _fused_inputs(model, tokens, positions)
+        if self.rope is None:  # GLM's learned position tables
+            x, rope = model.embed(tokens, positions)[0][:, 0], None
+        else:
+            x, rope = model.wte(tokens)[:, 0], self.rope(positions)
         pool, slots = rows
         op = torch.ops.glmkit_kernels.decode_blocks.default
         x = op(
@@ -312,7 +345,10 @@ class DecodeStep:
             f.qkv_per_head, f.rope_halves, f.residual_alpha,
         )  # fmt: skip
         cache.advance(1)
-        x = model.ln_f(x)
+        if self.final_norm is None:
+            x = model.ln_f(x)
+        else:
+            x = torch.ops.glmkit_kernels.norm.default(x, *self.final_norm)
         if hidden:
             return x
         return model.lm_head(x, model.wte) if type(model) is GLM else model.lm_head(x)

@@ -294,6 +294,7 @@ TORCH_LIBRARY(glmkit_kernels, m) {
       "int[] lengths, Tensor? rope, int n_head, float eps, str activation, bool qkv_per_head, int rope_halves, "
       "float residual_alpha) -> Tensor");
   m.def("gelu_tanh(Tensor x) -> Tensor");
+  m.def("norm(Tensor x, Tensor w, Tensor? b, float eps) -> Tensor");
   m.def("pack_bf16(Tensor w) -> Tensor");
   m.def("attention(Tensor q, Tensor k, Tensor v, Tensor? mask, bool bf16_out) -> Tensor");
   m.def("rotary(Tensor x, Tensor cos, Tensor sin) -> Tensor");
@@ -309,6 +310,7 @@ TORCH_LIBRARY_IMPL(glmkit_kernels, CPU, m) {
   m.impl("linear_int4x16", &glmkit::linear_int4x16);
   m.impl("decode_blocks", &glmkit::decode_blocks);
   m.impl("gelu_tanh", &glmkit::gelu_tanh_bf16);
+  m.impl("norm", &glmkit::norm_bf16);
   m.impl("pack_bf16", &glmkit::pack_bf16);
   m.impl("attention", &glmkit::attention);
   m.impl("rotary", &glmkit::rotary);

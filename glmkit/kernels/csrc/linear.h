@@ -17,6 +17,7 @@ at::Tensor linear_int4(const at::Tensor& x, const at::Tensor& w, const at::Tenso
 at::Tensor linear_int4x16(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales, int64_t group_size,
                           const c10::optional<at::Tensor>& bias);
 at::Tensor gelu_tanh_bf16(const at::Tensor& x);
+at::Tensor norm_bf16(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& b, double eps);
 at::Tensor pack_bf16(const at::Tensor& w);
 at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                      const c10::optional<at::Tensor>& mask, bool bf16_out);
