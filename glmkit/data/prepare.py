@@ -60,6 +60,14 @@ class _Counts:
     skipped_missing_field: int = 0
 
 
+def held_out_draws(val_fraction: float, seed: int) -> Iterator[bool]:
+    """Whether each non-empty document, in input order, goes to the held-out split: the one rule ``prepare_data``
+    applies, so that scripts can name a run's held-out documents (e.g. tasks built on held-out chapters)."""
+    rng = np.random.default_rng(seed)
+    while True:
+        yield bool(rng.random() < val_fraction)
+
+
 def prepare_data(
     inputs: Iterable[str | Path],
     out_dir: str | Path,
@@ -96,7 +104,7 @@ def prepare_data(
 
     counts = _Counts()
     writers = {split: ShardWriter(out, split, dtype, shard_tokens) for split in ("train", "val")}
-    rng = np.random.default_rng(seed)
+    held_out = held_out_draws(val_fraction, seed)
     try:
         texts = (t for s in sources for t in _read(s, text_field, counts))
         for flat, lengths in _encode_stream(_chunks(texts, _BATCH_DOCS), tokenizer, tok, num_proc):
@@ -106,7 +114,7 @@ def prepare_data(
                 if doc.size == 0:
                     counts.skipped_empty += 1
                     continue
-                writers["val" if rng.random() < val_fraction else "train"].add(doc)
+                writers["val" if next(held_out) else "train"].add(doc)
                 counts.documents += 1
                 counts.tokens += int(doc.size)
                 if counts.documents % 100_000 == 0:
