@@ -15,6 +15,7 @@ import argparse
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -41,24 +42,25 @@ class Explanation:
 
 
 def explain(
-    text: str, tokenizer: str | Path | None = None, span_length: int = 2, family: str | None = None
+    text: str, tokenizer: str | Path | Any = None, span_length: int = 2, family: str | None = None
 ) -> Explanation:
     """Lay out ``text`` as GLM Part A + Part B (blanks filled left to right, the order generation uses), or as
     ChatGLM-6B's prompt and answer with ``family="chatglm6b"``; ``None``: the family of the tokenizer folder's model
-    (GLM unless it is a ChatGLM hub folder)."""
+    (GLM unless it is a ChatGLM hub folder). ``tokenizer`` is a folder, or a tokenizer already loaded (the server's
+    playground passes the one it serves with, and its model's family)."""
     from .tokenizer import load_tokenizer
 
     if span_length < 1:
         raise ValueError(f"span_length: must be at least 1, got {span_length}")
     if family is None:
-        family = _folder_family(tokenizer)
+        family = _folder_family(tokenizer) if _is_folder(tokenizer) else "glm"
     if family == "chatglm6b":
         return _explain_chatglm6b(text, tokenizer, span_length)
     if family == "chatglm2":
         return _explain_causal(text, tokenizer, span_length)
     if family != "glm":
         raise ValueError(f"family: expected 'glm', 'chatglm6b' or 'chatglm2', got {family!r}")
-    tok = load_tokenizer(tokenizer)
+    tok = load_tokenizer(tokenizer) if _is_folder(tokenizer) else tokenizer
     sp = tok.special
     blank_ids = {"MASK": sp.mask, "sMASK": sp.smask, "gMASK": sp.gmask}
     ids: list[int] = [sp.cls]
@@ -106,13 +108,15 @@ def explain(
     return Explanation(sample, labels)
 
 
-def _explain_chatglm6b(text: str, tokenizer: str | Path | None, span_length: int) -> Explanation:
+def _explain_chatglm6b(text: str, tokenizer: str | Path | Any, span_length: int) -> Explanation:
     """ChatGLM-6B: the prompt ``text [gMASK]`` (prompts.ChatGLM6BPrompts) is bidirectional; ``<sop>`` and the
     answer (``span_length`` placeholders) are causal at (blank position, 1, 2, ...), the blank being the [gMASK], or
     the [MASK] of a text without one."""
     from .tokenizer import load_tokenizer
 
-    if tokenizer is not None:
+    if not _is_folder(tokenizer):
+        tok = tokenizer
+    elif tokenizer is not None:
         from .chatglm.tokenizers import load_chatglm_tokenizer
 
         tok = load_chatglm_tokenizer(tokenizer, "chatglm6b")
@@ -141,7 +145,7 @@ def _explain_chatglm6b(text: str, tokenizer: str | Path | None, span_length: int
     return Explanation(sample, labels + [PLACEHOLDER] * span_length)
 
 
-def _explain_causal(text: str, tokenizer: str | Path | None, span_length: int) -> Explanation:
+def _explain_causal(text: str, tokenizer: str | Path | Any, span_length: int) -> Explanation:
     """ChatGLM2/3 and GLM-4: the prompt ``[gMASK] sop text`` (prompts.ChatGLM2Prompts) and the answer
     (``span_length`` placeholders), every token attending to itself and those before, at positions 0..n-1."""
     if tokenizer is None:
@@ -150,7 +154,7 @@ def _explain_causal(text: str, tokenizer: str | Path | None, span_length: int) -
         raise ValueError("text: ChatGLM2/3 and GLM-4 continue a text causally; it has no blanks to fill")
     from .chatglm.tokenizers import load_chatglm_tokenizer
 
-    tok = load_chatglm_tokenizer(tokenizer)
+    tok = load_chatglm_tokenizer(tokenizer) if _is_folder(tokenizer) else tokenizer
     sp = tok.special
     prompt = layout(sp, "chatglm2").continuation(tok.encode(text))
     filler = sp.pad if sp.pad is not None else sp.eos
@@ -160,6 +164,10 @@ def _explain_causal(text: str, tokenizer: str | Path | None, span_length: int) -
     sample = BlankSample(tokens, tokens, loss_mask, list(range(n)), [0] * n, 0, [])
     labels = [tok.decode([t]) or f"<{t}>" for t in prompt]
     return Explanation(sample, labels + [PLACEHOLDER] * span_length, causal=True)
+
+
+def _is_folder(tokenizer: Any) -> bool:
+    return tokenizer is None or isinstance(tokenizer, (str, Path))
 
 
 def _folder_family(folder: str | Path | None) -> str:

@@ -32,7 +32,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from . import metrics, openai_api, triton_http
+from . import metrics, openai_api, playground, triton_http
 from .http_common import APIError, ServerConfig, ServerState, error_response, translate
 from .openapi import openapi_schema
 
@@ -63,6 +63,8 @@ class Middleware:
 
     def __init__(self, app: Callable[..., Awaitable[None]], config: ServerConfig) -> None:
         self.app, self.config = app, config
+        # the playground's pages: no key (the page asks for it) and served while the model loads
+        self.public = playground.PUBLIC_PATHS if config.playground else frozenset()
         self._prefix, self._ids = uuid.uuid4().hex[:8], itertools.count()  # os.urandom per request is slow here
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
@@ -94,11 +96,12 @@ class Middleware:
             state.active += 1
         try:
             length = headers.get("content-length", "0")
-            if self.config.api_key and path not in self.OPEN and not self._authorized(headers):
+            public = path in self.OPEN or path in self.public
+            if self.config.api_key and not public and not self._authorized(headers):
                 await error_response(path, 401, "missing or invalid API key (Authorization: Bearer <key>)")(
                     scope, receive, send_logged
                 )
-            elif state is None:
+            elif state is None and path not in self.public:
                 await self._loading(path, scope, receive, send_logged)
             elif length.isdigit() and int(length) > self.config.max_body_bytes:
                 await self._too_large(path, scope, receive, send_logged)
@@ -201,6 +204,8 @@ def build_app(state: ServerState | None, config: ServerConfig | None = None) -> 
     app.include_router(triton_http.router)
     app.include_router(openai_api.router)
     app.include_router(metrics.router)
+    if config.playground:
+        app.include_router(playground.router)
     app.add_middleware(Middleware, config=config)
     app.openapi = lambda: openapi_schema(app)  # type: ignore[method-assign]
     return app

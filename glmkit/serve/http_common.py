@@ -48,6 +48,7 @@ class ServerConfig:
         served_model_name: the model id of the OpenAI API.
         drain_timeout: seconds to let in-flight requests finish on shutdown.
         retry_after: seconds suggested to clients refused for load (``Retry-After``).
+        playground: serve the playground page at ``/`` (playground.py).
     """
 
     api_key: str | None = None
@@ -56,6 +57,7 @@ class ServerConfig:
     served_model_name: str = "llm"
     drain_timeout: float = 30.0
     retry_after: int = 1
+    playground: bool = True
 
 
 @dataclass

@@ -305,7 +305,10 @@ async def chat_completions(request: Request) -> Response:
 
 @router.post("/v1/infill")
 async def infill(request: Request) -> Response:
-    """GLM blank filling: ``prompt`` with [MASK]/[sMASK]/[gMASK] → the filled text and each blank's span."""
+    """GLM blank filling: ``prompt`` with [MASK]/[sMASK]/[gMASK] → the filled text and each blank's span.
+
+    ``stream: true`` sends every blank's text as it grows (``infill.chunk`` events naming their ``blank``), then
+    the whole answer as one last event, as the unstreamed response has it."""
     state = _state(request)
     body = await _body(request)
     if not isinstance(body.get("prompt"), str):
@@ -316,9 +319,15 @@ async def infill(request: Request) -> Response:
     except ValueError as e:
         raise APIError(400, f"prompt: {e}") from e
     blanks = find_blanks(ids, layout(tok.special, family).blank_ids())
-    params = _params(state, {**body, "n": 1, "stream": None}, 16)
+    streamed = bool(body.get("stream"))
+    params = _params(state, {**body, "n": 1, "stream": streamed or None}, 16)
+    head = {"id": "infill-" + uuid.uuid4().hex, "created": int(time.time()), "model": state.config.served_model_name}
+    stream = state.service.stream([(ids, "all")], params, every_span=streamed)
+    merged, first = await _start(state, request, stream)
+    if streamed:
+        events = _infill_events(state, request, head, ids, blanks, merged, first)
+        return StreamingResponse(events, media_type="text/event-stream")
     try:
-        merged, first = await _start(state, request, state.service.stream([(ids, "all")], params))
         last = first
         while last is not None and last.finish_reason is None:
             last = await until_disconnect(request, anext(merged, None))
@@ -328,21 +337,41 @@ async def infill(request: Request) -> Response:
         raise translate(e, state, request.url.path) from e
     if last is None or last.error:
         raise APIError(500, last.error if last else "generation ended without a result")
+    return _json({**head, "object": "infill", **_filled(state, ids, blanks, last)})
+
+
+def _filled(state: ServerState, ids: list[int], blanks: list[int], last: Delta) -> dict[str, Any]:
+    """The answer of an infill: the text with every blank filled, each blank's span, the finish reason, usage."""
+    tok = state.service.tok
     filled = dict(zip(blanks, last.spans, strict=False))
     completed = [t for i, tok_id in enumerate(ids) for t in (filled[i] if i in filled else [tok_id])]
     generated = sum(len(s) for s in last.spans)
-    return _json(
-        {
-            "id": "infill-" + uuid.uuid4().hex,
-            "object": "infill",
-            "created": int(time.time()),
-            "model": state.config.served_model_name,
-            "text": safe_decode(tok, completed),
-            "spans": [safe_decode(tok, s) for s in last.spans],
-            "finish_reason": last.finish_reason,
-            "usage": {"prompt_tokens": len(ids), "completion_tokens": generated, "total_tokens": len(ids) + generated},
-        }
-    )
+    return {
+        "text": safe_decode(tok, completed),
+        "spans": [safe_decode(tok, s) for s in last.spans],
+        "finish_reason": last.finish_reason,
+        "usage": {"prompt_tokens": len(ids), "completion_tokens": generated, "total_tokens": len(ids) + generated},
+    }
+
+
+async def _infill_events(state, request, head, ids, blanks, merged, first):
+    try:
+        d = first
+        while d is not None:
+            if d.error:
+                raise RuntimeError(d.error)
+            if d.text:
+                blank = d.span_index if d.span_index >= 0 else len(blanks) - 1
+                yield _sse({**head, "object": "infill.chunk", "blank": blank, "text": d.text, "finish_reason": None})
+            if d.finish_reason:
+                yield _sse({**head, "object": "infill", **_filled(state, ids, blanks, d)})
+            d = await anext(merged, None)
+    except Exception as e:
+        err = translate(e, state, request.url.path)
+        yield _sse({"error": {"message": err.message, "type": err.kind, "param": None, "code": err.status}})
+    finally:
+        await merged.aclose()
+    yield "data: [DONE]\n\n"
 
 
 @router.post("/v1/embeddings")

@@ -15,6 +15,8 @@ from fastapi import FastAPI
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.json_schema import models_json_schema
 
+from . import playground
+
 # ---- shared ----
 
 
@@ -113,6 +115,7 @@ class InfillRequest(Sampling):
     )
     model: str | None = None
     prompt: str = Field(description="text with [MASK], [sMASK] or [gMASK] blanks")
+    stream: bool | None = Field(None, description="each blank's text as it grows, then the whole answer (SSE)")
 
 
 class EmbeddingRequest(Request):
@@ -407,7 +410,7 @@ ROUTES: dict[str, tuple[str, str, type[BaseModel] | None, dict[int, Any]]] = {
     "/v1/models": ("get", "The served model", None, {200: ModelList}),
     "/v1/completions": ("post", "Text completion", CompletionRequest, {200: (CompletionResponse, SSE)}),
     "/v1/chat/completions": ("post", "Chat", ChatCompletionRequest, {200: (ChatCompletionResponse, SSE)}),
-    "/v1/infill": ("post", "GLM blank filling", InfillRequest, {200: InfillResponse}),
+    "/v1/infill": ("post", "GLM blank filling", InfillRequest, {200: (InfillResponse, SSE)}),
     "/v1/embeddings": ("post", "Embeddings (glm_embed)", EmbeddingRequest, {200: EmbeddingResponse}),
     "/metrics": ("get", "Prometheus metrics", None, {200: "text/plain"}),
 }
@@ -504,7 +507,10 @@ def openapi_schema(app: FastAPI) -> dict[str, Any]:
 
     state = app.state.glmkit
     config = state.config
-    _, defs = models_json_schema([(m, "validation") for m in MODELS], ref_template="#/components/schemas/{model}")
+    routes, models = ROUTES, MODELS
+    if config.playground:
+        routes, models = ROUTES | playground.ROUTES, [*MODELS, *playground.MODELS]
+    _, defs = models_json_schema([(m, "validation") for m in models], ref_template="#/components/schemas/{model}")
     schemas = defs["$defs"]
     for name in ("CompletionRequest", "ChatCompletionRequest", "InfillRequest"):
         props = schemas[name]["properties"]
@@ -514,7 +520,10 @@ def openapi_schema(app: FastAPI) -> dict[str, Any]:
         props["n"]["anyOf"][0]["maximum"] = config.limits.max_n
     schemas["_name"] = {"type": "string", "enum": sorted(state.models)}
     schemas["_version"] = {"type": "string", "enum": sorted({m.spec.version for m in state.models.values()})}
-    paths = {path: _operation(path, *route, auth=bool(config.api_key)) for path, route in ROUTES.items()}
+    paths = {
+        path: _operation(path, *route, auth=bool(config.api_key) and path not in playground.PUBLIC_PATHS)
+        for path, route in routes.items()
+    }
     doc: dict[str, Any] = {
         "openapi": "3.1.0",
         "info": {"title": "glmkit serve", "version": __version__},

@@ -77,18 +77,29 @@ class Delta:
     finish_reason: str | None = None
     spans: list[list[int]] = field(default_factory=list)
     error: str | None = None
+    span_index: int = -1  # the blank whose span ``text`` belongs to (with ``every_span``; -1: the last blank)
 
 
 class _Choice:
-    """One engine request's text: tokens of earlier blanks are context, not answer."""
+    """One engine request's text: tokens of earlier blanks are context, not answer, unless ``every_span`` (the
+    streamed /v1/infill shows every blank filling); the stop strings end the last blank's answer only."""
 
-    def __init__(self, index: int, request: Request, params: SamplingParams, tok: Any) -> None:
-        self.index, self.request = index, request
+    def __init__(self, index: int, request: Request, params: SamplingParams, tok: Any, every_span: bool) -> None:
+        self.index, self.request, self.tok, self.every_span = index, request, tok, every_span
         self.text = IncrementalText(tok, params.stop, params.include_stop_str_in_output)
         self.last_span = request.num_spans - 1
+        self.earlier: IncrementalText | None = None  # the earlier blank being streamed (``every_span``)
+        self.earlier_index = -1
 
     def delta(self, out: RequestOutput) -> Delta | None:
         mine = out.span_index == self.last_span
+        if self.every_span and not mine and not out.finished:
+            # an earlier blank's text as it grows; bytes of a character cut at a span's end wait for the last
+            # delta, whose ``spans`` hold every span whole
+            if self.earlier is None or out.span_index != self.earlier_index:
+                self.earlier, self.earlier_index = IncrementalText(self.tok), out.span_index
+            text = self.earlier.push(out.token_ids)
+            return Delta(self.index, text, span_index=out.span_index) if text else None
         delta = Delta(self.index, self.text.push(out.token_ids if mine else [], final=out.finished))
         if mine:
             delta.token_ids, delta.logprobs = list(out.token_ids), list(out.logprobs)
@@ -154,10 +165,16 @@ class GenerationService:
             self.engine.engine.check_size(num_prompts * params.n)
 
     async def stream(
-        self, prompts: list[tuple[list[int], Fill]], params: SamplingParams, *, priority: int = 0
+        self,
+        prompts: list[tuple[list[int], Fill]],
+        params: SamplingParams,
+        *,
+        priority: int = 0,
+        every_span: bool = False,
     ) -> AsyncIterator[Delta]:
         """Deltas of every prompt's ``params.n`` choices, interleaved (choice ``i`` of prompt ``p`` has index
-        ``p * n + i``); each answer is the span of its prompt's last blank.
+        ``p * n + i``); each answer is the span of its prompt's last blank (``every_span``: earlier blanks' spans
+        stream too, each delta naming its blank).
 
         The call is validated whole and queued whole before the first delta, or refused with nothing queued.
         """
@@ -181,7 +198,7 @@ class GenerationService:
                     logprobs=params.logprobs,
                     priority=priority,
                 )
-                choices[request.request_id] = _Choice(p * params.n + i, request, params, self.tok)
+                choices[request.request_id] = _Choice(p * params.n + i, request, params, self.tok, every_span)
         requests = [c.request for c in choices.values()]
         async with aclosing(self.engine.generate_many(requests)) as outputs:
             async for out in outputs:

@@ -225,7 +225,8 @@ def serve(
         log.info("glmkit serve: ready")
 
     torch.set_num_threads(1)  # the main thread (HTTP) too
-    log.info(f"glmkit serve: http://{host}:{port} (Triton /v2, OpenAI /v1, /metrics, /openapi.json); loading")
+    page = ", the playground at /" if options.server.playground else ""
+    log.info(f"glmkit serve: http://{host}:{port} (Triton /v2, OpenAI /v1, /metrics, /openapi.json{page}); loading")
     threading.Thread(target=load, name="glmkit-load", daemon=True).start()
     server.run()
     if failure:
@@ -239,6 +240,12 @@ def configure(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every route but health")
+    p.add_argument(
+        "--no-playground",
+        dest="playground",
+        action="store_false",
+        help="leave out the web playground at / (its pages ask for the API key and call the APIs with it)",
+    )
     p.add_argument(
         "--max-num-seqs",
         type=int,
@@ -305,6 +312,7 @@ def run(args: argparse.Namespace) -> int:
             max_body_bytes=args.max_body_bytes,
             limits=Limits(max_tokens=args.max_tokens, max_prompt_tokens=args.max_prompt_tokens),
             drain_timeout=args.drain_timeout,
+            playground=args.playground,
         ),
         threads=args.threads,
         pack_weights=args.pack_weights,
