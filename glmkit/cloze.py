@@ -9,7 +9,8 @@ context. Two ways to answer, each against a unigram-frequency baseline that sees
 - choice (as the Children's Book Test): the answer and ``n_choices - 1`` distractors drawn from the training
   words by frequency; the model picks the candidate whose span (``<sop> word`` → ``word <eop>``) has the highest
   log-likelihood, which is how GLM scores multi-token cloze answers (THUDM/GLM ``model/downstream.py``;
-  docs/glm-notes.md). The baseline picks the most frequent candidate.
+  docs/glm-notes.md) and the scorer cloze fine-tuning uses (``glmkit.finetune.cloze``). The baseline picks the most
+  frequent candidate.
 """
 
 from __future__ import annotations
@@ -138,16 +139,11 @@ class WordFiller:
 
 
 def choice_scores(model: torch.nn.Module, tokenizer, item: ClozeItem) -> list[float]:
-    """Log-likelihood of each candidate filling the blank: Σ log p over ``word <eop>`` in Part B, every candidate
-    in one batch of the serving scorer."""
-    from .serve.scoring import Scorer, ScoreRow
+    """Log-likelihood of each candidate filling the blank: Σ log p over ``word <eop>`` in Part B, scored as cloze
+    fine-tuning scores answers (``glmkit.finetune.cloze.score_choices``)."""
+    from .finetune.cloze import score_choices
 
-    sp = tokenizer.special
-    left, right = item.text.split("[MASK]")
-    context = [sp.cls] + tokenizer.encode(left.rstrip()) + [sp.mask] + tokenizer.encode(right) + [sp.eos]
-    scorer = Scorer(model, sp)
-    rows = [ScoreRow("loglikelihood", context, tokenizer.encode(" " + word) + [sp.eop]) for word in item.choices]
-    return [res.logprob for res in scorer([rows])[0]]
+    return score_choices(model, tokenizer, item.text, item.choices)
 
 
 def evaluate_cloze(

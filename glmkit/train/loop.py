@@ -1,9 +1,15 @@
-"""The one training loop: pretraining now, fine-tuning later (they differ only in data and which params train).
+"""The one training loop, for pretraining and fine-tuning alike: they differ only in the data, the loss function
+(``loss_fn``: a batch's loss, by default the blank-infilling loss) and how a run is judged (``metric_fn``).
 
 Data comes from a ``BatchSource``: a function from a global micro-batch index to a collated batch. The index of
 micro-batch ``m`` of step ``s`` on rank ``r`` of ``w`` is ``(s * grad_accum + m) * w + r``, so a run is a pure
 function of (seed, step): resuming needs only the step number, and 2 ranks with ``grad_accum=1`` see exactly
 the batches one process with ``grad_accum=2`` sees.
+
+Held-out evaluation runs every ``eval_every`` steps: the loss of each eval source and whatever ``metric_fn``
+returns. With ``best_metric`` the best model so far is kept in ``out_dir/best`` (a GLM checkpoint, like every
+step's) and, with ``patience``, training stops after that many evaluations without improvement; where the search
+stands is part of each checkpoint, so a resumed run selects and stops exactly as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -26,6 +32,8 @@ from .optim import AnnealingLR, annealed_lr, param_groups
 from .state import load_latest, save_training_checkpoint
 
 BatchSource = Callable[[int], dict]
+LossFn = Callable[[torch.nn.Module, dict], torch.Tensor]
+MetricFn = Callable[[torch.nn.Module], dict[str, float]]
 
 
 @dataclass
@@ -61,6 +69,12 @@ class TrainArgs:
     pad_to_multiple: int = 64
     """Pad every batch to a multiple of this many tokens, so CPU kernels are reused across steps."""
     progress: bool = True
+    best_metric: str | None = None
+    """Keep ``out_dir/best``: the model with the best value of this evaluation result (a ``metric_fn`` key, or an
+    eval source's name for its loss)."""
+    best_mode: Literal["max", "min"] = "max"
+    patience: int = 0
+    """Stop after this many evaluations in a row without a better ``best_metric`` (0: never stop early)."""
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)
@@ -75,6 +89,12 @@ class TrainArgs:
             raise ValueError(f"precision: expected bf16 or fp32, got {self.precision!r}")
         if self.parallel not in ("ddp", "fsdp"):
             raise ValueError(f"parallel: expected ddp or fsdp, got {self.parallel!r}")
+        if self.best_mode not in ("max", "min"):
+            raise ValueError(f"best_mode: expected max or min, got {self.best_mode!r}")
+        if int(self.patience) < 0:
+            raise ValueError(f"patience: must be 0 (no early stopping) or a positive integer, got {self.patience!r}")
+        if self.patience and not self.best_metric:
+            raise ValueError("patience: early stopping needs best_metric, the evaluation result it watches")
         if self.decay_iters is not None and int(self.decay_iters) <= 0:
             raise ValueError(f"decay_iters: must be a positive integer or None, got {self.decay_iters!r}")
         decay_iters = self.decay_iters or self.max_steps
@@ -94,6 +114,9 @@ class History:
     losses: list[float] = field(default_factory=list)
     evals: list[dict] = field(default_factory=list)
     tokens: int = 0
+    best: dict = field(default_factory=dict)
+    """With ``best_metric``: ``step``, ``value`` and the evaluation that was best (``out_dir/best`` holds it)."""
+    stopped_early: bool = False
 
 
 def blank_infill_loss(logits: torch.Tensor, targets: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
@@ -127,8 +150,14 @@ def _to(batch: dict, device: torch.device, pad_to_multiple: int = 1) -> dict:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
-def evaluate(model: torch.nn.Module, sources: dict[str, BatchSource], args: TrainArgs, device: torch.device) -> dict:
-    """Held-out blank-infilling loss per objective (token-weighted mean over ``eval_batches`` fixed batches)."""
+def evaluate(
+    model: torch.nn.Module,
+    sources: dict[str, BatchSource],
+    args: TrainArgs,
+    device: torch.device,
+    loss_fn: LossFn = batch_loss,
+) -> dict:
+    """Held-out loss per source (weighted by the loss-mask count over ``eval_batches`` fixed batches)."""
     was_training = model.training
     model.eval()
     out = {}
@@ -139,13 +168,40 @@ def evaluate(model: torch.nn.Module, sources: dict[str, BatchSource], args: Trai
             for i in range(rank, args.eval_batches, world):
                 b = _to(source(i), device, args.pad_to_multiple)
                 with _autocast(args, device):
-                    loss = batch_loss(model, b)
+                    loss = loss_fn(model, b)
                 n = b["loss_mask"].sum()
                 total += torch.stack([loss * n, n])
             dist_utils.all_reduce_sum(total)
             out[name] = (total[0] / total[1].clamp_min(1)).item()
     model.train(was_training)
     return out
+
+
+def _metrics(model: torch.nn.Module, metric_fn: MetricFn, args: TrainArgs, device: torch.device) -> dict:
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), _autocast(args, device):
+            return {k: float(v) for k, v in metric_fn(model).items()}
+    finally:
+        model.train(was_training)
+
+
+def _save_best(out: Path, model, base, step: int, ev: dict, export: Callable[[Path], None] | None) -> None:
+    """``out/best``: the model in the hub layout (what ``glmkit generate`` / ``serve`` load), ``export``'s files
+    (e.g. the tokenizer) and ``best.json``, replaced whole or not at all."""
+    import json
+
+    from ..checkpoint import save_state_pretrained, staged_folder
+
+    msd, _ = dist_utils.full_state(model)
+    if dist_utils.rank_world()[0] == 0:
+        with staged_folder(out / "best", overwrite=True) as tmp:
+            save_state_pretrained(base.config, msd, tmp)
+            if export is not None:
+                export(tmp)
+            (tmp / "best.json").write_text(json.dumps({"step": step, **ev}, indent=2) + "\n")
+    dist_utils.barrier()
 
 
 def fit(
@@ -155,8 +211,15 @@ def fit(
     eval_sources: dict[str, BatchSource] | None = None,
     resume: bool = True,
     on_step: Callable[[int, float], None] | None = None,
+    loss_fn: LossFn = batch_loss,
+    metric_fn: MetricFn | None = None,
+    export: Callable[[Path], None] | None = None,
 ) -> History:
     """Train ``model`` for ``args.max_steps`` optimizer steps; resumes from ``out_dir`` when a checkpoint exists.
+
+    ``loss_fn(model, batch)`` is the loss of one micro-batch (fine-tuning tasks bring their own);
+    ``metric_fn(model)`` returns held-out metrics at each evaluation (called in eval mode, without gradients, on
+    every rank); ``export(folder)`` adds files (the tokenizer) to the ``best`` model folder.
 
     ``model``'s attention and dropout modules are swapped, in place, for glmkit's CPU training kernels
     (``kernels.training.use_training_kernels``: the same function, dropout masks from the kernels' hash)."""
@@ -184,12 +247,20 @@ def fit(
     )
     history = History()
     start = 0
+    # the model selection: best value so far, its step and evaluation, evaluations since; saved with every checkpoint
+    select: dict = {"value": None, "step": None, "eval": {}, "since": 0, "stopped": False}
     if resume:
         state = load_latest(out, model, optimizer, base_model=base)
         if state is not None:
             start = state["step"]
             scheduler.load_state_dict(state["scheduler"])
             history.tokens = state.get("tokens", 0)
+            select.update(state.get("extra", {}).get("select", {}))
+    if select["step"] is not None:
+        history.best = {"step": select["step"], "value": select["value"], **select["eval"]}
+    if select["stopped"]:
+        history.stopped_early = True
+        return history
     logger = MetricsLogger(out, enabled=rank == 0)
     bar = ProgressBar(args.max_steps, start, enabled=rank == 0 and args.progress)
     t_last, tok_last = time.perf_counter(), history.tokens
@@ -201,7 +272,7 @@ def fit(
             objectives.append(b.get("objective", "blank"))
             sync = micro == args.grad_accum - 1
             with dist_utils.maybe_no_sync(model, sync), _autocast(args, device):
-                loss = batch_loss(forward, b)
+                loss = loss_fn(forward, b)
             (loss / args.grad_accum).backward()
             loss_sum += loss.detach()
             history.tokens += int(b["input_ids"].numel()) * world
@@ -236,12 +307,20 @@ def fit(
                 }
             )
             t_last, tok_last = now, history.tokens
-        if eval_sources and (done % args.eval_every == 0 or done == args.max_steps):
-            ev = evaluate(forward, eval_sources, args, device)
+        if (eval_sources or metric_fn) and (done % args.eval_every == 0 or done == args.max_steps):
+            ev = evaluate(forward, eval_sources, args, device, loss_fn) if eval_sources else {}
+            if metric_fn is not None:
+                ev.update(_metrics(forward, metric_fn, args, device))
             history.evals.append({"step": done, **ev})
             logger.log({"step": done, **{f"eval/{k}": v for k, v in ev.items()}})
             logger.plot()
-        if done % args.save_every == 0 or done == args.max_steps:
+            if args.best_metric:
+                _select(select, ev, args, done)
+                if select["step"] == done:
+                    _save_best(out, model, base, done, ev, export)
+                    history.best = {"step": done, "value": select["value"], **ev}
+                history.stopped_early = select["stopped"]
+        if done % args.save_every == 0 or done == args.max_steps or history.stopped_early:
             save_training_checkpoint(
                 out,
                 done,
@@ -252,8 +331,24 @@ def fit(
                 asdict(args),
                 keep=args.keep_checkpoints,
                 base_model=base,
+                extra={"select": select},
             )
+        if history.stopped_early:
+            break
     bar.close()
     logger.plot()
     logger.close()
     return history
+
+
+def _select(select: dict, ev: dict, args: TrainArgs, step: int) -> None:
+    """Update the model selection with one evaluation: a new best, or one more evaluation without (and a stop)."""
+    if args.best_metric not in ev:
+        raise ValueError(f"best_metric: {args.best_metric!r} is not an evaluation result; there are {sorted(ev)}")
+    value, best = ev[args.best_metric], select["value"]
+    better = best is None or (value > best if args.best_mode == "max" else value < best)
+    if better:
+        select.update(value=value, step=step, eval=dict(ev), since=0)
+    else:
+        select["since"] += 1
+        select["stopped"] = bool(args.patience) and select["since"] >= args.patience

@@ -32,8 +32,18 @@ def _rng_state() -> dict:
 
 
 def save_training_checkpoint(
-    out: Path, step: int, model, optimizer, scheduler, tokens: int, args: dict, keep: int = 2, base_model=None
+    out: Path,
+    step: int,
+    model,
+    optimizer,
+    scheduler,
+    tokens: int,
+    args: dict,
+    keep: int = 2,
+    base_model=None,
+    extra: dict | None = None,
 ) -> Path:
+    """``extra``: the loop's own state (e.g. its model selection), restored by ``load_latest`` as ``state["extra"]``."""
     msd, osd = dist_utils.full_state(model, optimizer)
     rngs = dist_utils.gather_objects(_rng_state())
     rank, _ = dist_utils.rank_world()
@@ -54,6 +64,7 @@ def save_training_checkpoint(
                 "rng": rngs,
                 "tokens": tokens,
                 "args": args,
+                "extra": extra or {},
             },
             tmp / "training_state.pt",
         )
