@@ -251,7 +251,7 @@ def test_generation_with_a_prefix_cached_equals_uncached_and_overflow_is_named()
     torch.testing.assert_close(step[0], logits[:3], rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="pre_seq_len: a prefix of 49 tokens overflows the context of 49"):
         add_prefix(_glm(), 49)
-    with pytest.raises(ValueError, match="prefix of 40 tokens and 10 tokens of text overflow the context of 49"):
+    with pytest.raises(ValueError, match="prefix of 40 tokens and a text of 10 positions overflow the context of 49"):
         add_prefix(_glm(), 40)(torch.randint(0, 90, (1, 10)))
 
 

@@ -292,7 +292,8 @@ def _check_prefix_length(pre_seq_len: int, context: int, what: str) -> None:
 class PrefixTunedGLM(nn.Module):
     """A GLM with a P-tuning v2 prefix: ``forward`` takes ``GLM.forward``'s arguments (so ``batch_loss`` and
     ``glmkit.generate`` run it), and the prefix's keys/values sit in front of every layer's through the cache.
-    Prefix plus text must fit the context: ``n_positions`` (max_sequence_length + 1) keys."""
+    Prefix plus text must fit the context: ``n_positions`` (max_sequence_length + 1), the positions a GLM text
+    takes (its Part A; Part B and padding reuse them)."""
 
     def __init__(self, model: GLM, pre_seq_len: int, prefix_projection: bool = False) -> None:
         super().__init__()
@@ -327,17 +328,18 @@ class PrefixTunedGLM(nn.Module):
             raise ValueError(f"input_ids: expected shape [B, S], got {tuple(input_ids.shape)}")
         B, S = input_ids.shape
         cached = cache.host_lengths() if cache is not None else [0] * B
-        P, context = self.pre_seq_len, self.config.n_positions
-        if P + max(cached) + S > context:
-            raise ValueError(
-                f"pre_seq_len: the prefix of {P} tokens and {max(cached) + S} tokens of text overflow the context "
-                f"of {context} (max_sequence_length + 1); shorten the text or the prefix"
-            )
         if position_ids is None:
             if min(cached) != max(cached):
                 raise ValueError("position_ids: needed for rows that hold different numbers of cached tokens")
             pos = torch.arange(cached[0], cached[0] + S, device=input_ids.device)
             position_ids = torch.stack([pos, torch.zeros_like(pos)])[None].expand(B, 2, S)
+        # GLM's context is its position table: Part A takes positions, Part B and padding reuse them
+        P, context, extent = self.pre_seq_len, self.config.n_positions, int(position_ids[:, 0].max()) + 1
+        if P + extent > context:
+            raise ValueError(
+                f"pre_seq_len: the prefix of {P} tokens and a text of {extent} positions overflow the context of "
+                f"{context} (max_sequence_length + 1); shorten the text or the prefix"
+            )
         m = attention_mask
         if isinstance(m, torch.Tensor) and m.dim() == 4 and m.shape[-1] == max(cached) + S != S:
             attention_mask = torch.cat([m.new_ones(*m.shape[:3], P), m], dim=-1)
