@@ -64,6 +64,10 @@ GPT2_SPECIAL_TOKENS = SpecialTokens(
 )
 
 
+# What glmkit writes: transformers' own "glm" is GLM-4, so its Auto classes would build the wrong network for a folder
+# that says "glm" (glmkit.hf registers this type). The hub's and older glmkit folders' "glm" still loads.
+MODEL_TYPE = "glmkit_glm"
+
 POSITION_ENCODINGS = ("learned", "rotary_2d_interleaved")
 # The bundled model's config.json (and any checkpoint saved before the rename) says "rotary_2d": the same math.
 _RENAMED_POSITION_ENCODINGS = {"rotary_2d": "rotary_2d_interleaved"}
@@ -165,7 +169,7 @@ class GLMConfig:
 
     def to_hub_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {
-            "model_type": "glm",
+            "model_type": MODEL_TYPE,
             "architectures": ["GLMModel"],
             **{hub: getattr(self, f) for hub, f in _HUB_TO_FIELD.items()},
             "relative_encoding": False,
@@ -192,8 +196,8 @@ class GLMConfig:
         unknown = sorted(set(d) - set(_HUB_TO_FIELD) - _HUB_IGNORED - _GLMKIT_KEYS)
         if unknown:
             raise ConfigError(f"unknown hub config field(s) {unknown}")
-        if d.get("model_type", "glm") != "glm":
-            raise ConfigError(f"model_type: expected 'glm', got {d['model_type']!r}")
+        if d.get("model_type", MODEL_TYPE) not in (MODEL_TYPE, "glm"):
+            raise ConfigError(f"model_type: expected {MODEL_TYPE!r} (or the hub's 'glm'), got {d['model_type']!r}")
         if d.get("relative_encoding", False):
             raise ConfigError("relative_encoding: Transformer-XL relative encoding is not used by any released GLM")
         if d.get("attention_scale", 1.0) != 1.0:
@@ -275,5 +279,8 @@ _HUB_IGNORED = {
     "output_predict", "pool_token", "spell_length", "spell_func", "hidden_act", "num_hidden_layers",
     "bos_token_id", "eos_token_id", "pad_token_id", "mask_token_id", "gmask_token_id", "smask_token_id",
     "tokenizer_class", "_name_or_path", "use_cache",
+    # what transformers' config adds when it saves a folder (glmkit.hf's models, their heads' labels)
+    "dtype", "id2label", "label2id", "problem_type", "classifier_dropout", "glmkit_family", "glm_config",
+    "special_tokens",
 }  # fmt: skip
 _GLMKIT_KEYS = {"glmkit_gelu", "glmkit_special_tokens", "glmkit_quantization", "glmkit_position_encoding"}

@@ -56,9 +56,11 @@ _LAYOUTS: dict[str, list[tuple[str, int | None]]] = {
 # The original RoBERTa command tokens are GLM strings naming existing RoBERTa entries; text may use either.
 _ALIASES = {"roberta": {"[MASK]": "<mask>", "[CLS]": "<s>", "[SEP]": "</s>", "[UNK]": "<unk>", EOT: "</s>"}}
 _TASK_MASK_DEFAULT = {"bert": False, "gpt2": True, "roberta": False, "sentencepiece": True, "bpe": True}
-# tokenizer_config.json "tokenizer_class" -> kind; the trained BPE's tokenizer.json loads in transformers as is
+# tokenizer_config.json "tokenizer_class" -> kind; the trained BPE's tokenizer.json loads in transformers as is, and
+# as glmkit.hf's GLMTokenizerFast (GLM's [CLS] text <eos> template) where glmkit is imported: what glmkit writes
 _HUB_CLASSES = {"GLMBertTokenizer": "bert", "GLMGPT2Tokenizer": "gpt2", "GLMRobertaTokenizer": "roberta",
-                "GLMChineseTokenizer": "sentencepiece", "PreTrainedTokenizerFast": "bpe"}  # fmt: skip
+                "GLMChineseTokenizer": "sentencepiece", "PreTrainedTokenizerFast": "bpe",
+                "GLMTokenizerFast": "bpe"}  # fmt: skip
 _HUB_CLASS_OF = {kind: name for name, kind in _HUB_CLASSES.items()}
 _FILES = {"sentencepiece": (SP_MODEL_FILE,), "bert": ("vocab.txt",), "gpt2": ("vocab.json", "merges.txt"),
           "roberta": ("vocab.json", "merges.txt"), "bpe": ("tokenizer.json",)}  # fmt: skip
