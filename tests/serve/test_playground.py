@@ -76,6 +76,19 @@ def test_no_playground_serves_no_page(no_playground):
     assert parser.parse_args([]).playground and not parser.parse_args(["--no-playground"]).playground
 
 
+def test_page_is_served_while_the_model_loads():
+    from fastapi.testclient import TestClient
+
+    from glmkit.serve.app import build_app
+    from glmkit.serve.http_common import ServerConfig
+
+    client = TestClient(build_app(None, ServerConfig(api_key="sesame")))
+    assert client.get("/").status_code == 200  # the page says "starting" (its /v1/models call gets 503)
+    assert client.post("/playground/layout", json={"text": TEXT}).status_code == 401
+    auth = {"Authorization": "Bearer sesame"}
+    assert client.post("/playground/layout", json={"text": TEXT}, headers=auth).status_code == 503
+
+
 def test_layout_is_the_masks_module(live_server):
     text = TEXT + " [MASK]{the land}"
     r = httpx.post(f"http://{live_server.url}/playground/layout", json={"text": text, "span_length": 3})
