@@ -339,6 +339,23 @@ def test_page_stops_a_chat_stream(served, browser):
     assert browser.find_element("id", "chat-send").is_enabled() and not browser.find_element("id", "chat-error").text
 
 
+def test_page_asks_for_the_key(keyed, browser):
+    browser.get(f"http://{keyed.url}/")
+    _wait(lambda: browser.find_element("id", "key-form").is_displayed(), what="the key form")
+    assert "API key" in browser.find_element("id", "status").text
+    _set(browser, "key", "sesame")
+    browser.find_element("css selector", "#key-form button").click()
+    _wait(lambda: "with your API key" in browser.find_element("id", "status").text, what="the status with the key")
+    assert browser.execute_script("return sessionStorage.getItem('glmkit-api-key')") == "sesame"
+    assert browser.execute_script("return localStorage.length") == 0 and browser.get_cookies() == []
+    browser.find_element("id", "tab-inside").click()
+    browser.find_element("id", "inside-run").click()  # an API call carries the key
+    _wait(lambda: browser.find_element("id", "mask-glm").get_attribute("data-n"), what="the layout")
+    browser.find_element("id", "forget-key").click()
+    _wait(lambda: browser.find_element("id", "key-form").is_displayed(), what="the key form again")
+    assert browser.execute_script("return sessionStorage.getItem('glmkit-api-key')") is None
+
+
 def test_page_survives_the_server_going_away(served, browser):
     """The server killed while a blank fills (this runs last: the module's server is gone after it)."""
     _open(browser, served, "fill")
