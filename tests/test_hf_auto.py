@@ -212,8 +212,10 @@ def test_tiny_glm_saved_by_glmkit_under_every_auto_class(tiny):
     for auto in (AutoModelForSequenceClassification, AutoModelForCausalLM):
         model = auto.from_pretrained(folder)
         assert torch.equal(model.glm.wpe.weight, glm.wpe.weight) and torch.equal(model.glm.wbpe.weight, glm.wbpe.weight)
-    lm_logits = AutoModelForCausalLM.from_pretrained(folder)(**inputs).logits
-    torch.testing.assert_close(lm_logits[1:2], glm(ids, positions, S), atol=1e-5, rtol=1e-5)
+    lm = AutoModelForCausalLM.from_pretrained(folder)
+    torch.testing.assert_close(lm(**inputs).logits[1:2], glm(ids, positions, S), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="labels: the generation wrapper computes no loss"):
+        lm(**inputs, labels=inputs["input_ids"])
 
 
 def test_text_classification_pipeline(tok, classifier):

@@ -242,6 +242,8 @@ class GLMForHFGeneration(GLMHFPreTrainedModel, GenerationMixin):
     ) -> CausalLMOutputWithPast:
         """Logits for ``input_ids``; a 2D (or missing) ``attention_mask`` is turned into the GLM layout first (a
         causal family derives its positions and mask from it itself)."""
+        if kwargs.get("labels") is not None:  # generate() passes other keywords this class has no use for
+            raise ValueError("labels: the generation wrapper computes no loss (glmkit's training loop does)")
         if self.family == "chatglm2":
             return CausalLMOutputWithPast(logits=self.glm(input_ids, position_ids, attention_mask))
         if position_ids is None or attention_mask is None or attention_mask.dim() == 2:
