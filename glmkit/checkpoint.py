@@ -76,8 +76,9 @@ def hub_key_map(config: GLMConfig, scheme: QuantScheme | None = None) -> dict[st
     return m
 
 
-# Tensors some released checkpoints carry that are not part of the language model (THUDM/GLM#178, P-tuning).
-_IGNORED_PREFIXES = ("dense.", "out_proj.", "prompt_spell.", "pool_layer.", "multichoice_head.")
+# Tensors some released checkpoints carry that are not part of the language model (THUDM/GLM#178, P-tuning), and the
+# head of a classifier glmkit.hf saved (its language model loads alone).
+_IGNORED_PREFIXES = ("dense.", "out_proj.", "prompt_spell.", "pool_layer.", "multichoice_head.", "classifier.")
 
 
 def from_hub_state_dict(

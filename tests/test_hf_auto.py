@@ -188,6 +188,8 @@ def test_save_and_reload_give_equal_logits_and_hub_names(tmp_path, tok, classifi
     assert torch.equal(again(**inputs).logits, classifier(**inputs).logits)
     with pytest.raises(ValueError, match=r"num_labels=5, but .* trained for 3 labels"):
         AutoModelForSequenceClassification.from_pretrained(tmp_path, num_labels=5)
+    lm = glmkit.GLM.from_pretrained(tmp_path)  # glmkit reads the classifier's language model
+    assert torch.equal(lm.blocks[2].attn.qkv.weight, classifier.glm.blocks[2].attn.qkv.weight)
 
 
 def test_a_saved_causal_lm_loads_in_glmkit(tmp_path):
