@@ -7,10 +7,10 @@ function of (seed, step): resuming needs only the step number, and 2 ranks with 
 the batches one process with ``grad_accum=2`` sees.
 
 Held-out evaluation runs every ``eval_every`` steps: the loss of each eval source and whatever ``metric_fn``
-returns. With ``best_metric`` the best model so far is kept in ``out_dir/best`` (a GLM checkpoint, like every
-step's) and, with ``patience``, training stops after that many evaluations without improvement; where the search
-stands is part of each checkpoint, so a resumed run selects and stops exactly as an uninterrupted one.
-"""
+returns. With ``best_metric`` the best model so far is kept in ``out_dir/best`` (``state.save_model_folder``: a GLM
+checkpoint; for a model with LoRA adapters or a P-tuning prefix, the adapter-only folder) and, with ``patience``,
+training stops after that many evaluations without improvement; where the search stands is part of each checkpoint,
+so a resumed run selects and stops exactly as an uninterrupted one."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ from ..kernels.training import use_training_kernels
 from ..masks import pad_batch
 from . import distributed as dist_utils
 from .optim import AnnealingLR, annealed_lr, param_groups
-from .state import load_latest, save_training_checkpoint
+from .state import checkpoint_layout, load_latest, save_model_folder, save_training_checkpoint
 
 BatchSource = Callable[[int], dict]
 LossFn = Callable[[torch.nn.Module, dict], torch.Tensor]
@@ -75,6 +75,9 @@ class TrainArgs:
     best_mode: Literal["max", "min"] = "max"
     patience: int = 0
     """Stop after this many evaluations in a row without a better ``best_metric`` (0: never stop early)."""
+    merge_lora: bool = False
+    """With LoRA adapters: ``out_dir/best/merged`` also holds the merged plain model (what ``glmkit generate`` /
+    ``serve`` load) beside the adapter-only folder."""
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)
@@ -187,20 +190,21 @@ def _metrics(model: torch.nn.Module, metric_fn: MetricFn, args: TrainArgs, devic
         model.train(was_training)
 
 
-def _save_best(out: Path, model, base, step: int, ev: dict, export: Callable[[Path], None] | None) -> None:
-    """``out/best``: the model in the hub layout (what ``glmkit generate`` / ``serve`` load), ``export``'s files
-    (e.g. the tokenizer) and ``best.json``, replaced whole or not at all."""
+def _save_best(out: Path, model, base, step: int, ev: dict, export: Callable[[Path], None] | None, merge: bool) -> None:
+    """``out/best``: the model as ``save_model_folder`` writes it (hub layout, adapter-only folder ...),
+    ``export``'s files (e.g. the tokenizer) and ``best.json``, replaced whole or not at all."""
     import json
-
-    from ..checkpoint import save_state_pretrained, staged_folder
 
     msd, _ = dist_utils.full_state(model)
     if dist_utils.rank_world()[0] == 0:
-        with staged_folder(out / "best", overwrite=True) as tmp:
-            save_state_pretrained(base.config, msd, tmp)
+
+        def add(folder: Path) -> None:
             if export is not None:
-                export(tmp)
-            (tmp / "best.json").write_text(json.dumps({"step": step, **ev}, indent=2) + "\n")
+                export(folder)
+            if folder.name != "merged":
+                (folder / "best.json").write_text(json.dumps({"step": step, **ev}, indent=2) + "\n")
+
+        save_model_folder(base, out / "best", msd, merge, add)
     dist_utils.barrier()
 
 
@@ -229,6 +233,8 @@ def fit(
     rank, world = dist_utils.rank_world()
     device = dist_utils.device_for_rank()
     torch.manual_seed(args.seed + rank)
+    if args.merge_lora and checkpoint_layout(model) != "lora":
+        raise ValueError("merge_lora: the model has no LoRA adapters to merge (add_lora gives a model that has)")
     model.to(device).train()
     use_training_kernels(model)  # glmkit's CPU attention and dropout, swapped in before DDP/FSDP wrap the modules
     base = model
@@ -317,7 +323,7 @@ def fit(
             if args.best_metric:
                 _select(select, ev, args, done)
                 if select["step"] == done:
-                    _save_best(out, model, base, done, ev, export)
+                    _save_best(out, model, base, done, ev, export, args.merge_lora)
                     history.best = {"step": done, "value": select["value"], **ev}
                 history.stopped_early = select["stopped"]
         if done % args.save_every == 0 or done == args.max_steps or history.stopped_early:
