@@ -1,12 +1,12 @@
 """Triton's model-repository extension for ``glmkit serve``: ``load`` builds a model, ``unload`` frees it.
 
-The four served models are views of one GLM. Unloading one refuses its new requests (404, as Triton answers a
-model with no available version), lets the ones in flight finish, stops its worker and drops what is its own:
-``llm`` its engine thread and KV pool (the OpenAI routes answer 404 meanwhile), a one-shot model its dynamic
-batcher. Once no loaded model uses the GLM its weights go too, when the server has a ``source`` to read them
-again from (``glmkit serve`` loads its checkpoint folder in the same dtype, and prepares it for decoding as at
-start); a server built from a model object with no source keeps that object. ``load`` rebuilds what ``unload``
-dropped, reading the GLM from the source first if it is gone.
+The served models (four; five with ``glm_classify``) are views of one GLM. Unloading one refuses its new requests
+(404, as Triton answers a model with no available version), lets the ones in flight finish, stops its worker and
+drops what is its own: ``llm`` its engine thread and KV pool (the OpenAI routes answer 404 meanwhile), a one-shot
+model its dynamic batcher. Once no loaded model uses the GLM its weights go too, when the server has a ``source``
+to read them again from (``glmkit serve`` loads its checkpoint folder in the same dtype, and prepares it for
+decoding as at start); a server built from a model object with no source keeps that object. ``load`` rebuilds what
+``unload`` dropped, reading the GLM from the source first if it is gone.
 """
 
 from __future__ import annotations
@@ -26,11 +26,12 @@ from ..generate.engine import resolve_special_tokens
 from ..generate.fast import optimize_for_decode
 from .app import ServerState
 from .batcher import DynamicBatcher
+from .classifier import ClassifierModel
 from .engine import AsyncLLMEngine, LLMEngine
 from .metrics import ServerMetrics
 from .scoring import Scorer
 from .served import GenerationService, LLMModel, OneShotModel
-from .specs import llm_spec, one_shot_specs
+from .specs import CLASSIFY, classifier_spec, llm_spec, one_shot_specs
 from .stats import ModelStats
 
 if TYPE_CHECKING:
@@ -60,6 +61,10 @@ class ModelRepository:
         models: dict[str, Any] = {LLM: LLMModel(llm_spec(), service)}
         for spec in one_shot_specs(options.batching, model.config.n_embd, model.config.vocab_size):
             models[spec.name] = OneShotModel(spec, None, self.tok, stats=ModelStats(spec.name))
+        c = options.classifier
+        if c is not None:  # a fine-tuned classifier: one more view of the GLM (classifier.py)
+            spec = classifier_spec(options.batching, c.labels, c.kind)
+            models[CLASSIFY] = ClassifierModel(spec, c, self.tok, stats=ModelStats(CLASSIFY))
         state = ServerState(options.server, service.engine, service, models, [], repository=self)
         self.state = state
         for name in models:
@@ -93,7 +98,10 @@ class ModelRepository:
 
     def _start_one_shot(self, served: OneShotModel, model: torch.nn.Module) -> None:
         name = served.spec.name
-        scorer = Scorer(model, resolve_special_tokens(model, None, self.tok))
+        if isinstance(served, ClassifierModel):
+            scorer = served.definition.build(model, self.tok)
+        else:
+            scorer = Scorer(model, resolve_special_tokens(model, None, self.tok))
         served.batcher = DynamicBatcher(self.options.batching, scorer, stats=served.stats, name=name).start()
         served.scorer, served.ready = scorer, True
         self.state.batchers.append(served.batcher)

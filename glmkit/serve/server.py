@@ -31,6 +31,7 @@ import uvicorn
 from ..generate.fast import cache_dtype
 from .app import ServerConfig, ServerState, build_app, drain
 from .batcher import DynamicBatchingConfig, QueuePolicy
+from .classifier import ClassifierDef, find_classifier
 from .repository import ModelRepository, Source
 from .sampling import Limits
 from .scheduler import SchedulerConfig
@@ -56,6 +57,8 @@ class ServeOptions:
     # None: scheduler.max_num_seqs KV slots as given; a fraction: as many slots (at most MAX_AUTO_SEQS) as that
     # share of the memory available once the model is loaded holds (glmkit serve's default: DEFAULT_KV_MEMORY)
     kv_cache_memory: float | None = None
+    # glm_classify: the fine-tuned classifier the checkpoint is (a sequence-classification head or a cloze task)
+    classifier: ClassifierDef | None = None
 
 
 log = logging.getLogger("glmkit.serve")
@@ -181,6 +184,9 @@ def load_state(model_path: str | None, options: ServeOptions, dtype: str) -> Ser
     start = time.perf_counter()
     model, tokenizer = load_model_and_tokenizer(model_path, dtype=getattr(torch, dtype))
     log.info(f"glmkit serve: model loaded ({time.perf_counter() - start:.1f} s)")
+    if options.classifier is not None:
+        c = options.classifier
+        log.info(f"glmkit serve: glm_classify: {c.kind.replace('_', ' ')}, labels {', '.join(c.labels)}")
     return build_state(
         model, tokenizer, options, lambda: load_model_and_tokenizer(model_path, dtype=getattr(torch, dtype))[0]
     )
@@ -239,6 +245,14 @@ def configure(p: argparse.ArgumentParser) -> None:
         "--host", default="127.0.0.1", help="bind address (default %(default)s: loopback only; 0.0.0.0 exposes it)"
     )
     p.add_argument("--port", type=int, default=8000)
+    p.add_argument(
+        "--cloze-task",
+        default=None,
+        metavar="FILE",
+        help="serve the model as a cloze classifier (glm_classify) with this task: a YAML/JSON task section "
+        "(name: cloze, a pattern with one {field} and one [MASK], a verbalizer); default: the cloze task of the "
+        "folder's finetune.json. A sequence-classification folder is served as one without it",
+    )
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every route but health")
     p.add_argument(
         "--no-playground",
@@ -290,7 +304,7 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..bundled import load_config
+    from ..bundled import load_config, model_path
 
     config = load_config(args.model)
     # GLM's Part B has its own block positions beside Part A's; a ChatGLM context holds prompt and answer together
@@ -317,6 +331,7 @@ def run(args: argparse.Namespace) -> int:
         threads=args.threads,
         pack_weights=args.pack_weights,
         kv_cache_memory=None if args.max_num_seqs else args.kv_cache_memory,
+        classifier=find_classifier(model_path(args.model), config.n_positions, args.cloze_task),
     )
     serve(args.model, args.host, args.port, options, args.dtype)
     return 0

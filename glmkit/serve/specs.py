@@ -11,12 +11,15 @@ unconditionally once their parents exist).
 
 from __future__ import annotations
 
+import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from .batcher import DynamicBatchingConfig, QueuePolicy
 
 LLM, SCORE, EMBED, LOGITS = "llm", "glm_score", "glm_embed", "glm_logits"
+CLASSIFY = "glm_classify"
 
 
 @dataclass(frozen=True)
@@ -226,3 +229,16 @@ def one_shot_specs(batching: DynamicBatchingConfig, n_embd: int, vocab_size: int
             LOGITS, [text], [TensorSpec("logits", "FP32", (vocab_size,))], max_batch_size=mbs, dynamic_batching=batching
         ),
     ]
+
+
+def classifier_spec(batching: DynamicBatchingConfig, labels: Sequence[str], kind: str) -> ModelSpec:
+    """``glm_classify`` (classifier.py): ``TEXT`` → ``LOGITS`` over ``labels`` and the best one's name as ``LABEL``;
+    the parameters name the kind of head and the labels in logit order (the config endpoint shows them)."""
+    return ModelSpec(
+        CLASSIFY,
+        [TensorSpec("TEXT", "BYTES", (1,))],
+        [TensorSpec("LOGITS", "FP32", (len(labels),)), TensorSpec("LABEL", "BYTES", (1,))],
+        max_batch_size=batching.max_batch_size,
+        dynamic_batching=batching,
+        parameters={"classifier": kind, "labels": json.dumps(list(labels))},
+    )

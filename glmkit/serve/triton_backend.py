@@ -4,8 +4,9 @@
 batcher is request-level only, so the engine keeps its own loop on a background asyncio thread and answers
 through each request's response sender (deltas when the ``stream`` input is true, then the FINAL flag exactly
 once, also after an error or a cancellation). ``TritonOneShot`` receives the list of requests Triton's dynamic
-batcher formed and scores all their rows in one forward pass. ``pb`` is ``triton_python_backend_utils``, passed
-in so tests can run these classes against a stand-in.
+batcher formed and scores all their rows in one forward pass; ``TritonClassifier`` does the same for
+``glm_classify``. ``pb`` is ``triton_python_backend_utils``, passed in so tests can run these classes against a
+stand-in.
 """
 
 from __future__ import annotations
@@ -19,12 +20,13 @@ from typing import Any
 import numpy as np
 
 from .batcher import DynamicBatchingConfig
+from .classifier import ClassifierDef, ClassifierModel
 from .engine import AsyncLLMEngine, LLMEngine
 from .sampling import Limits
 from .scheduler import SchedulerConfig
 from .scoring import Scorer
 from .served import GenerationService, LLMModel, OneShotModel
-from .specs import llm_spec, one_shot_specs
+from .specs import classifier_spec, llm_spec, one_shot_specs
 
 
 def load(args: dict[str, str]) -> tuple[Any, Any, dict[str, str], dict[str, Any]]:
@@ -40,9 +42,7 @@ def load(args: dict[str, str]) -> tuple[Any, Any, dict[str, str], dict[str, Any]
 
     config = json.loads(args["model_config"])
     params = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
-    folder = Path(params.get("checkpoint", "1/checkpoint"))
-    if not folder.is_absolute():
-        folder = Path(args["model_repository"]) / folder
+    folder = checkpoint_folder(args, params)
     device = "cpu"
     if args.get("model_instance_kind") == "GPU":
         device = f"cuda:{args.get('model_instance_device_id', '0')}"
@@ -54,6 +54,11 @@ def load(args: dict[str, str]) -> tuple[Any, Any, dict[str, str], dict[str, Any]
 
         kernels.pack_linear(model, release=True)  # as glmkit serve: bf16 weights in panels (others: no change)
     return model, tok, params, config
+
+
+def checkpoint_folder(args: dict[str, str], params: dict[str, str]) -> Path:
+    folder = Path(params.get("checkpoint", "1/checkpoint"))
+    return folder if folder.is_absolute() else Path(args["model_repository"]) / folder
 
 
 class TritonLLM:
@@ -124,7 +129,8 @@ class TritonOneShot:
         self.model = OneShotModel(specs[which], Scorer(model, model.config.special_tokens or tok.special), tok)
 
     def execute(self, requests: list[Any]) -> list[Any]:
-        """One response per request, in order; a bad request gets an error response, the others still run."""
+        """One response per request, in order; a bad request gets an error response, the others still run (all
+        the good ones' rows in one forward pass)."""
         pb = self.pb
         rows, errors = [], {}
         for i, request in enumerate(requests):
@@ -149,3 +155,17 @@ class TritonOneShot:
             k += 1
             responses.append(pb.InferenceResponse(output_tensors=[pb.Tensor(n, v) for n, v in out.items()]))
         return responses
+
+
+class TritonClassifier(TritonOneShot):
+    """``glm_classify`` (classifier.py): the definition ``export-triton`` wrote into the ``glmkit_classifier``
+    parameter, its head read from the checkpoint; ``execute`` is the one-shot models'."""
+
+    def __init__(self, args: dict[str, str], pb: Any) -> None:
+        model, tok, p, config = load(args)
+        self.pb = pb
+        definition = ClassifierDef.from_json(p["glmkit_classifier"], checkpoint_folder(args, p))
+        batching = DynamicBatchingConfig(max_batch_size=max(1, int(config.get("max_batch_size", 1))))
+        spec = classifier_spec(batching, definition.labels, definition.kind)
+        self.model = ClassifierModel(spec, definition, tok)
+        self.model.scorer, self.model.ready = definition.build(model, tok), True
