@@ -127,6 +127,8 @@ def find_classifier(folder: str | Path, context: int, cloze_task: str | Path | N
         task, where = run, str(folder / RUN_FILE)
     else:
         return None
+    if config.get("model_type") == "chatglm":
+        raise ConfigError(f"{where}: cloze scoring lays a text out for GLM's blank infilling; {folder} is a ChatGLM")
     if task["name"] != "cloze":
         raise ConfigError(f"{where}: task {task['name']!r}; glm_classify serves a cloze task (pattern + verbalizer)")
     pattern = task.get("pattern")

@@ -273,9 +273,47 @@ def test_what_is_served_is_found_and_checked(model_dir, clf_dir, tmp_path, capsy
             find_classifier(model_dir, 65, bare)
     with pytest.raises(ConfigError, match="is a sequence classifier"):
         find_classifier(clf_dir, 65, task_file)
+    chatglm = tmp_path / "chatglm"
+    chatglm.mkdir()
+    (chatglm / "config.json").write_text(json.dumps({"model_type": "chatglm"}))
+    with pytest.raises(ConfigError, match="is a ChatGLM"):
+        find_classifier(chatglm, 2048, task_file)
     bare.write_text(json.dumps({"pattern": "{a} {b}[MASK]", "verbalizer": {"x": " lord"}}))
     assert main(["serve", "--model", str(model_dir), "--cloze-task", str(bare)]) == 2  # refused before listening
     assert "glm_classify fills exactly one field" in capsys.readouterr().err
+
+
+def test_glmkit_serve_serves_the_cloze_task_of_a_finetuned_folder(cloze_dir, cloze_reference, tmp_path):
+    """The command itself: ``glmkit serve --model best/`` finds the cloze task in finetune.json."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "glmkit", "serve", "--model", str(cloze_dir), "--port", str(port)]
+    log = (tmp_path / "serve.log").open("w")
+    proc = subprocess.Popen([*cmd, "--max-num-seqs", "2", "--no-playground"], stderr=log)
+    c = th.InferenceServerClient(f"127.0.0.1:{port}")
+    try:
+        for _ in range(600):
+            try:
+                if c.is_server_ready():
+                    break
+            except Exception:  # not listening yet
+                pass
+            assert proc.poll() is None, (tmp_path / "serve.log").read_text()
+            time.sleep(0.2)
+        logits, labels = answers(c, TEXTS[1:2])
+        np.testing.assert_allclose(logits[0], cloze_reference(TEXTS[1]), atol=1e-4, rtol=1e-4)
+        assert labels == [list(CLOZE["verbalizer"])[int(logits[0].argmax())]]
+    finally:
+        c.close()
+        proc.terminate()
+        proc.wait(timeout=60)
+        log.close()
 
 
 def test_a_multi_token_verbalizer_is_scored_by_span(cloze_dir):
