@@ -20,6 +20,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "explain": ("glmkit.explain", "show Part A / Part B, 2D positions and the attention mask of a text with blanks"),
     "pretrain": ("glmkit.train.pretrain", "pretrain a GLM with autoregressive blank infilling (torchrun-ready)"),
     "eval-cloze": ("glmkit.cloze", "zero-shot single-word cloze accuracy on held-out data vs a unigram baseline"),
+    "finetune": ("glmkit.finetune.cli", "fine-tune on a task (cloze, SuperGLUE, seq2seq, ...): full, LoRA or prefix"),
+    "evaluate": ("glmkit.finetune.evaluate", "evaluate a model on a task: metrics.json, predictions.jsonl and a table"),
     "prepare-data": ("glmkit.data.prepare", "tokenize .txt/.jsonl/.parquet corpora into memory-mapped token shards"),
     "train-tokenizer": ("glmkit.train_tokenizer", "train a byte-level BPE tokenizer with the GLM special tokens"),
     "serve": ("glmkit.serve.server", "serve over the Triton (KServe v2) and OpenAI HTTP APIs, continuous batching"),
