@@ -3,6 +3,7 @@ rows named by line or row, rejected or skipped), full / LoRA / prefix / classifi
 CLI functions and once through ``python -m glmkit``, and the folders they write reloading to the same results."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -232,7 +233,7 @@ def test_classification_trains_the_pooled_cls_head_and_its_folder_loads_in_trans
     assert set(probs) == {"on", "off"} and sum(probs.values()) == pytest.approx(1.0)
     hf = AutoModelForSequenceClassification.from_pretrained(best)
     assert hf.config.id2label == {0: "on", 1: "off"}
-    with pytest.raises(ConfigError, match="a classification task needs the model glmkit finetune trained for it"):
+    with pytest.raises(ConfigError, match=r"classification does not run on .* \(a language model\): it needs GLMFor"):
         main(["--debug", "evaluate", "--model", str(tiny), "--data", str(tmp_path / "val.jsonl"),
               "--task", "classification", "--option", "labels=[on, off]", "--out", str(tmp_path / "x")])  # fmt: skip
 
@@ -258,3 +259,24 @@ def test_the_kjv_example_config_runs_on_the_bundled_model_through_python_m_glmki
                                  str(REPO / "configs" / "finetune-kjv-cloze.yaml"))  # fmt: skip
     best = json.loads((out / "best" / "best.json").read_text())
     assert metrics["accuracy"] == pytest.approx(best["accuracy"]) and len(rows) == 12
+
+
+def test_multiple_choice_ranks_each_example_s_own_choices_and_reloads(tmp_path, tiny):
+    """Examples with 2 and 3 choices share batches (placeholder rows masked); the folder reloads to the same
+    accuracy, and each row's probabilities are a softmax over its own choices."""
+    rows = [{"text": f"the {n} is", "choices": ["on", "off", "on ."][: 2 + i % 2], "label": i % 2}
+            for i, n in enumerate(NOUNS)]  # fmt: skip
+    data = _jsonl(tmp_path / "mc.jsonl", rows)
+    task = {"name": "multiple_choice", "template": "{text}"}
+    path = _config(tmp_path, tiny, task=task, data={"train": str(data), "validation": str(data)})
+    assert main(["finetune", "--config", str(path)]) == 0
+    best = tmp_path / "run" / "best"
+    metrics, out, _ = _evaluate(tmp_path, best, data)
+    assert metrics["accuracy"] == pytest.approx(json.loads((best / "best.json").read_text())["accuracy"])
+    assert [len(r["scores"]) for r in out] == [2 + i % 2 for i in range(len(NOUNS))]
+    assert all(sum(r["scores"].values()) == pytest.approx(1.0) for r in out)
+    assert metrics["accuracy"] == sum(r["prediction"] == r["gold"] for r in out) / len(out)
+    assert metrics["loss"] == pytest.approx(-sum(math.log(r["scores"][r["gold"]]) for r in out) / len(out), rel=1e-5)
+    bad = _jsonl(tmp_path / "bad.jsonl", [{"text": "the lamp is", "choices": ["on", "off"], "label": 2}])
+    with pytest.raises(DataError, match=r"bad\.jsonl line 1: label 2 is not an index into its 2 choices"):
+        main(["--debug", "evaluate", "--model", str(best), "--data", str(bad), "--out", str(tmp_path / "b")])

@@ -161,13 +161,13 @@ def load_config(path: str | Path | None, overrides: dict[str, dict[str, Any]] | 
 
 def prepare_model(cfg: FinetuneConfig, task: Any, glm: Any, tokenizer: Any) -> Any:
     """The model that trains: the GLM itself, with LoRA adapters or a prefix, or under a classification head."""
-    from .classify import ClassificationTask, classification_model
+    from .classify import ClassificationTask, MultipleChoiceTask, classification_model
     from .peft import DEFAULT_TARGETS, add_lora, add_prefix
 
     m = cfg.method
-    if isinstance(task, ClassificationTask):
+    if isinstance(task, (ClassificationTask, MultipleChoiceTask)):
         if m.name != "full":
-            raise ConfigError(f"method.name: the classification head trains with method full, not {m.name}")
+            raise ConfigError(f"method.name: the pooled-[CLS] head trains with method full, not {m.name}")
         return classification_model(glm, task, tokenizer)
     try:
         if m.name == "lora":
@@ -288,7 +288,9 @@ FLAGS = {  # flag dest -> (section, key)
 def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="run YAML (see configs/finetune-*.yaml); flags override it")
     p.add_argument("--model", help="checkpoint folder to start from (default: the bundled model)")
-    p.add_argument("--task", help="task name (glmkit evaluate --list-tasks)")
+    from .registry import REGISTRY
+
+    p.add_argument("--task", help=f"task name: {', '.join(n for n, t in REGISTRY.items() if t.trains)}")
     p.add_argument(
         "--train", dest="train_file", help="training data: .jsonl/.csv/.tsv/.parquet/.txt or hf:NAME[:SPLIT]"
     )

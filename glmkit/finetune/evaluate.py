@@ -21,6 +21,7 @@ from ..config import ConfigError, read_json_object
 from .cli import RUN_FILE, _yaml
 
 CONFUSION_MAX_LABELS = 30  # beyond this a confusion matrix is unreadable
+HEADS = {"classification": "GLMForSequenceClassification", "multiple_choice": "GLMForMultipleChoice"}
 
 
 def load_for_evaluation(folder: str | Path | None, base: str | Path | None = None) -> tuple[torch.nn.Module, Any]:
@@ -43,10 +44,10 @@ def load_for_evaluation(folder: str | Path | None, base: str | Path | None = Non
 
         glm, _ = load_model_and_tokenizer(base)
         return load_prefix(glm, path), load_tokenizer(path)
-    if "GLMForSequenceClassification" in (config.get("architectures") or []):
-        from ..hf.heads import GLMForSequenceClassification
+    for head in set(HEADS.values()) & set(config.get("architectures") or []):
+        from ..hf import heads
 
-        return GLMForSequenceClassification.from_pretrained(path).eval(), load_tokenizer(path)
+        return getattr(heads, head).from_pretrained(path).eval(), load_tokenizer(path)
     return load_model_and_tokenizer(path)
 
 
@@ -78,7 +79,7 @@ def task_from(args: argparse.Namespace, model_folder: Path | None) -> tuple[str,
 def evaluate_command(args: argparse.Namespace) -> dict[str, Any]:
     from rich.progress import Progress
 
-    from .classify import ClassificationTask
+    from .classify import ClassificationTask, MultipleChoiceTask
     from .cloze import ClozeTask
     from .lm import LMTask
     from .predict import (
@@ -86,6 +87,7 @@ def evaluate_command(args: argparse.Namespace) -> dict[str, Any]:
         predict_cloze,
         predict_heldout_cloze,
         predict_lm,
+        predict_multiple_choice,
         predict_seq2seq,
     )
     from .registry import HeldOutCloze, build_task, generation_options
@@ -98,12 +100,11 @@ def evaluate_command(args: argparse.Namespace) -> dict[str, Any]:
     glm_config = getattr(model, "config", None)
     context = getattr(glm_config, "n_positions", None) if not hasattr(model, "glm") else model.glm.config.n_positions
     task = build_task(name, options, context)
-    is_classifier = hasattr(model, "classifier")
-    if isinstance(task, ClassificationTask) != is_classifier:
-        have = "a classification model" if is_classifier else "a language model"
+    have, need = type(model).__name__ if hasattr(model, "glm") else None, HEADS.get(name)
+    if have != need:
         raise ConfigError(
-            f"--task: {name} does not run on {args.model or 'the bundled model'}, {have}: a classification task needs "
-            "the model glmkit finetune trained for it, every other task a language model"
+            f"--task: {name} does not run on {args.model or 'the bundled model'} ({have or 'a language model'}): "
+            f"it needs {need or 'a language model'}; a head task runs on the model glmkit finetune trained for it"
         )
     on_error = "raise" if args.on_bad_row == "error" else "skip"
     with Progress(disable=not args.progress) as bar:
@@ -123,6 +124,8 @@ def evaluate_command(args: argparse.Namespace) -> dict[str, Any]:
                 metrics, rows = predict_cloze(task, model, items, args.batch_size, advance)
             elif isinstance(task, ClassificationTask):
                 metrics, rows = predict_classification(task, model, items, args.batch_size)
+            elif isinstance(task, MultipleChoiceTask):
+                metrics, rows = predict_multiple_choice(task, model, items, args.batch_size)
             elif isinstance(task, LMTask):
                 metrics, rows = predict_lm(task, model, items, args.batch_size)
             elif isinstance(task, Seq2SeqTask):

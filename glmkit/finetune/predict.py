@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from ..masks import find_blanks
-from .classify import ClassificationTask, ClassItem
+from .classify import ChoiceItem, ClassificationTask, ClassItem, MultipleChoiceTask
 from .cloze import ClozeFeatures, ClozeTask, predict
 from .lm import LMTask, LMWindow
 from .registry import HeldOutCloze, Seq2SeqGeneration
@@ -90,6 +90,23 @@ def predict_classification(
             "prediction": task.labels[int(p.argmax())],
             "gold": task.labels[it.label] if it.label >= 0 else None,
             "scores": {str(label): float(v) for label, v in zip(task.labels, p, strict=True)},
+        }
+        for it, p in zip(items, probs, strict=True)
+    ]
+    return task.metrics(items, probs), rows
+
+
+def predict_multiple_choice(
+    task: MultipleChoiceTask, model: torch.nn.Module, items: Sequence[ChoiceItem], batch_size: int = 16
+) -> tuple[dict[str, float], Rows]:
+    probs = task.probabilities(model, items, batch_size)
+    rows = [
+        {
+            "where": it.where,
+            "input": it.text,
+            "prediction": it.choices[int(p.argmax())],
+            "gold": it.choices[it.label] if it.label >= 0 else None,
+            "scores": {c: float(v) for c, v in zip(it.choices, p, strict=True)},
         }
         for it, p in zip(items, probs, strict=True)
     ]

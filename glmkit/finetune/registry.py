@@ -9,7 +9,7 @@ value of the wrong kind, is a ``ConfigError`` naming ``task.<option>``.
   answer word); one-token words are scored at the blank, ``multi_token: true`` scores words of any length by span.
 - ``seq2seq``: source → target text (``Seq2SeqTask``); ``glmkit evaluate`` generates (greedy or beam) and scores
   ROUGE-1/2/L, exact match and token F1.
-- ``classification``: the pooled-[CLS] head (``ClassificationTask``).
+- ``classification`` / ``multiple_choice``: the pooled-[CLS] head (``ClassificationTask``, ``MultipleChoiceTask``).
 - ``lm``: perplexity and the sliding-window loss of text (``LMTask``).
 - ``heldout-cloze``: ``glmkit eval-cloze`` (zero-shot one-word blanks of held-out documents of a prepared data
   folder, against unigram baselines); evaluation only.
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..config import ConfigError
-from .classify import ClassificationTask
+from .classify import ClassificationTask, MultipleChoiceTask
 from .cloze import ClozeTask
 from .lm import LMTask
 from .seq2seq import Seq2SeqTask
@@ -128,6 +128,11 @@ def _classification(o: dict[str, Any], context: int | None) -> ClassificationTas
     return ClassificationTask(labels=tuple(labels), **o)
 
 
+def _multiple_choice(o: dict[str, Any], context: int | None) -> MultipleChoiceTask:
+    _default_length(o, context)
+    return MultipleChoiceTask(**o)
+
+
 def _lm(o: dict[str, Any], context: int | None) -> LMTask:
     _default_length(o, context)
     return LMTask(**o)
@@ -150,6 +155,12 @@ REGISTRY: dict[str, TaskSpec] = {
     ),
     "classification": TaskSpec(
         "classification", _classification, ("labels", "template", "label_field", "max_length"), ClassificationTask
+    ),
+    "multiple_choice": TaskSpec(
+        "multiple_choice",
+        _multiple_choice,
+        ("template", "choices_field", "label_field", "max_length"),
+        MultipleChoiceTask,
     ),
     "lm": TaskSpec("lm", _lm, ("text_field", "max_length", "overlap"), LMTask),
     "heldout-cloze": TaskSpec(
