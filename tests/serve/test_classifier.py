@@ -316,6 +316,27 @@ def test_glmkit_serve_serves_the_cloze_task_of_a_finetuned_folder(cloze_dir, clo
         log.close()
 
 
+def test_a_classifier_glmkit_finetune_trained_lays_text_out_by_its_template(clf_dir, tmp_path):
+    """finetune.json's classification template (and max_length) lay TEXT out as in training."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    folder = tmp_path / "final"
+    shutil.copytree(clf_dir, folder)
+    task = {"name": "classification", "labels": list(LABELS.values()), "template": "Verse: {text}", "max_length": 8}
+    (folder / "finetune.json").write_text(json.dumps({"task": task}))
+    model, tok = load_model_and_tokenizer(folder)
+    definition = find_classifier(folder, model.config.n_positions)
+    assert definition.task["template"] == "Verse: {text}" and definition.task["max_length"] == 8
+    scorer = definition.build(model.eval(), tok)
+    got = np.stack(scorer([scorer.prepare(TEXTS[:2])])[0])
+    hf = AutoModelForSequenceClassification.from_pretrained(folder).eval()
+    hf_tok = AutoTokenizer.from_pretrained(folder)
+    ids = [[hf_tok.cls_token_id, *tok.encode("Verse: " + t)[:6], hf_tok.eos_token_id] for t in TEXTS[:2]]  # cut at 8
+    with torch.no_grad():
+        expected = np.stack([hf(torch.tensor([row])).logits[0].numpy() for row in ids])
+    np.testing.assert_allclose(got, expected, atol=1e-4, rtol=1e-4)
+
+
 def test_a_multi_token_verbalizer_is_scored_by_span(cloze_dir):
     """With multi_token the served scores are the span scores of glmkit.finetune (two-token ' king' included)."""
     from glmkit.finetune.cloze import predict
