@@ -129,3 +129,14 @@ def epoch_source(n_items: int, batch_size: int, seed: int, make_batch: Callable[
 
 def steps_per_epoch(n_items: int, batch_size: int) -> int:
     return math.ceil(n_items / batch_size)
+
+
+def collate_samples(items: Sequence[Any], objective: str) -> dict:
+    """A training batch of items that each hold one laid-out ``sample`` (``masks.BlankSample``) and ``pad_id``."""
+    from ..masks import collate
+
+    if not items:
+        raise ValueError("collate: no examples")
+    batch = collate([it.sample for it in items], pad_id=items[0].pad_id)
+    batch["objective"] = objective
+    return batch

@@ -23,9 +23,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..masks import BlankSample, collate, make_prefix_lm_data
+from ..masks import BlankSample, make_prefix_lm_data
 from ..train.loop import batch_loss
-from .data import DataError, Record, as_records, convert
+from .data import DataError, Record, as_records, collate_samples, convert
 
 
 @dataclass
@@ -87,11 +87,7 @@ class LMTask:
         return [w for _, w in convert(records, lambda r: self._windows(tokenizer, r, index[id(r)]), on_error)]
 
     def collate(self, items: Sequence[LMWindow]) -> dict:
-        if not items:
-            raise ValueError("collate: no examples")
-        batch = collate([it.sample for it in items], pad_id=items[0].pad_id)
-        batch["objective"] = self.name
-        return batch
+        return collate_samples(items, self.name)
 
     def loss(self, model: torch.nn.Module, batch: dict) -> torch.Tensor:
         return batch_loss(model, batch)

@@ -79,38 +79,33 @@ def predict_cloze(
     return {"loss": sum(losses) / max(len(losses), 1), **metrics}, rows
 
 
+def _choice_rows(items: Sequence[ClassItem | ChoiceItem], probs: torch.Tensor, names) -> Rows:
+    """One row per item: its prediction, gold answer and the score of each answer, ``names(item)`` naming them."""
+    rows = []
+    for it, p in zip(items, probs, strict=True):
+        answers = [str(a) for a in names(it)]
+        rows.append({
+            "where": it.where,
+            "input": it.text,
+            "prediction": names(it)[int(p.argmax())],
+            "gold": names(it)[it.label] if it.label >= 0 else None,
+            "scores": {a: float(v) for a, v in zip(answers, p, strict=True)},
+        })  # fmt: skip
+    return rows
+
+
 def predict_classification(
     task: ClassificationTask, model: torch.nn.Module, items: Sequence[ClassItem], batch_size: int = 16
 ) -> tuple[dict[str, float], Rows]:
     probs = task.probabilities(model, items, batch_size)
-    rows = [
-        {
-            "where": it.where,
-            "input": it.text,
-            "prediction": task.labels[int(p.argmax())],
-            "gold": task.labels[it.label] if it.label >= 0 else None,
-            "scores": {str(label): float(v) for label, v in zip(task.labels, p, strict=True)},
-        }
-        for it, p in zip(items, probs, strict=True)
-    ]
-    return task.metrics(items, probs), rows
+    return task.metrics(items, probs), _choice_rows(items, probs, lambda it: task.labels)
 
 
 def predict_multiple_choice(
     task: MultipleChoiceTask, model: torch.nn.Module, items: Sequence[ChoiceItem], batch_size: int = 16
 ) -> tuple[dict[str, float], Rows]:
     probs = task.probabilities(model, items, batch_size)
-    rows = [
-        {
-            "where": it.where,
-            "input": it.text,
-            "prediction": it.choices[int(p.argmax())],
-            "gold": it.choices[it.label] if it.label >= 0 else None,
-            "scores": {c: float(v) for c, v in zip(it.choices, p, strict=True)},
-        }
-        for it, p in zip(items, probs, strict=True)
-    ]
-    return task.metrics(items, probs), rows
+    return task.metrics(items, probs), _choice_rows(items, probs, lambda it: it.choices)
 
 
 def predict_lm(

@@ -19,9 +19,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..masks import BlankSample, collate, find_blanks, make_block_data
+from ..masks import BlankSample, find_blanks, make_block_data
 from ..prompts import layout, text_prompt
-from .data import DataError, Record, as_records, convert
+from .data import DataError, Record, as_records, collate_samples, convert
 
 SUMMARIZATION_TEMPLATE = "[MASK] Content: {source}"
 
@@ -89,11 +89,7 @@ class Seq2SeqTask:
         return [it for _, it in convert(as_records(rows), lambda r: self._item(tokenizer, r), on_error)]
 
     def collate(self, items: Sequence[Seq2SeqItem]) -> dict:
-        if not items:
-            raise ValueError("collate: no examples")
-        batch = collate([it.sample for it in items], pad_id=items[0].pad_id)
-        batch["objective"] = self.name
-        return batch
+        return collate_samples(items, self.name)
 
     def loss(self, model: torch.nn.Module, batch: dict) -> torch.Tensor:
         ce, _ = target_losses(model, batch, self.label_smoothing)
