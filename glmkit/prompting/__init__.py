@@ -1,0 +1,1 @@
+"""Knowledge-guided prompting (Med-PaLM style) and its evaluation harness."""
