@@ -30,6 +30,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("glmkit.generate.cli", "fill the [MASK]/[sMASK]/[gMASK] blanks of a text, or continue it"),
     "compare-decoding": ("glmkit.generate.compare", "greedy, beam, top-k, top-p, temperature: quality and speed"),
     "chat": ("glmkit.chat", "chat in the terminal (streamed; ChatGLM templates), locally or with a glmkit serve"),
+    "prompt-eval": (
+        "glmkit.prompting.cli",
+        "evaluate prompting methods on a question file: report, predictions, plots",
+    ),
 }
 
 
