@@ -23,7 +23,7 @@ from typing import Any, Protocol, TextIO
 from rich.console import Console
 from rich.markup import escape
 
-from .generate.cli import DTYPES, add_generation_flags, generation_kwargs
+from .generate.cli import DTYPES, add_generation_flags, add_prefix_flag, generation_kwargs, with_prefix
 
 HELP = "/reset forgets the conversation · /system TEXT sets the system message · /quit leaves · Ctrl-C stops an answer"
 
@@ -296,6 +296,8 @@ def load_backend(args: argparse.Namespace) -> ChatBackend:
     if args.url is not None:
         if args.model is not None:
             raise ValueError("--url: give --url or --model, not both")
+        if args.prefix is not None:
+            raise ValueError("--prefix: a served model's prefix is the server's (glmkit serve --prefix DIR)")
         return RemoteBackend(args.url, kwargs)
     from .bundled import model_path
 
@@ -312,6 +314,7 @@ def load_backend(args: argparse.Namespace) -> ChatBackend:
         model, tok = load_model_and_tokenizer(folder, dtype=DTYPES[args.dtype])
     from .generate.fast import optimize_for_decode
 
+    model = with_prefix(model, args.prefix)
     optimize_for_decode(model)
     return LocalBackend(model.eval(), tok, kwargs, name=Path(folder).name)
 
@@ -321,6 +324,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--url", default=None, help="chat with a running glmkit serve, e.g. http://127.0.0.1:8000")
     parser.add_argument("--system", default=None, metavar="TEXT", help="the system message to start with")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    add_prefix_flag(parser)
     add_generation_flags(parser)
 
 

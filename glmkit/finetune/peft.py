@@ -261,8 +261,7 @@ class _PrefixedCache:
         self.prefix, self.inner, self.batch_size = prefix, inner, batch
 
     def host_lengths(self) -> list[int]:
-        P = self.prefix[0][0].shape[2]
-        return [P + n for n in (self.inner.host_lengths() if self.inner is not None else [0] * self.batch_size)]
+        return [self.prefix[0][0].shape[2] + n for n in _cached_lengths(self.inner, self.batch_size)]
 
     def check_room(self, new_tokens: int) -> None:
         if self.inner is not None:
@@ -277,6 +276,12 @@ class _PrefixedCache:
     def advance(self, new_tokens: int) -> None:
         if self.inner is not None:
             self.inner.advance(new_tokens)
+
+
+def _cached_lengths(cache: Any, batch: int) -> list[int]:
+    """Tokens each row of ``cache`` holds: none for no cache or one that keeps nothing (``PassThroughCache``, the
+    scoring pass, which has no lengths)."""
+    return cache.host_lengths() if hasattr(cache, "host_lengths") else [0] * batch
 
 
 def _check_prefix_length(pre_seq_len: int, context: int, what: str) -> None:
@@ -304,14 +309,25 @@ class PrefixTunedGLM(nn.Module):
         p = next(model.parameters())
         dtype = p.dtype if p.is_floating_point() else torch.float32
         self.prefix_encoder = PrefixEncoder(shape).to(p.device, dtype)
+        self._text_config = dataclasses.replace(c, max_sequence_length=c.max_sequence_length - pre_seq_len)
 
     @property
     def config(self):
-        return self.model.config
+        """The model's config with the context left to text (``max_sequence_length`` less the prefix), so every
+        caller that fits a text to ``config.n_positions`` (generation, serving, scoring) leaves the prefix room."""
+        return self._text_config
 
     @property
     def pre_seq_len(self) -> int:
         return self.prefix_encoder.config.pre_seq_len
+
+    @property
+    def wte(self) -> nn.Module:  # what callers that run the model's own LM head take (serve's Scorer)
+        return self.model.wte
+
+    @property
+    def lm_head(self) -> nn.Module:
+        return self.model.lm_head
 
     def forward(
         self,
@@ -327,14 +343,14 @@ class PrefixTunedGLM(nn.Module):
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids: expected shape [B, S], got {tuple(input_ids.shape)}")
         B, S = input_ids.shape
-        cached = cache.host_lengths() if cache is not None else [0] * B
+        cached = _cached_lengths(cache, B)
         if position_ids is None:
             if min(cached) != max(cached):
                 raise ValueError("position_ids: needed for rows that hold different numbers of cached tokens")
             pos = torch.arange(cached[0], cached[0] + S, device=input_ids.device)
             position_ids = torch.stack([pos, torch.zeros_like(pos)])[None].expand(B, 2, S)
         # GLM's context is its position table: Part A takes positions, Part B and padding reuse them
-        P, context, extent = self.pre_seq_len, self.config.n_positions, int(position_ids[:, 0].max()) + 1
+        P, context, extent = self.pre_seq_len, self.model.config.n_positions, int(position_ids[:, 0].max()) + 1
         if P + extent > context:
             raise ValueError(
                 f"pre_seq_len: the prefix of {P} tokens and a text of {extent} positions overflow the context of "

@@ -46,6 +46,9 @@ class Seq2SeqTask:
     max_target_length: int = 32
     """Part B tokens at most (``<eop>`` included); a longer target is cut, its ``<eop>`` kept."""
     label_smoothing: float = 0.0
+    target_space: bool = True
+    """Tokenize the target with a leading space, as the reference does; False: exactly as given (an answer that
+    continues the prompt's text, e.g. ``"B)"`` after ``"Answer: ("``, scored as glm_score scores a continuation)."""
     metric_names: tuple[str, ...] = ("loss", "token_accuracy")
 
     def __post_init__(self) -> None:
@@ -77,7 +80,7 @@ class Seq2SeqTask:
             drop = set(cut[-(len(part_a) - self.max_source_length) :])
             body = [t for i, t in enumerate(body) if i not in drop]
             part_a = text_prompt(prompts, body)
-        answer = tokenizer.encode(" " + target)[: self.max_target_length - 1]
+        answer = tokenizer.encode(" " * self.target_space + target)[: self.max_target_length - 1]
         if not answer:
             raise DataError(f"{rec.where}: the target is empty")
         k = find_blanks(part_a, prompts.blank_ids())[0]

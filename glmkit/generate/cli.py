@@ -240,6 +240,30 @@ def generation_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return kw
 
 
+PREFIX_HELP = (
+    "a P-tuning v2 prefix / soft prompt folder (glmkit finetune --method prefix, glmkit.prompting.tune_soft_prompt, "
+    "a released ChatGLM2 P-tuning checkpoint) to put before every prompt. A prefixed GLM decodes through PyTorch's "
+    "cached forward: the fused bf16 decode kernel cannot take a prefix (the linear-layer kernels still run)"
+)
+
+
+def add_prefix_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--prefix", type=Path, default=None, metavar="DIR", help=PREFIX_HELP)
+
+
+def with_prefix(model: torch.nn.Module, folder: Path | None) -> torch.nn.Module:
+    """``model`` with the prefix saved in ``folder`` on it (``None``: ``model`` itself), frozen, in eval mode."""
+    if folder is None:
+        return model
+    from ..finetune.peft import load_prefix
+
+    try:
+        prefixed = load_prefix(model, folder)
+    except TypeError as e:  # a model family that takes no prefix: the user's choice of folders, not a bug
+        raise ValueError(f"--prefix: {e}") from e
+    return prefixed.requires_grad_(False).eval()
+
+
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("prompt", nargs="?", help="text to continue, or with [MASK]/[sMASK]/[gMASK] blanks to fill")
     parser.add_argument("--file", type=Path, help="prompts, one per line (instead of PROMPT)")
@@ -248,6 +272,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--truncate", action="store_true", help="drop tokens from the left of a too-long prompt")
     parser.add_argument("--stream", action="store_true", help="print tokens as they are generated")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
+    add_prefix_flag(parser)
     add_generation_flags(parser)
 
 
@@ -283,6 +308,7 @@ def run(args: argparse.Namespace) -> int:
     prompts = _prompts(args)
     kwargs = generation_kwargs(args)
     model, tokenizer = load_model_and_tokenizer(args.model, dtype=DTYPES[args.dtype])
+    model = with_prefix(model, args.prefix)
     optimize_for_decode(model)
     out = sys.stdout
     results = []
@@ -302,7 +328,8 @@ def run(args: argparse.Namespace) -> int:
             out.write("".join(f"{r.text}\n\n" for r in res))
         results += res
     if args.json:
-        settings = {"model": args.model or "bundled", "dtype": args.dtype, **kwargs}
+        prefix = None if args.prefix is None else str(args.prefix)
+        settings = {"model": args.model or "bundled", "prefix": prefix, "dtype": args.dtype, **kwargs}
         doc = {
             "settings": settings,
             "results": [dataclasses.asdict(r) | {"tokens_per_s": r.tokens_per_s} for r in results],

@@ -59,6 +59,8 @@ class ServeOptions:
     kv_cache_memory: float | None = None
     # glm_classify: the fine-tuned classifier the checkpoint is (a sequence-classification head or a cloze task)
     classifier: ClassifierDef | None = None
+    # a P-tuning v2 prefix / soft prompt folder every served model runs the GLM with (load_prefix)
+    prefix: Path | None = None
 
 
 log = logging.getLogger("glmkit.serve")
@@ -181,15 +183,24 @@ def load_state(model_path: str | None, options: ServeOptions, dtype: str) -> Ser
     else:
         why = build.unavailable_reason()
         log.info(f"glmkit serve: C++ kernels unavailable ({why}); using PyTorch ({time.perf_counter() - start:.1f} s)")
+    from ..generate.cli import with_prefix
+
+    def load() -> tuple[torch.nn.Module, Any]:
+        model, tokenizer = load_model_and_tokenizer(model_path, dtype=getattr(torch, dtype))
+        return with_prefix(model, options.prefix), tokenizer
+
     start = time.perf_counter()
-    model, tokenizer = load_model_and_tokenizer(model_path, dtype=getattr(torch, dtype))
+    model, tokenizer = load()
     log.info(f"glmkit serve: model loaded ({time.perf_counter() - start:.1f} s)")
+    if options.prefix is not None:
+        log.info(
+            f"glmkit serve: prefix of {model.pre_seq_len} virtual tokens from {options.prefix} on every model "
+            "(decoded through PyTorch's cached forward: the fused bf16 decode kernel takes no prefix)"
+        )
     if options.classifier is not None:
         c = options.classifier
         log.info(f"glmkit serve: glm_classify: {c.kind.replace('_', ' ')}, labels {', '.join(c.labels)}")
-    return build_state(
-        model, tokenizer, options, lambda: load_model_and_tokenizer(model_path, dtype=getattr(torch, dtype))[0]
-    )
+    return build_state(model, tokenizer, options, lambda: load()[0])
 
 
 def serve(
@@ -301,6 +312,9 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weights and KV cache dtype"
     )
+    from ..generate.cli import add_prefix_flag
+
+    add_prefix_flag(p)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -332,6 +346,9 @@ def run(args: argparse.Namespace) -> int:
         pack_weights=args.pack_weights,
         kv_cache_memory=None if args.max_num_seqs else args.kv_cache_memory,
         classifier=find_classifier(model_path(args.model), config.n_positions, args.cloze_task),
+        prefix=args.prefix,
     )
+    if options.prefix is not None and options.classifier is not None:
+        raise ValueError("--prefix: glm_classify serves a fine-tuned classifier, which takes no prefix")
     serve(args.model, args.host, args.port, options, args.dtype)
     return 0
