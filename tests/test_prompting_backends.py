@@ -83,6 +83,19 @@ def test_a_prompt_longer_than_the_context_is_named_or_cut_from_the_left(bundled)
     assert cut.generate([long], max_tokens=4)[0][0]
 
 
+def test_a_soft_prompt_loads_with_the_model(bundled, tmp_path):
+    from glmkit.bundled import load_model_and_tokenizer
+    from glmkit.finetune.peft import add_prefix, save_prefix
+
+    prefixed = add_prefix(load_model_and_tokenizer()[0], 4)
+    torch.nn.init.normal_(prefixed.prefix_encoder.embedding.weight, std=0.5)
+    save_prefix(prefixed, tmp_path / "prefix")
+    lm = GlmkitModel.load(prefix=tmp_path / "prefix")
+    assert lm.name.endswith("+prefix") and type(lm.model).__name__ == type(prefixed).__name__
+    ((with_prefix, n),) = lm.loglikelihood(REQUESTS[:1])
+    assert n == 1 and abs(with_prefix - bundled.loglikelihood(REQUESTS[:1])[0][0]) > 1e-3
+
+
 def test_any_causal_lm_scores_batched_rows_as_each_alone():
     from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 

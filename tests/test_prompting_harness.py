@@ -5,6 +5,7 @@ model (report.json, predictions.jsonl, the two PNGs; a template field a question
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import socket
 
@@ -148,10 +149,50 @@ def test_loglik_distribution_abstain_option_and_threshold():
     assert p.answer == ABSTAIN and p.distribution["A"] < 0.5  # most probable A, but not confident enough
 
 
+def test_text_mode_scores_option_texts_after_the_cue_with_length_normalisation():
+    lm = Scripted(scores={" ": 0.0})
+    seen = []
+
+    def loglikelihood(requests):
+        seen.extend(requests)
+        return [(-len(cont.strip()) * 1.0, 1) if cont != " Aaron" else (-3.0, 1) for _, cont in requests]
+
+    lm.loglikelihood = loglikelihood
+    config = StrategyConfig("loglik", option_mode="text", normalise="char")
+    p = Strategy(lm, load_template("mc-en"), config).predict(q("1"))
+    assert [c for _, c in seen] == [" Noah", " Moses", " Aaron"] and all(x.endswith("\nAnswer:") for x, _ in seen)
+    # per character: Noah -4/4 = -1, Moses -5/5 = -1, Aaron -3/5 = -0.6 wins
+    assert p.answer == "C" and p.distribution["A"] == pytest.approx(p.distribution["B"])
+
+
+def test_loglik_with_a_cot_template_scores_the_letters_after_the_generated_reasoning():
+    lm = Scripted([["Noah was told to build it [1]."]], scores={"A": -0.1, "B": -3.0, "C": -3.0})
+    p = Strategy(lm, load_template("mc-cot-en"), StrategyConfig("loglik")).predict(q("1"))
+    assert p.answer == "A" and p.n_calls == 2 and p.cited == ["1"] and not p.citations_ok  # no snippet [1] given
+    assert p.prompts[1].endswith("Explanation: Noah was told to build it [1].\nAnswer: (")
+
+
+def test_resume_keeps_the_answers_of_an_interrupted_run(tmp_path):
+    questions = [q("1"), q("2"), q("3")]
+    lm = Scripted(scores={"A": -1.0, "B": -2.0, "C": -3.0})
+    config = EvalConfig(tmp_path, progress=False, resamples=100, settings={"data": "x"})
+    first = run_eval(questions[:2], Strategy(lm, load_template("mc-en")), config)
+    lm2 = Scripted(scores={"A": -1.0, "B": -2.0, "C": -3.0})
+    strategy = Strategy(lm2, load_template("mc-en"))
+    calls = []  # a resumed run asks only for the question it lacks
+    strategy.predict = lambda question: calls.append(question.id) or Strategy.predict(strategy, question)
+    resumed = run_eval(questions, strategy, dataclasses.replace(config, resume=True))
+    assert calls == ["3"] and resumed["resumed"] == 2 and resumed["n"] == 3 and first["n"] == 2
+    with pytest.raises(ValueError, match="other settings"):
+        run_eval(questions, strategy, dataclasses.replace(config, resume=True, settings={"data": "y"}))
+
+
 def test_a_backend_failure_marks_the_question_and_the_run_goes_on(tmp_path):
     lm = Scripted(scores={"A": -1.0, "B": -2.0, "C": -3.0}, fail_on="number 2?")
     questions = [q("1"), q("2"), q("3", "B", subject="exodus")]
-    report = run_eval(questions, Strategy(lm, load_template("mc-en")), EvalConfig(tmp_path, progress=False))
+    report = run_eval(
+        questions, Strategy(lm, load_template("mc-en")), EvalConfig(tmp_path, progress=False, resamples=100)
+    )
     assert report["failed"] == 1 and report["evaluated"] == 2
     assert report["failures"] == [{"id": "2", "line": 0, "reason": "timed out (after 4 attempts)"}]
     assert report["accuracy"]["value"] == 0.5 and report["per_subject"]["exodus"] == {"n": 1, "accuracy": 0.0}
@@ -166,7 +207,7 @@ def test_a_dead_endpoint_fails_each_question_without_stopping_the_run(tmp_path):
     sock.close()
     lm = OpenAIModel(f"127.0.0.1:{port}", retries=1, backoff=0.01)
     strategy = Strategy(lm, load_template("mc-en"), StrategyConfig("generate"))
-    report = run_eval([q("1"), q("2")], strategy, EvalConfig(tmp_path, progress=False))
+    report = run_eval([q("1"), q("2")], strategy, EvalConfig(tmp_path, progress=False, resamples=100))
     assert report["failed"] == 2 and all("after 2 attempts" in f["reason"] for f in report["failures"])
     assert report["accuracy"]["value"] is None and (tmp_path / "risk_coverage.png").is_file()
 

@@ -61,18 +61,20 @@ def abstention_rate(o: Outcomes) -> float:
 
 def _expected_correct_at(o: Outcomes) -> np.ndarray:
     """``E[correct among the top k]`` for k = 0..n, ties in rank broken uniformly at random."""
+    n = len(o)
+    out = np.zeros(n + 1)
+    if not n:
+        return out
     # abstentions rank below every answer: their key is -1 whatever confidence they carry
     key = np.where(o.answered, o.confidence, -1.0)
     order = np.argsort(-key, kind="stable")
     key, correct = key[order], o.correct[order].astype(float)
-    out = np.zeros(len(o) + 1)
-    start = 0
-    while start < len(o):
-        end = start + int(np.searchsorted(-key[start:], -key[start], side="right"))
-        mean = correct[start:end].mean()
-        base = out[start]
-        out[start + 1 : end + 1] = base + mean * np.arange(1, end - start + 1)
-        start = end
+    starts = np.flatnonzero(np.r_[True, key[1:] != key[:-1]])  # each run of equal confidence
+    sums, sizes = np.add.reduceat(correct, starts), np.diff(np.r_[starts, n])
+    group = np.repeat(np.arange(len(starts)), sizes)
+    before = np.r_[0.0, np.cumsum(sums)[:-1]]  # correct answers ranked above each run
+    within = np.arange(n) - starts[group] + 1  # 1-based place inside its run
+    out[1:] = before[group] + (sums / sizes)[group] * within
     return out
 
 
