@@ -34,6 +34,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "glmkit.prompting.cli",
         "evaluate prompting methods on a question file: report, predictions, plots",
     ),
+    "lm-eval": ("glmkit.prompting.lm_eval_cli", "lm-evaluation-harness with --model glmkit (its CLI after this)"),
 }
 
 
