@@ -2,12 +2,15 @@
 each benchmark layout loads, malformed rows are named by file and line and skipped or raised, BM25 finds the verse
 that answers a proof question, and the similarity selector never shows the question itself and keeps to strata."""
 
+import importlib.util
 import json
 import warnings
+from itertools import islice
 from pathlib import Path
 
 import pytest
 
+from glmkit.data.prepare import held_out_draws
 from glmkit.finetune.data import DataError
 from glmkit.prompting.datasets import load_questions
 from glmkit.prompting.exemplars import FixedSelector, SimilaritySelector
@@ -185,3 +188,62 @@ def test_similarity_selector_stratifies():
     # one from each stratum before any stratum gives a second
     assert rr[0] == "p1" and len({(e.question.subject, e.question.qtype) for e in POOL if e.question.id in rr}) == 4
     assert rr == [e.question.id for e in SimilaritySelector(POOL, round_robin=True).select(q, 4)]
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("make_kjv_questions", ROOT / "scripts" / "make_kjv_questions.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+SLICE = [  # (book, chapter, reference, text) as the `bible` program gives them, King James Version
+    ("Ge", "Ge4", "Ge 4:9", "And the LORD said unto Cain, Where is Abel thy brother? And he said, I know not: Am I "
+     "my brother's keeper?"),
+    ("Ge", "Ge4", "Ge 4:25", "And Adam knew his wife again; and she bare a son, and called his name Seth: For God, "
+     "said she, hath appointed me another seed instead of Abel, whom Cain slew."),
+    ("Ge", "Ge11", "Ge 11:10", "These are the generations of Shem: Shem was an hundred years old, and begat Arphaxad "
+     "two years after the flood:"),
+    ("Ge", "Ge11", "Ge 11:12", "And Arphaxad lived five and thirty years, and begat Salah:"),
+    ("Ge", "Ge11", "Ge 11:14", "And Salah lived thirty years, and begat Eber:"),
+    ("Ge", "Ge11", "Ge 11:16", "And Eber lived four and thirty years, and begat Peleg:"),
+    ("Ge", "Ge11", "Ge 11:26", "And Terah lived seventy years, and begat Abram, Nahor, and Haran."),
+    ("Ge", "Ge12", "Ge 12:10", "And there was a famine in the land: and Abram went down into Egypt to sojourn there; "
+     "for the famine was grievous in the land."),
+    ("Ge", "Ge12", "Ge 12:4", "So Abram departed, as the LORD had spoken unto him; and Lot went with him: and Abram "
+     "was seventy and five years old when he departed out of Haran."),
+]  # fmt: skip
+
+
+def test_kjv_questions_from_a_slice_are_answered_by_their_retrieved_verse():
+    script = _script()
+    questions = script.build(SLICE, seed=0)
+    by_text = {q["question"]: q for q in questions}
+    salah = by_text["Who begat Salah?"]
+    assert salah["options"][salah["answer"]] == "Arphaxad" and salah["qtype"] == "begat"
+    assert salah["subject"] == "Genesis" and salah["meta"]["verse"] == "Genesis 11:12"
+    assert by_text["Whom did Eber beget?"]["options"][by_text["Whom did Eber beget?"]["answer"]] == "Peleg"
+    cain = by_text["Who said unto Cain, Where is Abel thy brother?"]
+    assert cain["options"][cain["answer"]] == "the LORD"
+    egypt = by_text["Who went down into Egypt to sojourn there?"]
+    assert egypt["options"][egypt["answer"]] == "Abram" and egypt["qtype"] == "went"
+    kb = BM25Knowledge(Document(**d) for d in script.verse_documents(SLICE))
+    for q in questions:
+        assert sorted(q["options"]) == list("ABCD") and len(set(q["options"].values())) == 4
+        answer = q["options"][q["answer"]]
+        verse = q["meta"]["verse_text"]
+        assert answer in verse  # the answer is in its verse; no distractor is
+        assert not [o for k, o in q["options"].items() if k != q["answer"] and o in verse], q
+        assert q["meta"]["verse"] in [s.citation for s in kb.retrieve(q["question"], 3)], q["question"]
+    assert questions == script.build(SLICE, seed=0)  # deterministic
+    assert any(a["options"] != b["options"] for a, b in zip(questions, script.build(SLICE, seed=1), strict=True))
+    # the rows load as glmkit's question layout
+    assert script.explanation(salah).startswith('Genesis 11:12 says: "And Arphaxad lived')
+
+
+def test_kjv_questions_come_from_held_out_chapters_only():
+    script = _script()
+    rows = [("Ge", f"Ge{c}", f"Ge {c}:1", "And Adam begat Seth.") for c in range(1, 51)]
+    held = script.held_out_chapters(rows)
+    expected = {f"Ge{c}" for c, h in zip(range(1, 51), islice(held_out_draws(0.05, 0), 50), strict=True) if h}
+    assert held == expected and 0 < len(held) < 50
