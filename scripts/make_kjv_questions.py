@@ -15,13 +15,14 @@ together). The exemplar pool comes from trained chapters, so that no exemplar gi
 - begat also: "The sons of Judah; Er, and Onan, and Shelah" -> "Whose sons were Er, Onan and Shelah?" (Judah)
 
 A question whose text has two different answers anywhere in the Bible is left out. Distractors are three other
-people of the same book (of the same testament where the book names too few), never a name of the answer's verse;
-options are shuffled, all seeded. Rows are glmkit's question layout (``glmkit.prompting.datasets``): ``id``,
-``question``, ``options``, ``answer``, ``subject`` (the book), ``qtype``, ``meta`` (``verse``: the citation,
-``verse_id``, ``testament``, and for exemplars ``explanation``). Writes OUT/questions.jsonl (held-out chapters),
-OUT/exemplars.jsonl (trained chapters, balanced over the question types) and OUT/verses.jsonl (every verse:
-``{"id": "Ge11:12", "text", "citation": "Genesis 11:12"}``, the knowledge source), and prints a sample and how often
-BM25 over the verses ranks a question's own verse among the first ``--k``.
+people of the same book (of the same testament where the book names too few), never a name of the answer's verse,
+drawn with a seed; the answer takes the letters A-D in turn. Rows are glmkit's question layout
+(``glmkit.prompting.datasets``): ``id``, ``question``, ``options``, ``answer``, ``subject`` (the book), ``qtype``,
+``meta`` (``verse``: the citation, ``verse_id``, ``verse_text``, ``testament``, ``chapter``, and for exemplars
+``explanation``). Writes OUT/questions.jsonl (held-out chapters), OUT/exemplars.jsonl (trained chapters, balanced
+over the question types) and OUT/verses.jsonl (every verse: ``{"id": "Ge11:12", "text", "citation": "Genesis
+11:12"}``, the knowledge source), and prints a sample and how often BM25 over the verses ranks a
+question's own verse among the first ``--k``.
 
     python scripts/make_kjv_questions.py OUT_DIR [--exemplars 48] [--seed 0] [--k 3]
 
@@ -107,7 +108,7 @@ def _name(word: str) -> bool:
 
 
 LOOSE_ENDS = set("the a an of and to into unto in upon with that which his her their my thy our your for from by at "
-                 "on is was be not but or nor he she it they we ye i thou".split())  # fmt: skip
+                 "on is was be not but or nor he she it they we ye".split())  # fmt: skip
 
 
 def _clause(text: str, most: int = 9) -> str | None:
@@ -186,8 +187,8 @@ def build(rows: list[tuple[str, str, str, str]], seed: int) -> list[dict]:
             pool = sorted(n for n in by_testament[old] if n not in text and not (answer in GODHEAD and n in GODHEAD))
         if len(pool) < 3:
             continue
-        choices = [answer, *rng.sample(pool, 3)]
-        rng.shuffle(choices)
+        choices = rng.sample(pool, 3)
+        choices.insert(len(out) % len(LETTERS), answer)  # the answer's letter in turn: no letter is a better guess
         chapter_no, verse_no = ref.split(" ")[1].split(":")
         citation = f"{BOOK_NAMES[book]} {chapter_no}:{verse_no}"
         out.append({
