@@ -178,11 +178,13 @@ _HUB_TO_FIELD = {
     "pad_token_id": "pad_token_id",
 }
 _HUB_REQUIRED = ("num_layers", "hidden_size", "num_attention_heads", "inner_hidden_size", "vocab_size")
+# a P-tuning run's folder holds its prefix only: the base model loads here, the prefix onto it
+_PTUNING = "a P-tuning v2 prefix loads onto the base model with glmkit.finetune.peft.load_prefix"
 # Fields the hub code reads that select variants glmkit does not run: each must have its plain value.
 _HUB_CHECKED = {
     "position_encoding_2d": (lambda v: v is True, "true (the 1-D rotary branch is used by no released checkpoint)"),
-    "pre_seq_len": (lambda v: v in (None, 0), "null (P-tuning v2 prefixes are not supported yet)"),
-    "prefix_projection": (lambda v: v in (None, False), "false (P-tuning v2 prefixes are not supported yet)"),
+    "pre_seq_len": (lambda v: v in (None, 0), f"null ({_PTUNING})"),
+    "prefix_projection": (lambda v: v in (None, False), f"false ({_PTUNING})"),
     "quantization_bit": (lambda v: v in (None, 0, 4, 8), "0, 4 or 8"),
     "quantization_embeddings": (lambda v: v in (None, False), "false (quantized embeddings are not supported)"),
 }

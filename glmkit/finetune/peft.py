@@ -14,19 +14,12 @@ quantized layers run the reference instead (dequantize, then ``F.linear``: glmki
 goes through that path and decoding through the kernels. Merging into an integer layer re-quantizes base + update
 (as peft does for bitsandbytes' 4-bit layers): one rounding of the merged weight.
 
-P-tuning v2 (Liu et al. 2022; THUDM/ChatGLM-6B ``ptuning/``): ``pre_seq_len`` learned keys and values in front of
-every layer's, from a ``prefix_encoder`` embedding ``[pre_seq_len, n_layer · 2 · kv heads · head_size]`` laid out
-``[layer, k|v, head, dim]`` (the hub ``PrefixEncoder``, glmkit/chatglm/v2.py, reused here). ChatGLM2/3/GLM-4 carry
-it in the model (hub.py loads checkpoints that hold it); a GLM is wrapped (``PrefixTunedGLM``), which hands the
-prefix to attention through the KV-cache interface, so training, ``glmkit.generate`` and a cache filled by earlier
-steps all see it. ``save_prefix`` / ``load_prefix`` read and write the released P-tuning checkpoints' layout:
-``transformer.prefix_encoder.*`` tensors only, with a ``config.json`` naming ``pre_seq_len``.
+P-tuning v2 prefixes (``add_prefix``, ``save_prefix``, ``load_prefix``: GLM, ChatGLM-6B, ChatGLM2/3/GLM-4) live in
+prefix.py and are importable from here too.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,19 +28,33 @@ import peft
 import torch
 import torch.nn as nn
 from peft.tuners.lora.layer import LoraLayer
-from safetensors.torch import save_file
 
 from ..chatglm.v1 import ChatGLM6B
-from ..chatglm.v2 import ChatGLM2, PrefixEncoder
-from ..checkpoint import CheckpointError, load_state_dict, staged_folder
+from ..chatglm.v2 import ChatGLM2
+from ..checkpoint import CheckpointError
 from ..kernels.reference import deinterleave_int4, dequantize_int4, dequantize_int8
 from ..model import GLM
 from ..quantize.modules import QuantizedEmbedding, QuantizedLinear
+from .prefix import PrefixTunedChatGLM6B, PrefixTunedGLM, add_prefix, load_prefix, save_prefix
+
+__all__ = [
+    "DEFAULT_TARGETS",
+    "ParameterCount",
+    "PrefixTunedChatGLM6B",
+    "PrefixTunedGLM",
+    "QuantizedLoraLinear",
+    "add_lora",
+    "add_prefix",
+    "count_parameters",
+    "load_adapter",
+    "load_prefix",
+    "merge_lora",
+    "save_adapter",
+    "save_prefix",
+]
 
 DEFAULT_TARGETS = ("attn.qkv", "attn.proj", "mlp.fc", "mlp.proj")
 """Every linear layer of every block (the QLoRA paper finds all of them needed to match full fine-tuning)."""
-
-PREFIX_KEY = "prefix_encoder."  # ChatGLM's P-tuning checkpoints: transformer.prefix_encoder.<tensor>
 
 
 @dataclass(frozen=True)
@@ -235,206 +242,3 @@ def load_adapter(model: nn.Module, folder: str | Path, trainable: bool = False) 
         more = f" (and {len(lines) - 1} more)" if len(lines) > 1 else ""
         why = lines[0].replace("base_model.model.", "")
         raise CheckpointError(f"{folder}: the adapter does not fit this model: {why}{more}") from e
-
-
-# ---- P-tuning v2 prefixes ------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class PrefixShape:
-    """What ``chatglm.v2.PrefixEncoder`` reads from a config: the prefix length and the model's KV shape."""
-
-    pre_seq_len: int
-    n_layer: int
-    n_kv_head: int
-    head_size: int
-    n_embd: int
-    prefix_projection: bool = False
-
-
-class _PrefixedCache:
-    """A prefix's keys/values in front of every layer's, then those of ``inner`` (the caller's ``KVCache`` or rows
-    of one; None for a pass without cache). GLM's attention reads it like a cache that already holds the prefix,
-    so the prefix is visible to every token and takes no position; ``inner`` stores only the text's keys."""
-
-    def __init__(self, prefix: list[tuple[torch.Tensor, torch.Tensor]], inner: Any, batch: int) -> None:
-        self.prefix, self.inner, self.batch_size = prefix, inner, batch
-
-    def host_lengths(self) -> list[int]:
-        return [self.prefix[0][0].shape[2] + n for n in _cached_lengths(self.inner, self.batch_size)]
-
-    def check_room(self, new_tokens: int) -> None:
-        if self.inner is not None:
-            self.inner.check_room(new_tokens)
-
-    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.inner is not None:
-            k, v = self.inner.write(layer, k, v)
-        pk, pv = self.prefix[layer]
-        return torch.cat([pk.to(k.dtype), k], dim=2), torch.cat([pv.to(v.dtype), v], dim=2)
-
-    def advance(self, new_tokens: int) -> None:
-        if self.inner is not None:
-            self.inner.advance(new_tokens)
-
-
-def _cached_lengths(cache: Any, batch: int) -> list[int]:
-    """Tokens each row of ``cache`` holds: none for no cache or one that keeps nothing (``PassThroughCache``, the
-    scoring pass, which has no lengths)."""
-    return cache.host_lengths() if hasattr(cache, "host_lengths") else [0] * batch
-
-
-def _check_prefix_length(pre_seq_len: int, context: int, what: str) -> None:
-    if isinstance(pre_seq_len, bool) or not isinstance(pre_seq_len, int) or pre_seq_len <= 0:
-        raise ValueError(f"pre_seq_len: expected a positive int, got {pre_seq_len!r}")
-    if pre_seq_len >= context:
-        raise ValueError(
-            f"pre_seq_len: a prefix of {pre_seq_len} tokens overflows the context of {context} ({what}), leaving no "
-            f"room for text; at most {context - 1}"
-        )
-
-
-class PrefixTunedGLM(nn.Module):
-    """A GLM with a P-tuning v2 prefix: ``forward`` takes ``GLM.forward``'s arguments (so ``batch_loss`` and
-    ``glmkit.generate`` run it), and the prefix's keys/values sit in front of every layer's through the cache.
-    Prefix plus text must fit the context: ``n_positions`` (max_sequence_length + 1), the positions a GLM text
-    takes (its Part A; Part B and padding reuse them)."""
-
-    def __init__(self, model: GLM, pre_seq_len: int, prefix_projection: bool = False) -> None:
-        super().__init__()
-        c = model.config
-        _check_prefix_length(pre_seq_len, c.n_positions, "max_sequence_length + 1")
-        self.model = model  # registered first: generation takes the model's dtype from its first parameter
-        shape = PrefixShape(pre_seq_len, c.n_layer, c.n_head, c.head_size, c.n_embd, prefix_projection)
-        p = next(model.parameters())
-        dtype = p.dtype if p.is_floating_point() else torch.float32
-        self.prefix_encoder = PrefixEncoder(shape).to(p.device, dtype)
-        self._text_config = dataclasses.replace(c, max_sequence_length=c.max_sequence_length - pre_seq_len)
-
-    @property
-    def config(self):
-        """The model's config with the context left to text (``max_sequence_length`` less the prefix), so every
-        caller that fits a text to ``config.n_positions`` (generation, serving, scoring) leaves the prefix room."""
-        return self._text_config
-
-    @property
-    def pre_seq_len(self) -> int:
-        return self.prefix_encoder.config.pre_seq_len
-
-    @property
-    def wte(self) -> nn.Module:  # what callers that run the model's own LM head take (serve's Scorer)
-        return self.model.wte
-
-    @property
-    def lm_head(self) -> nn.Module:
-        return self.model.lm_head
-
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        position_ids: torch.Tensor | None = None,
-        attention_mask: Any = None,
-        cache: Any = None,
-        return_hidden: bool = False,
-        logits_mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """``GLM.forward`` with the prefix visible to every token; positions count the text only (default
-        ``arange`` after the cached text). A full-width mask covers the cached text, not the prefix."""
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids: expected shape [B, S], got {tuple(input_ids.shape)}")
-        B, S = input_ids.shape
-        cached = _cached_lengths(cache, B)
-        if position_ids is None:
-            if min(cached) != max(cached):
-                raise ValueError("position_ids: needed for rows that hold different numbers of cached tokens")
-            pos = torch.arange(cached[0], cached[0] + S, device=input_ids.device)
-            position_ids = torch.stack([pos, torch.zeros_like(pos)])[None].expand(B, 2, S)
-        # GLM's context is its position table: Part A takes positions, Part B and padding reuse them
-        P, context, extent = self.pre_seq_len, self.model.config.n_positions, int(position_ids[:, 0].max()) + 1
-        if P + extent > context:
-            raise ValueError(
-                f"pre_seq_len: the prefix of {P} tokens and a text of {extent} positions overflow the context of "
-                f"{context} (max_sequence_length + 1); shorten the text or the prefix"
-            )
-        m = attention_mask
-        if isinstance(m, torch.Tensor) and m.dim() == 4 and m.shape[-1] == max(cached) + S != S:
-            attention_mask = torch.cat([m.new_ones(*m.shape[:3], P), m], dim=-1)
-        prefix = self.prefix_encoder(B, self.prefix_encoder.embedding.weight.dtype)
-        return self.model(
-            input_ids,
-            position_ids,
-            attention_mask,
-            cache=_PrefixedCache(prefix, cache, B),
-            return_hidden=return_hidden,
-            logits_mask=logits_mask,
-        )
-
-
-def _freeze_all_but_prefix(model: nn.Module) -> None:
-    for name, p in model.named_parameters():
-        p.requires_grad_(name.startswith("prefix_encoder."))
-
-
-def add_prefix(model: nn.Module, pre_seq_len: int, projection: bool = False) -> nn.Module:
-    """A trainable P-tuning v2 prefix of ``pre_seq_len`` tokens on a frozen ``model``.
-
-    A GLM comes back wrapped (``PrefixTunedGLM``); a ChatGLM2/3/GLM-4 model gets the hub's own ``prefix_encoder``
-    (its config's ``pre_seq_len``) and comes back itself. ``projection``: the hub's ``prefix_projection`` (the
-    embedding goes through a two-layer tanh MLP). The prefix is initialised N(0, 1), as the hub's embedding is."""
-    if isinstance(model, GLM):
-        out = PrefixTunedGLM(model, pre_seq_len, projection)
-    elif isinstance(model, ChatGLM2):
-        _check_prefix_length(pre_seq_len, model.config.seq_length, "seq_length")
-        model.config = dataclasses.replace(model.config, pre_seq_len=pre_seq_len, prefix_projection=projection)
-        p = model.wte.weight
-        model.prefix_encoder = PrefixEncoder(model.config).to(p.device, p.dtype if p.is_floating_point() else None)
-        out = model
-    elif isinstance(model, ChatGLM6B):
-        raise TypeError("model: P-tuning v2 prefixes are not supported on ChatGLM-6B yet; use add_lora")
-    else:
-        raise TypeError(f"model: expected a glmkit GLM or ChatGLM2/3/GLM-4 model, got {type(model).__name__}")
-    _freeze_all_but_prefix(out)
-    return out
-
-
-def save_prefix(model: nn.Module, folder: str | Path) -> None:
-    """Write the prefix only, as ChatGLM's P-tuning checkpoints hold it: ``model.safetensors`` with
-    ``transformer.prefix_encoder.*`` and a ``config.json`` with ``pre_seq_len`` and ``prefix_projection``."""
-    encoder = getattr(model, "prefix_encoder", None)
-    if not isinstance(encoder, PrefixEncoder):
-        raise TypeError(f"model: {type(model).__name__} has no P-tuning prefix (add_prefix or load_prefix adds one)")
-    state = {f"transformer.{PREFIX_KEY}{k}": v.detach().contiguous().cpu() for k, v in encoder.state_dict().items()}
-    config = {"pre_seq_len": encoder.config.pre_seq_len, "prefix_projection": encoder.config.prefix_projection}
-    with staged_folder(folder, overwrite=True) as tmp:
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-
-
-def load_prefix(model: nn.Module, folder: str | Path) -> nn.Module:
-    """Put the P-tuning v2 prefix saved in ``folder`` (``save_prefix``, or a released ChatGLM P-tuning checkpoint:
-    ``pytorch_model.bin`` holding ``transformer.prefix_encoder.*`` only) on ``model``; returns the prefixed model
-    as ``add_prefix`` does, frozen but for the prefix. Shapes are checked against the model."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"prefix folder {folder} does not exist")
-    state = {k.split(PREFIX_KEY, 1)[1]: v for k, v in load_state_dict(folder).items() if PREFIX_KEY in k}
-    if "embedding.weight" not in state:
-        raise CheckpointError(f"{folder}: no prefix_encoder.embedding.weight (not a P-tuning v2 checkpoint)")
-    pre_seq_len, projection = state["embedding.weight"].shape[0], any(k.startswith("trans.") for k in state)
-    if (folder / "config.json").is_file():
-        declared = json.loads((folder / "config.json").read_text()).get("pre_seq_len")
-        if declared not in (None, pre_seq_len):
-            raise CheckpointError(f"{folder}: config.json says pre_seq_len={declared}, the weights hold {pre_seq_len}")
-    base = model.model if isinstance(model, PrefixTunedGLM) else model
-    out = add_prefix(base, pre_seq_len, projection)
-    encoder = out.prefix_encoder
-    expected = encoder.state_dict()
-    for k, v in state.items():
-        if k not in expected or v.shape != expected[k].shape:
-            want = tuple(expected[k].shape) if k in expected else "no such tensor"
-            raise CheckpointError(
-                f"{folder}: prefix_encoder.{k} {tuple(v.shape)} does not fit this model (expected {want}: the "
-                "prefix holds n_layer · 2 · KV heads · head_size values per token)"
-            )
-    encoder.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()})
-    return out
