@@ -15,7 +15,8 @@ and a larger training set (``--many``) for the cloze and head methods. Reported 
 range over seeds), trainable parameters, training wall-clock and training tokens/s (tokens of the batches fed,
 padding excluded). A JSON file and a bar chart (``--png``).
 
-    python -m benchmarks.finetune --tasks data/kjv-tasks [--shots 16,64] [--many 256] [--seeds 3] [--json F] [--png F]
+    python -m benchmarks.finetune --tasks data/kjv-tasks [--shots 16,64] [--many 256] [--seeds 3] [--chosen F] [--json F]
+        [--png F]
 """
 
 from __future__ import annotations
@@ -48,8 +49,10 @@ CLOZE = ClozeTask(
     verbalizer=VERBALIZER,
 )
 HEAD = ClassificationTask(labels=tuple(VERBALIZER), name="kjv-division-head")
-# (learning rate, epochs): full fine-tuning at GLM's small-model rates; adapters at their usual higher ones
-METHODS = {"cloze": (1e-4, 10), "head": (1e-4, 10), "lora": (1e-3, 10), "prefix": (1e-2, 10)}
+METHODS = ("cloze", "head", "lora", "prefix")
+# the learning rates ``--sweep`` tries per method (full fine-tuning around GLM's small-model rates, adapters higher)
+LR_GRID = {"cloze": (1e-5, 3e-5, 1e-4), "head": (1e-5, 3e-5, 1e-4), "lora": (3e-4, 1e-3, 3e-3),
+           "prefix": (3e-3, 1e-2, 3e-2)}  # fmt: skip
 
 
 def balanced(rows: list, n: int, seed: int) -> list:
@@ -63,9 +66,12 @@ def balanced(rows: list, n: int, seed: int) -> list:
     return out
 
 
-def run(method: str, train: list, test: list, seed: int, workdir: Path) -> dict:
+def run(method: str, lr: float, steps: int, warmup: int, batch: int, train: list, test: list, seed: int,
+        workdir: Path, validation: list | None = None, eval_every: int = 0) -> dict:  # fmt: skip
+    """Train ``method`` for ``steps`` at a constant ``lr`` after ``warmup`` steps (so that stopping at step k of a
+    longer run is the same as a run of k steps), then its ``test`` accuracy; ``validation`` accuracy every
+    ``eval_every`` steps on the way, when given."""
     base, tok = load_model_and_tokenizer()
-    lr, epochs = METHODS[method]
     if method == "head":
         model, task = classification_model(base, HEAD, tok), HEAD
     elif method == "lora":
@@ -76,18 +82,22 @@ def run(method: str, train: list, test: list, seed: int, workdir: Path) -> dict:
         model, task = base, CLOZE
     params = count_parameters(model)
     items = task.prepare(tok, train, train=True)
+    epochs = steps * batch / len(train)
     tokens = epochs * sum(len(it.ids) if method == "head" else sum(len(s.tokens) for s in it.samples) for it in items)
     out = workdir / f"{method}-{seed}-{len(train)}"
     shutil.rmtree(out, ignore_errors=True)
-    targs = TrainArgs(out_dir=str(out), lr=lr, micro_batch_size=16, warmup=0.1, decay_style="linear", precision="fp32",
-                      eval_every=10_000, save_every=10_000, progress=False, seed=seed)  # fmt: skip
+    # the scheduler wants warm-up shorter than the run: a run that stops when warm-up ends keeps 1 % of a step
+    targs = TrainArgs(out_dir=str(out), lr=lr, max_steps=steps, micro_batch_size=batch,
+                      warmup=min(0.99, warmup / steps),
+                      decay_style="constant", precision="fp32", eval_every=eval_every or 10_000, save_every=10_000,
+                      progress=False, seed=seed)  # fmt: skip
     start = time.perf_counter()
-    finetune(model, tok, task, train, None, FinetuneArgs(epochs=epochs, train=targs), resume=False)
+    history = finetune(model, tok, task, train, validation, FinetuneArgs(train=targs), resume=False)
     seconds = time.perf_counter() - start
-    metrics = evaluate_task(model, tok, task, test)
-    return {"method": method, "shots": len(train), "seed": seed, "accuracy": metrics["accuracy"],
-            "trainable": params.trainable, "total": params.total, "seconds": seconds,
-            "tokens_per_s": tokens / seconds}  # fmt: skip
+    accuracy = evaluate_task(model, tok, task, test)["accuracy"] if test else None
+    return {"method": method, "shots": len(train), "seed": seed, "lr": lr, "steps": steps, "accuracy": accuracy,
+            "validation": [(e["step"], e["accuracy"]) for e in history.evals], "trainable": params.trainable,
+            "total": params.total, "seconds": seconds, "tokens_per_s": tokens / seconds}  # fmt: skip
 
 
 def summarize(results: list[dict]) -> list[dict]:
@@ -131,6 +141,11 @@ def main() -> None:
     ap.add_argument("--shots", default="16,64", help="comma-separated few-shot training set sizes")
     ap.add_argument("--many", type=int, default=256, help="the larger training set (0: skip)")
     ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--epochs", type=float, default=20, help="the longest few-shot run the sweep tries, in epochs")
+    ap.add_argument("--many-epochs", type=float, default=5, help="epochs of the larger training set's runs")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--per-label", type=int, default=40, help="validation verses per label (at most) to choose on")
+    ap.add_argument("--chosen", type=Path, default=None, help="a JSON file of earlier choices: skip the sweep")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--png", type=Path, default=None)
@@ -138,20 +153,53 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     train_all = read_jsonl(args.tasks / "train.jsonl")
+    # the validation verses' labels are far from even (18 of 672 are wisdom): choosing on them as they come would
+    # reward a model that never says wisdom, so at most --per-label of each
+    validation = list(read_jsonl(args.tasks / "validation.jsonl"))
+    random.Random(1).shuffle(validation)
+    validation = [r for lab in VERBALIZER for r in [v for v in validation if v.data["label"] == lab][: args.per_label]]
     test = read_jsonl(args.tasks / "test.jsonl")
-    model, tok = load_model_and_tokenizer()
-    zero = evaluate_task(model, tok, CLOZE, test)
-    results = [{"method": "zero-shot", "shots": 0, "seed": 0, "accuracy": zero["accuracy"], "trainable": 0,
-                "total": count_parameters(model).total, "seconds": 0.0, "tokens_per_s": 0.0}]  # fmt: skip
-    print(f"zero-shot cloze: {zero['accuracy']:.3f}", flush=True)
-    plan = [(m, int(n), s) for n in args.shots.split(",") for s in range(args.seeds) for m in METHODS]
-    plan += [(m, args.many, 0) for m in ("cloze", "head")] if args.many else []
+    shots = [int(n) for n in args.shots.split(",")]
     with tempfile.TemporaryDirectory(prefix="glmkit-ft-") as tmp:
-        for method, shots, seed in plan:
-            r = run(method, balanced(train_all, shots, seed), test, seed, Path(tmp))
+        sweep, chosen = [], {}
+        if args.chosen:
+            given = json.loads(args.chosen.read_text())
+            chosen = {(m, int(n)): c for key, c in given["chosen"].items() for m, n in [key.split("/")]}
+            sweep = given.get("sweep", [])
+        for n, method in ((n, m) for n in shots for m in METHODS if (m, n) not in chosen):
+            # learning rate and number of steps chosen per method and training-set size on validation verses
+            # (seed 0's training draw): one run per rate to ``--epochs``, evaluated every other epoch
+            per_epoch = -(-n // args.batch)
+            longest, warmup = round(args.epochs * per_epoch), max(1, round(0.1 * args.epochs * per_epoch))
+            for lr in LR_GRID[method]:
+                r = run(method, lr, longest, warmup, args.batch, balanced(train_all, n, 0), [], 0, Path(tmp),
+                        validation, 2 * per_epoch)  # fmt: skip
+                sweep.append(r)
+                print(f"sweep {method:7s} {n:4d} shots lr {lr:g}: validation accuracy by step {r['validation']}",
+                      flush=True)  # fmt: skip
+            tried = sweep[-len(LR_GRID[method]) :]
+            best = max((acc, -step, r["lr"]) for r in tried for step, acc in r["validation"])
+            chosen[method, n] = {"lr": best[2], "steps": -best[1], "warmup": warmup, "validation": best[0]}
+            print(f"chosen {method} {n}: {chosen[method, n]}", flush=True)
+        model, tok = load_model_and_tokenizer()
+        zero = evaluate_task(model, tok, CLOZE, test)
+        results = [{"method": "zero-shot", "shots": 0, "seed": 0, "accuracy": zero["accuracy"], "trainable": 0,
+                    "total": count_parameters(model).total, "seconds": 0.0, "tokens_per_s": 0.0}]  # fmt: skip
+        zero_validation = evaluate_task(model, tok, CLOZE, validation)["accuracy"]
+        print(f"zero-shot cloze: test {zero['accuracy']:.3f}, validation {zero_validation:.3f}", flush=True)
+        plan = [(m, n, s, chosen[m, n]["lr"], chosen[m, n]["steps"], chosen[m, n]["warmup"])
+                for n in shots for s in range(args.seeds) for m in METHODS]  # fmt: skip
+        if args.many:
+            steps = round(args.many_epochs * -(-args.many // args.batch))
+            plan += [
+                (m, args.many, 0, chosen[m, max(shots)]["lr"], steps, round(0.1 * steps)) for m in ("cloze", "head")
+            ]
+        for method, n, seed, lr, steps, warmup in plan:
+            r = run(method, lr, steps, warmup, args.batch, balanced(train_all, n, seed), test, seed, Path(tmp))
             results.append(r)
-            print(f"{method:7s} {shots:4d} shots seed {seed}: accuracy {r['accuracy']:.3f}, trainable "
-                  f"{r['trainable']:,}, {r['seconds']:.1f} s, {r['tokens_per_s']:.0f} tok/s", flush=True)  # fmt: skip
+            print(f"{method:7s} {n:4d} shots seed {seed} lr {lr:g} {steps} steps: accuracy {r['accuracy']:.3f}, "
+                  f"trainable {r['trainable']:,}, {r['seconds']:.1f} s, {r['tokens_per_s']:.0f} tok/s",
+                  flush=True)  # fmt: skip
     rows = summarize(results)
     print(machine())
     for r in rows:
@@ -159,7 +207,9 @@ def main() -> None:
               f"({100 * r['accuracy_min']:.1f}-{100 * r['accuracy_max']:.1f}), trainable {r['trainable']:,}, "
               f"{r['seconds']:.1f} s, {r['tokens_per_s']:.0f} tok/s")  # fmt: skip
     if args.json:
-        args.json.write_text(json.dumps({"machine": machine(), "test_rows": len(test), "runs": results,
+        args.json.write_text(json.dumps({"machine": machine(), "test_rows": len(test), "runs": results, "sweep": sweep,
+                                         "zero_shot_validation": zero_validation,
+                                         "chosen": {f"{m}/{n}": c for (m, n), c in chosen.items()},
                                          "summary": rows}, indent=2) + "\n")  # fmt: skip
     if args.png:
         plot(rows, args.png)
