@@ -15,8 +15,8 @@ and a larger training set (``--many``) for the cloze and head methods. Reported 
 range over seeds), trainable parameters, training wall-clock and training tokens/s (tokens of the batches fed,
 padding excluded). A JSON file and a bar chart (``--png``).
 
-    python -m benchmarks.finetune --tasks data/kjv-tasks [--shots 16,64] [--many 256] [--seeds 3] [--chosen F] [--json F]
-        [--png F]
+    python -m benchmarks.finetune --tasks data/kjv-tasks [--shots 16,64] [--many 256] [--seeds 3] [--chosen F]
+        [--json F] [--png F]
 """
 
 from __future__ import annotations
