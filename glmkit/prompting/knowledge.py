@@ -10,7 +10,6 @@ model cites; the document's own citation (or its id, where it has none) goes wit
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Iterable
@@ -21,7 +20,7 @@ from typing import Protocol
 import numpy as np
 from rank_bm25 import BM25Okapi
 
-from ..finetune.data import DataError, OnError, check_on_error, report
+from ..finetune.data import DataError, OnError, read_jsonl, report
 from .types import Snippet
 
 _CJK = "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
@@ -81,24 +80,13 @@ class BM25Knowledge:
     def from_jsonl(cls, path: str | Path, on_error: OnError = "raise", **kwargs: float) -> BM25Knowledge:
         """Documents from a jsonl file of ``{"id", "text", "citation"}`` rows (citation optional); a bad row is a
         ``DataError`` naming its line, or with ``on_error="skip"`` a warning."""
-        check_on_error(on_error)
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: no such jsonl file")
         docs = []
-        with path.open(encoding="utf-8") as f:
-            for n, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    report(DataError(f"{path} line {n}: not valid JSON ({e.msg})"), on_error)
-                    continue
-                if not isinstance(row, dict) or not all(isinstance(row.get(k), str) for k in ("id", "text")):
-                    report(DataError(f"{path} line {n}: a document needs string fields 'id' and 'text'"), on_error)
-                    continue
-                docs.append(Document(row["id"], row["text"], str(row.get("citation") or "")))
+        for rec in read_jsonl(path, on_error):
+            row = rec.data
+            if not all(isinstance(row.get(k), str) for k in ("id", "text")):
+                report(DataError(f"{rec.where}: a document needs string fields 'id' and 'text'"), on_error)
+                continue
+            docs.append(Document(row["id"], row["text"], str(row.get("citation") or "")))
         return cls(docs, **kwargs)
 
     def scores(self, query: str) -> np.ndarray:

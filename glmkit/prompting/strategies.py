@@ -24,22 +24,16 @@ import zlib
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Literal
 
+from .exemplars import ExemplarSelector
+from .knowledge import KnowledgeSource
 from .scoring import Normalise, OptionMode, answer_of, score_options
 from .templates import Template, check_citations
 from .types import ABSTAIN, BackendError, Exemplar, LanguageModel, Prediction, Question, Snippet
 
 Method = Literal["loglik", "generate", "cot", "self-consistency", "ensemble"]
 METHODS: tuple[str, ...] = ("loglik", "generate", "cot", "self-consistency", "ensemble")
-
-
-class ExemplarSelector(Protocol):
-    def select(self, q: Question, k: int) -> list[Exemplar]: ...
-
-
-class KnowledgeSource(Protocol):
-    def retrieve(self, query: str, k: int) -> list[Snippet]: ...
 
 
 @dataclass
