@@ -1,7 +1,8 @@
 """Instruction prompt tuning: a soft prompt learned on the bundled model with the model frozen, saved adapter-only,
-loaded by ``glmkit generate --prefix`` and served by a real ``glmkit serve --prefix`` process (OpenAI completions and
-the KServe glm_score model), each equal to the prefixed model in this process."""
+loaded by ``glmkit generate --prefix`` and ``glmkit chat --prefix`` and served by a real ``glmkit serve --prefix``
+process (OpenAI completions and the KServe glm_score model), each equal to the prefixed model in this process."""
 
+import argparse
 import json
 import os
 import socket
@@ -15,6 +16,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from glmkit import chat
 from glmkit.bundled import load_model_and_tokenizer
 from glmkit.cli import main
 from glmkit.finetune.peft import load_prefix
@@ -65,6 +67,18 @@ def test_glmkit_generate_loads_the_prefix(tuned, capsys):
     assert main(["generate", PROMPT, "--max-new-tokens", "4", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["results"][0]["spans"][0] != _answer(prefixed, tok)
 
+
+
+def test_glmkit_chat_loads_the_prefix(tuned):
+    folder, prefixed, tok = tuned
+    parser = argparse.ArgumentParser()
+    chat.configure(parser)
+    backend = chat.load_backend(parser.parse_args(["--prefix", str(folder), "--max-new-tokens", "4"]))
+    messages = [{"role": "user", "content": PROMPT}]
+    reply = "".join(backend.reply(messages))
+    assert reply == "".join(chat.LocalBackend(prefixed, tok, {"max_new_tokens": 4}).reply(messages))
+    plain = chat.LocalBackend(load_model_and_tokenizer(None)[0].eval(), tok, {"max_new_tokens": 4})
+    assert "".join(plain.reply(messages)) != reply  # the prefix was applied, not dropped
 
 def test_the_prefix_takes_its_room_from_the_context_and_bad_input_is_named(tuned, tmp_path, capsys):
     folder, prefixed, tok = tuned
