@@ -68,7 +68,6 @@ def test_glmkit_generate_loads_the_prefix(tuned, capsys):
     assert json.loads(capsys.readouterr().out)["results"][0]["spans"][0] != _answer(prefixed, tok)
 
 
-
 def test_glmkit_chat_loads_the_prefix(tuned):
     folder, prefixed, tok = tuned
     parser = argparse.ArgumentParser()
@@ -79,6 +78,7 @@ def test_glmkit_chat_loads_the_prefix(tuned):
     assert reply == "".join(chat.LocalBackend(prefixed, tok, {"max_new_tokens": 4}).reply(messages))
     plain = chat.LocalBackend(load_model_and_tokenizer(None)[0].eval(), tok, {"max_new_tokens": 4})
     assert "".join(plain.reply(messages)) != reply  # the prefix was applied, not dropped
+
 
 def test_the_prefix_takes_its_room_from_the_context_and_bad_input_is_named(tuned, tmp_path, capsys):
     folder, prefixed, tok = tuned
